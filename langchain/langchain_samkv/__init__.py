@@ -1,0 +1,3 @@
+"""LangChain integration for samkv-integrations."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""LlamaIndex integration for samkv-integrations."""
+
+__all__: list[str] = []

@@ -1,0 +1,136 @@
+"""Token generation on a cache whose positions may have gaps, as a stream of text deltas.
+
+Streaming and non-streaming answers come from this one generator: a non-streamed answer
+is the concatenation of the deltas, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(slots=True)
+class GenerationOptions:
+    """How to pick tokens and when to stop.
+
+    Attributes:
+        max_new_tokens: Upper bound on generated tokens.
+        temperature: 0 for greedy decoding; above 0 samples from the tempered distribution.
+        top_p: Nucleus sampling mass (with ``temperature > 0``).
+        seed: Seed for sampling, for reproducible samples.
+        stop: Strings that end the answer; the answer is cut before the first one.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every token id that ends generation (tokenizer EOS and the generation config's)."""
+    ids: set[int] = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def _pick(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> int:
+    if options.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / options.temperature, dim=-1)
+    if options.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= options.top_p
+        probs = probs.scatter(0, order[outside], 0.0)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+@torch.inference_mode()
+def generate_deltas(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cache: DynamicCache,
+    first_logits: torch.Tensor,
+    next_position: int,
+    options: GenerationOptions,
+    generated_ids: list[int] | None = None,
+) -> Iterator[str]:
+    """Generate from a filled cache, yielding text deltas.
+
+    Args:
+        model: The model.
+        tokenizer: Its tokenizer (for detokenizing).
+        cache: The cache after the question prefill; it is extended in place.
+        first_logits: ``[vocab]`` logits for the first answer token.
+        next_position: Global position of the first answer token (positions may have
+            gaps before it; cache indices and positions are independent).
+        options: Sampling and stopping.
+        generated_ids: If given, receives the generated token ids.
+
+    Yields:
+        Pieces of text whose concatenation is the answer.
+    """
+    eos = eos_token_ids(model, tokenizer)
+    generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+    ids: list[int] = [] if generated_ids is None else generated_ids
+    holdback = max((len(s) for s in options.stop), default=1) - 1
+    emitted = 0
+    logits = first_logits
+    position = next_position
+    text = ""
+    for step in range(options.max_new_tokens):
+        token = _pick(logits, options, generator)
+        if token in eos:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        cut = _cut_at_stop(text, options.stop)
+        if cut is not None:
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        # Hold back what could still become a stop string or a multi-byte character.
+        safe = len(text) - holdback
+        while safe > emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+        if step + 1 == options.max_new_tokens:
+            break
+        out = model(
+            input_ids=torch.tensor([[token]], device=model.device),
+            position_ids=torch.tensor([[position]], device=model.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = out.logits[0, -1]
+        position += 1
+    if len(text) > emitted:
+        yield text[emitted:]

@@ -1,0 +1,304 @@
+"""SamKVEngine: index documents into a KV cache store, answer questions from their caches."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from samkv_integrations.decode import GenerationOptions, generate_deltas
+from samkv_integrations.encode import PrefixKV, encode_documents, encode_prefix
+from samkv_integrations.errors import (
+    CacheCorruptedError,
+    CacheMismatchError,
+    CacheMissError,
+)
+from samkv_integrations.framing import PromptFramer
+from samkv_integrations.methods import DEFAULT_METHOD, BaseMethod, MethodInput, get_method
+from samkv_integrations.model import LoadedModel, load_model, samkv_home
+from samkv_integrations.records import CacheRef, DocumentKV, MethodStats
+from samkv_integrations.store import KVCacheStore, cache_key
+from samkv_integrations.timing import Stopwatch
+
+logger = logging.getLogger(__name__)
+
+OnForeignCache = Literal["error", "recompute"]
+
+
+@dataclass(slots=True)
+class Answer:
+    """A generated answer and how it was produced.
+
+    Attributes:
+        text: The answer text.
+        stats: What the method kept and recomputed, and the time per phase.
+        token_ids: The generated token ids.
+        first_token_logprobs: ``[vocab]`` log-probabilities of the first answer token.
+        kept_indices: Per document, the local indices of the tokens kept for decoding.
+        details: Method-specific facts (e.g. SamKV's anchors), for display.
+    """
+
+    text: str
+    stats: MethodStats
+    token_ids: list[int] = field(default_factory=list)
+    first_token_logprobs: torch.Tensor | None = None
+    kept_indices: list[list[int]] = field(default_factory=list)
+    details: dict[str, object] = field(default_factory=dict)
+
+
+class AnswerStream:
+    """An answer being generated: iterate for text deltas.
+
+    ``stats``, ``kept_indices`` and ``first_token_logprobs`` are set once the first delta is
+    produced; ``text`` holds the whole answer once iteration ends.
+    """
+
+    def __init__(self, deltas: Iterator[str], answer: Answer) -> None:
+        self._deltas = deltas
+        self.answer = answer
+
+    def __iter__(self) -> Iterator[str]:
+        for delta in self._deltas:
+            self.answer.text += delta
+            yield delta
+
+    @property
+    def text(self) -> str:
+        """Text generated so far."""
+        return self.answer.text
+
+    @property
+    def stats(self) -> MethodStats:
+        """The method's stats (complete once the first delta has been produced)."""
+        return self.answer.stats
+
+
+class SamKVEngine:
+    """Computes each document's KV cache once and answers questions from the caches.
+
+    Examples:
+        >>> from samkv_integrations import SamKVEngine
+        >>> engine = SamKVEngine.from_pretrained()  # doctest: +SKIP
+        >>> refs = engine.index(["Paris is the capital of France."])  # doctest: +SKIP
+        >>> engine.answer("What is the capital of France?", refs, method="full").text  # doctest: +SKIP
+        'Paris'
+    """
+
+    def __init__(self, model: LoadedModel, store: KVCacheStore, *, batch_tokens: int = 8192) -> None:
+        self.model = model
+        self.store = store
+        self.framer = PromptFramer.for_tokenizer(model.tokenizer)
+        self.batch_tokens = batch_tokens
+        self._prefix: PrefixKV | None = None
+        # One request at a time per model: generation mutates per-request caches only,
+        # but interleaving requests would make every TTFT meaningless.
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike[str] | LoadedModel | None = None,
+        store: str | os.PathLike[str] | KVCacheStore | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ) -> SamKVEngine:
+        """Load a model (default: the embedded SmolLM2) and open a store (default: ``$SAMKV_HOME/kvcache``)."""
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+        if not isinstance(store, KVCacheStore):
+            store = KVCacheStore(store if store is not None else samkv_home() / "kvcache")
+        return cls(loaded, store, **kwargs)
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the engine's model, recorded on every cache it writes."""
+        return self.model.fingerprint
+
+    @property
+    def prefix(self) -> PrefixKV:
+        """The shared prefix cache, computed on first use."""
+        if self._prefix is None:
+            self._prefix = encode_prefix(self.model.model, self.framer.prefix_ids())
+        return self._prefix
+
+    def document_ids(self, text: str, *, index: int = 0) -> list[int]:
+        """Frame and tokenize one document, rejecting empty or over-long ones."""
+        try:
+            ids = self.framer.document_ids(text)
+        except ValueError as e:
+            raise ValueError(f"document {index}: {e}") from e
+        limit = self.model.max_context - len(self.framer.prefix_ids())
+        if len(ids) >= limit:
+            raise ValueError(
+                f"document {index} is {len(ids)} tokens; the model's context "
+                f"({self.model.max_context}) leaves {limit - 1} after the prompt prefix"
+            )
+        return ids
+
+    def ref(self, doc: DocumentKV, key: str, text: str | None = None) -> CacheRef:
+        """The reference to a stored document cache."""
+        return CacheRef(key=key, n_tokens=doc.n_tokens, model=doc.fingerprint, text=text)
+
+    def index(self, texts: Sequence[str], *, progress: bool = True) -> list[CacheRef]:
+        """Compute and store each text's KV cache; texts already in the store are not recomputed."""
+        ids = [self.document_ids(text, index=i) for i, text in enumerate(texts)]
+        keys = [cache_key(self.fingerprint, doc_ids) for doc_ids in ids]
+        missing = [i for i, key in enumerate(keys) if not self.store.contains(key)]
+        if missing:
+            with self._lock:
+                docs = encode_documents(
+                    self.model.model,
+                    self.prefix,
+                    [ids[i] for i in missing],
+                    self.fingerprint,
+                    batch_tokens=self.batch_tokens,
+                    progress=progress,
+                )
+            for doc in docs:
+                self.store.put(doc.to("cpu"))
+        logger.info("indexed %d documents (%d already stored)", len(texts), len(texts) - len(missing))
+        return [
+            CacheRef(key=key, n_tokens=len(doc_ids), model=self.fingerprint, text=text)
+            for key, doc_ids, text in zip(keys, ids, texts, strict=True)
+        ]
+
+    def answer(
+        self, question: str, refs: Sequence[CacheRef], method: str | BaseMethod = DEFAULT_METHOD, **kwargs: Any
+    ) -> Answer:
+        """Answer ``question`` from the documents behind ``refs``.
+
+        Keyword arguments are ``GenerationOptions`` fields (``max_new_tokens``,
+        ``temperature``, ``top_p``, ``seed``, ``stop``), ``on_foreign_cache`` ("error" or
+        "recompute": what to do with a cache another model wrote), and ``method_options``
+        (hyperparameters for a method given by name).
+        """
+        stream = self.stream(question, refs, method, **kwargs)
+        for _ in stream:
+            pass
+        return stream.answer
+
+    def stream(
+        self,
+        question: str,
+        refs: Sequence[CacheRef],
+        method: str | BaseMethod = DEFAULT_METHOD,
+        *,
+        on_foreign_cache: OnForeignCache = "error",
+        method_options: dict[str, Any] | None = None,
+        **generation: Any,
+    ) -> AnswerStream:
+        """Like ``answer``, but returns an ``AnswerStream`` of text deltas."""
+        chosen = get_method(method, **(method_options or {}))
+        options = GenerationOptions(**generation)
+        question_ids = self.framer.question_ids(question)
+        if on_foreign_cache not in ("error", "recompute"):
+            raise ValueError(f"on_foreign_cache must be 'error' or 'recompute', got {on_foreign_cache!r}")
+        answer = Answer(text="", stats=MethodStats(chosen.name, 0, []))
+        return AnswerStream(self._run(question_ids, list(refs), chosen, options, on_foreign_cache, answer), answer)
+
+    def _run(
+        self,
+        question_ids: list[int],
+        refs: list[CacheRef],
+        method: BaseMethod,
+        options: GenerationOptions,
+        on_foreign_cache: OnForeignCache,
+        answer: Answer,
+    ) -> Iterator[str]:
+        model = self.model.model
+        with self._lock:
+            watch = Stopwatch(model.device)
+            with watch.phase("load"):
+                docs, recomputed = self._load(refs, method.reads_cache, on_foreign_cache)
+            self._check_fits(docs, question_ids, options.max_new_tokens)
+            context = method(MethodInput(model, self.prefix, docs, question_ids))
+            with watch.phase("question"):
+                positions = torch.arange(len(question_ids), device=model.device) + context.next_position
+                out = model(
+                    input_ids=torch.tensor([question_ids], device=model.device),
+                    position_ids=positions[None],
+                    past_key_values=context.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                first_logits = out.logits[0, -1]
+            answer.stats = MethodStats(
+                method=method.name,
+                context_tokens=sum(doc.n_tokens for doc in docs),
+                kept_tokens=[len(k) for k in context.kept_indices],
+                recomputed_tokens=context.recomputed_tokens,
+                seconds={"load": watch.seconds["load"], **context.seconds, "question": watch.seconds["question"]},
+                recomputed_documents=recomputed,
+            )
+            answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
+            answer.kept_indices = [k.tolist() for k in context.kept_indices]
+            answer.details = context.details
+            yield from generate_deltas(
+                model,
+                self.model.tokenizer,
+                context.cache,
+                first_logits,
+                context.next_position + len(question_ids),
+                options,
+                answer.token_ids,
+            )
+
+    def _check_fits(self, docs: list[DocumentKV], question_ids: list[int], max_new_tokens: int) -> None:
+        total = self.prefix.length + sum(d.n_tokens for d in docs) + len(question_ids) + max_new_tokens
+        if total > self.model.max_context:
+            raise ValueError(
+                f"prompt of {total - max_new_tokens} tokens plus max_new_tokens={max_new_tokens} "
+                f"exceeds the model's context of {self.model.max_context} tokens"
+            )
+
+    def _load(
+        self, refs: list[CacheRef], reads_cache: bool, on_foreign_cache: OnForeignCache
+    ) -> tuple[list[DocumentKV], int]:
+        """Load each ref's cache to the model's device; encode the ones that cannot be used."""
+        docs: list[DocumentKV | None] = [None] * len(refs)
+        to_encode: list[int] = []
+        for i, ref in enumerate(refs):
+            if not reads_cache and ref.text is not None:
+                ids = self.document_ids(ref.text, index=i)
+                empty = torch.empty(0, device=self.model.device)
+                docs[i] = DocumentKV(ids, empty, empty, empty, self.fingerprint, self.prefix.length)
+                continue
+            try:
+                if ref.model != self.fingerprint:
+                    raise CacheMismatchError(
+                        f"cache {ref.key} was written by model {ref.model[:12]}, "
+                        f"this engine runs model {self.fingerprint[:12]} ({self.model.name})"
+                    )
+                docs[i] = self.store.get(ref.key, fingerprint=self.fingerprint)
+            except (CacheMissError, CacheCorruptedError, CacheMismatchError) as e:
+                foreign = isinstance(e, CacheMismatchError)
+                if ref.text is None or (foreign and on_foreign_cache == "error"):
+                    hint = (
+                        " (pass on_foreign_cache='recompute' to re-encode it from its text)"
+                        if foreign and ref.text is not None
+                        else " (the ref carries no text to re-encode it from)"
+                    )
+                    raise type(e)(f"{e}{hint}") from e
+                logger.warning("re-encoding document %d from its text: %s", i, e)
+                if isinstance(e, CacheCorruptedError):
+                    self.store.delete(ref.key)
+                to_encode.append(i)
+        if to_encode:
+            ids = [self.document_ids(refs[i].text or "", index=i) for i in to_encode]
+            fresh = encode_documents(
+                self.model.model, self.prefix, ids, self.fingerprint, progress=False
+            )
+            for i, doc in zip(to_encode, fresh, strict=True):
+                self.store.put(doc.to("cpu"))
+                docs[i] = doc
+        return [self._on_device(doc) for doc in docs if doc is not None], len(to_encode)
+
+    def _on_device(self, doc: DocumentKV) -> DocumentKV:
+        if not doc.keys.numel():
+            return doc
+        return doc.to(self.model.device, self.model.dtype)

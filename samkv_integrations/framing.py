@@ -1,0 +1,86 @@
+"""Prompt framing: the one place that decides which token ids a prompt is made of.
+
+The assembled prompt is ``[prefix | doc_1 | ... | doc_D | question suffix]``. Each part is
+tokenized on its own, so a document's token ids are the same wherever it is placed: that
+is what lets a document's KV cache be computed once and reused behind any other documents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the question using the documents. "
+    "Give a short, direct answer."
+)
+_DOCS_MARK = "\u2063SAMKV-DOCS\u2063"
+_QUESTION_MARK = "\u2063SAMKV-QUESTION\u2063"
+
+
+@dataclass(slots=True, frozen=True)
+class PromptFramer:
+    """Frames the shared prefix, each document and the question for one tokenizer.
+
+    With a chat template, the prefix is the system turn plus the start of the user turn,
+    and the question suffix closes the user turn and opens the assistant's; a base model
+    without a template gets plain text framing.
+
+    Examples:
+        >>> framer = PromptFramer.for_tokenizer(tokenizer)  # doctest: +SKIP
+        >>> ids = framer.prefix_ids() + framer.document_ids("A doc.") + framer.question_ids("Q?")
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    prefix_text: str
+    question_template: str
+
+    @classmethod
+    def for_tokenizer(
+        cls, tokenizer: PreTrainedTokenizerBase, system_prompt: str = SYSTEM_PROMPT
+    ) -> PromptFramer:
+        """Derive the framing from the tokenizer's chat template, or plain text without one."""
+        user_turn = f"Read the documents, then answer.\n\n{_DOCS_MARK}{_QUESTION_MARK}"
+        if getattr(tokenizer, "chat_template", None):
+            rendered = tokenizer.apply_chat_template(
+                [
+                    {"role": "system", "content": system_prompt},
+                    {"role": "user", "content": user_turn},
+                ],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            if not isinstance(rendered, str):
+                raise ValueError("the tokenizer's chat template did not render to a string")
+            prefix_text, rest = rendered.split(_DOCS_MARK)
+            _, after_question = rest.split(_QUESTION_MARK)
+            question_template = "Question: {question}" + after_question
+        else:
+            prefix_text = f"{system_prompt}\n\n" + user_turn.split(_DOCS_MARK)[0]
+            question_template = "Question: {question}\nAnswer:"
+        return cls(tokenizer, prefix_text, question_template)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prefix_ids(self) -> list[int]:
+        """Token ids of the shared prefix, starting with BOS where the tokenizer uses one."""
+        ids = self._encode(self.prefix_text)
+        bos = self.tokenizer.bos_token_id
+        adds_bos = bos is not None and self.tokenizer("x")["input_ids"][:1] == [bos]
+        if adds_bos and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
+
+    def document_ids(self, text: str) -> list[int]:
+        """Token ids of one framed document; identical wherever the document is placed."""
+        if not text or not text.strip():
+            raise ValueError("document text is empty")
+        return self._encode(f"Document: {text.strip()}\n\n")
+
+    def question_ids(self, question: str) -> list[int]:
+        """Token ids of the question suffix, ending with the generation prompt."""
+        if not question or not question.strip():
+            raise ValueError("question is empty")
+        return self._encode(self.question_template.format(question=question.strip()))

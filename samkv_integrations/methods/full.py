@@ -1,0 +1,52 @@
+"""Full recompute: re-prompt the documents' raw token ids. The accuracy reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from samkv_integrations.methods.base import (
+    BaseMethod,
+    ContextCache,
+    MethodInput,
+    all_kept,
+    full_positions,
+)
+from samkv_integrations.timing import Stopwatch
+
+
+@dataclass
+class FullMethod(BaseMethod):
+    """Prefill every document token behind the shared prefix, ignoring stored caches.
+
+    This is what "re-prompting the raw text" means: the answer every other method is
+    measured against. Its cost grows with the whole context.
+    """
+
+    name = "full"
+    reads_cache = False
+
+    @torch.inference_mode()
+    def build(self, inputs: MethodInput, watch: Stopwatch) -> ContextCache:
+        """Prefill the concatenated document ids (``[1, n_context]``) behind the prefix cache."""
+        model = inputs.model
+        cache = inputs.prefix.cache(model)
+        ids = [token for doc in inputs.documents for token in doc.token_ids]
+        with watch.phase("recompute"):
+            if ids:
+                positions = torch.arange(inputs.prefix.length, inputs.context_end, device=model.device)
+                model(
+                    input_ids=torch.tensor([ids], device=model.device),
+                    position_ids=positions[None],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        return ContextCache(
+            cache=cache,
+            positions=full_positions(inputs),
+            next_position=inputs.context_end,
+            kept_indices=all_kept(inputs),
+            recomputed_tokens=len(ids),
+        )

@@ -1,0 +1,130 @@
+"""Small records that pass between the store, the methods, the engine and the adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+#: Version of the stored cache layout. Part of every store key: bump it when what is
+#: stored, or how it is computed, changes, so that old caches miss instead of misleading.
+#: 1: K/V only. 2: adds the per-document mean query of its last tokens (SamKV).
+FORMAT_VERSION = 2
+
+#: How many of a document's last tokens the stored mean query averages over.
+QUERY_WINDOW = 8
+
+
+@dataclass(slots=True)
+class DocumentKV:
+    """One document's KV cache, computed alone behind the shared prefix.
+
+    Attributes:
+        token_ids: The framed document's token ids (what was prefilled).
+        keys: ``[n_layers, n_kv_heads, n_tokens, head_dim]``, post-RoPE at the local
+            positions ``prefix_len .. prefix_len + n_tokens - 1``.
+        values: ``[n_layers, n_kv_heads, n_tokens, head_dim]``.
+        query_means: ``[n_layers, n_q_heads, head_dim]``, the mean pre-RoPE query of the
+            document's last ``QUERY_WINDOW`` tokens at every layer.
+        fingerprint: The model fingerprint of the model that computed it.
+        prefix_len: Length of the shared prefix it was computed behind.
+    """
+
+    token_ids: list[int]
+    keys: torch.Tensor
+    values: torch.Tensor
+    query_means: torch.Tensor
+    fingerprint: str
+    prefix_len: int
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of document tokens."""
+        return len(self.token_ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.query_means))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DocumentKV:
+        """Return a copy with the tensors moved (and optionally cast)."""
+        return DocumentKV(
+            token_ids=self.token_ids,
+            keys=self.keys.to(device=device, dtype=dtype, non_blocking=True),
+            values=self.values.to(device=device, dtype=dtype, non_blocking=True),
+            query_means=self.query_means.to(device=device, dtype=dtype, non_blocking=True),
+            fingerprint=self.fingerprint,
+            prefix_len=self.prefix_len,
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class CacheRef:
+    """A reference to one stored document cache: what rides on an indexed node.
+
+    Attributes:
+        key: The store key (sha256 hex of fingerprint, format version and token ids).
+        n_tokens: Number of framed document tokens.
+        model: Fingerprint of the model that wrote it.
+        format: Store format version it was written with.
+        text: The document text, so that a missing cache can be recomputed. Optional.
+    """
+
+    key: str
+    n_tokens: int
+    model: str
+    format: int = FORMAT_VERSION
+    text: str | None = None
+
+
+@dataclass(slots=True)
+class MethodStats:
+    """What a method did to build the decode cache.
+
+    Attributes:
+        method: The method's registered name.
+        context_tokens: Document tokens in the assembled layout.
+        kept_tokens: Document tokens in the decode cache, per document.
+        recomputed_tokens: Document tokens whose KV was recomputed (over all layers).
+        seconds: Wall-clock seconds per phase (``load``, ``select``, ``recompute``,
+            ``question``, ``first_token``).
+        recomputed_documents: Documents encoded on the spot because their cache was
+            missing, stale or (with fallback) from another model.
+    """
+
+    method: str
+    context_tokens: int
+    kept_tokens: list[int]
+    recomputed_tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    recomputed_documents: int = 0
+
+    @property
+    def kept_fraction(self) -> float:
+        """Context tokens in the decode cache over context tokens."""
+        return sum(self.kept_tokens) / self.context_tokens if self.context_tokens else 1.0
+
+    @property
+    def recomputed_fraction(self) -> float:
+        """Context tokens recomputed over context tokens."""
+        return self.recomputed_tokens / self.context_tokens if self.context_tokens else 0.0
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token: the sum of all phases."""
+        return sum(self.seconds.values())
+
+    def as_dict(self) -> dict[str, object]:
+        """Flat JSON-ready view (for response metadata and logs)."""
+        return {
+            "method": self.method,
+            "ttft_s": self.ttft_s,
+            "kept_fraction": self.kept_fraction,
+            "recomputed_fraction": self.recomputed_fraction,
+            "context_tokens": self.context_tokens,
+            "kept_tokens": list(self.kept_tokens),
+            "recomputed_tokens": self.recomputed_tokens,
+            "recomputed_documents": self.recomputed_documents,
+            "seconds": dict(self.seconds),
+        }

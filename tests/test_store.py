@@ -1,0 +1,415 @@
+"""KVCacheStore on a real directory and on fsspec's in-memory filesystem."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+import torch
+
+from samkv_integrations import store as store_module
+from samkv_integrations.errors import CacheCorruptedError, CacheMismatchError, CacheMissError
+from samkv_integrations.records import FORMAT_VERSION, DocumentKV
+from samkv_integrations.store import KVCacheStore, cache_key
+
+FP = "model-a@abc123"
+
+
+def make_doc(
+    seed: int = 0, *, dtype: torch.dtype = torch.float32, fingerprint: str = FP, n: int = 5
+) -> DocumentKV:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50_000, (n,), generator=g).tolist()
+    return DocumentKV(
+        token_ids=ids,
+        keys=torch.randn(2, 2, n, 4, generator=g).to(dtype),
+        values=torch.randn(2, 2, n, 4, generator=g).to(dtype),
+        query_means=torch.randn(2, 4, 4, generator=g).to(dtype),
+        fingerprint=fingerprint,
+        prefix_len=7,
+    )
+
+
+def assert_same(a: DocumentKV, b: DocumentKV) -> None:
+    assert a.token_ids == b.token_ids
+    assert a.fingerprint == b.fingerprint
+    assert a.prefix_len == b.prefix_len
+    for name in ("keys", "values", "query_means"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype, name
+        assert x.device.type == "cpu", name
+        assert torch.equal(x, y), name
+
+
+@dataclass
+class Backend:
+    """A store location plus direct access to its files, for tampering."""
+
+    url: str
+    fs: Any
+    root: str
+
+    def open(self, **kwargs: Any) -> KVCacheStore:
+        return KVCacheStore(self.url, **kwargs)
+
+    def path(self, key: str, suffix: str) -> str:
+        return f"{self.root}/{key[:2]}/{key}.{suffix}"
+
+    def read(self, key: str, suffix: str) -> bytes:
+        return bytes(self.fs.cat_file(self.path(key, suffix)))
+
+    def write(self, key: str, suffix: str, data: bytes) -> None:
+        self.fs.pipe_file(self.path(key, suffix), data)
+
+    def edit_meta(self, key: str, **changes: Any) -> None:
+        meta = json.loads(self.read(key, "json"))
+        meta.update(changes)
+        self.write(key, "json", json.dumps(meta).encode())
+
+
+@pytest.fixture(params=["local", "memory"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "local":
+        yield Backend(str(tmp_path / "store"), fsspec.filesystem("file"), str(tmp_path / "store"))
+        return
+    name = f"samkv-test-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    yield Backend(f"memory://{name}", fs, f"/{name}")
+    if fs.exists(f"/{name}"):
+        fs.rm(f"/{name}", recursive=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip(backend: Backend, dtype: torch.dtype) -> None:
+    store = backend.open()
+    doc = make_doc(dtype=dtype)
+    key = store.put(doc)
+    assert key == cache_key(FP, doc.token_ids)
+    assert_same(store.get(key), doc)
+    meta = json.loads(backend.read(key, "json"))
+    assert meta["format"] == FORMAT_VERSION
+    assert meta["token_ids"] == doc.token_ids
+    assert meta["nbytes"] == doc.nbytes
+
+
+def test_put_accepts_non_contiguous_tensors(backend: Backend) -> None:
+    store = backend.open()
+    doc = make_doc()
+    doc.keys = doc.keys.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not doc.keys.is_contiguous()
+    assert_same(store.get(store.put(doc)), doc)
+
+
+def test_put_accepts_tensors_sharing_storage(backend: Backend) -> None:
+    store = backend.open()
+    doc = make_doc()
+    kv = torch.stack([doc.keys, doc.values])  # keys and values as views of one buffer
+    shared = DocumentKV(doc.token_ids, kv[0], kv[1], doc.query_means, FP, doc.prefix_len)
+    assert_same(store.get(store.put(shared)), doc)
+    same = DocumentKV(doc.token_ids, doc.keys, doc.keys, doc.query_means, FP, 3)
+    assert torch.equal(backend.open().get(store.put(same)).values, doc.keys)
+
+
+def test_cache_key_is_deterministic_and_sensitive() -> None:
+    ids = [1, 2, 3, 4]
+    key = cache_key(FP, ids)
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    assert key == cache_key(FP, list(ids)) == cache_key(FP, tuple(ids), FORMAT_VERSION)
+    others = {
+        cache_key("model-b", ids),
+        cache_key(FP, [1, 2, 3, 5]),
+        cache_key(FP, [2, 1, 3, 4]),
+        cache_key(FP, ids[:-1]),
+        cache_key(FP, ids, FORMAT_VERSION + 1),
+        cache_key(FP + "\x00", ids),
+    }
+    assert key not in others
+    assert len(others) == 6
+    # Fields are separated: moving bytes between fingerprint and token ids changes the key.
+    assert cache_key("a", [0x62]) != cache_key("ab", [])
+    with pytest.raises(ValueError, match="token_ids"):
+        cache_key(FP, [1.5])  # type: ignore[list-item]
+
+
+def test_contains_and_delete(backend: Backend) -> None:
+    store = backend.open(memory_bytes=1 << 20)
+    doc = make_doc()
+    key = cache_key(FP, doc.token_ids)
+    assert not store.contains(key)
+    assert not store.delete(key)
+    store.put(doc)
+    assert store.contains(key)
+    assert store.keys() == [key]
+    assert store.delete(key)
+    assert not store.contains(key)
+    assert not backend.fs.exists(backend.path(key, "safetensors"))
+    assert store.stats().entries_in_memory == 0
+    assert not store.delete(key)
+    with pytest.raises(CacheMissError, match=key):
+        store.get(key)
+
+
+def test_put_is_idempotent(backend: Backend) -> None:
+    store = backend.open()
+    doc = make_doc()
+    key = store.put(doc)
+    written = store.stats().bytes_written
+    meta_before = backend.read(key, "json")
+    assert store.put(make_doc()) == key
+    assert store.stats().bytes_written == written
+    assert backend.read(key, "json") == meta_before
+
+
+def test_put_rewrites_a_corrupted_entry(backend: Backend) -> None:
+    store = backend.open()
+    key = store.put(make_doc())
+    backend.write(key, "safetensors", backend.read(key, "safetensors")[:-3])
+    store.put(make_doc())
+    assert_same(store.get(key), make_doc())
+
+
+def test_stats_count_hits_misses_and_bytes(backend: Backend) -> None:
+    store = backend.open()
+    key = store.put(make_doc())
+    size = len(backend.read(key, "safetensors"))
+    assert store.stats().bytes_written == size
+    store.get(key)
+    store.get(key, fingerprint=FP)
+    with pytest.raises(CacheMissError):
+        store.get("0" * 64)
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.memory_hits) == (2, 1, 0)
+    assert stats.bytes_read == 2 * size
+
+
+def test_miss_names_key_and_url(backend: Backend) -> None:
+    store = backend.open()
+    key = "ab" * 32
+    with pytest.raises(CacheMissError, match=f"{key}.*{re.escape(store.url)}"):
+        store.get(key)
+
+
+def test_invalid_key_is_rejected(backend: Backend) -> None:
+    store = backend.open()
+    with pytest.raises(ValueError, match="key"):
+        store.get("../../etc/passwd")
+    with pytest.raises(ValueError, match="key"):
+        store.contains("ABC")
+
+
+def test_flipped_tensor_byte_is_corruption(backend: Backend) -> None:
+    store = backend.open()
+    key = store.put(make_doc())
+    data = bytearray(backend.read(key, "safetensors"))
+    data[-1] ^= 0xFF
+    backend.write(key, "safetensors", bytes(data))
+    with pytest.raises(CacheCorruptedError, match=f"{key}.*checksum"):
+        store.get(key)
+
+
+def test_unparsable_tensors_with_matching_checksum_is_corruption(backend: Backend) -> None:
+    import hashlib
+
+    store = backend.open()
+    key = store.put(make_doc())
+    junk = b"not a safetensors file"
+    backend.write(key, "safetensors", junk)
+    backend.edit_meta(key, tensors_sha256=hashlib.sha256(junk).hexdigest())
+    with pytest.raises(CacheCorruptedError, match=f"{key}.*safetensors"):
+        store.get(key)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"token_ids": [1, 2, 3, 4, 5]}, {"fingerprint": "model-b"}, {"format": FORMAT_VERSION + 1}],
+)
+def test_edited_metadata_no_longer_hashes_to_key(backend: Backend, changes: dict) -> None:
+    store = backend.open()
+    key = store.put(make_doc())
+    backend.edit_meta(key, **changes)
+    with pytest.raises(CacheCorruptedError, match=f"{key}.*hash"):
+        store.get(key)
+
+
+@pytest.mark.parametrize("raw", [b'{"format": 2, "fingerp', b"[1, 2]", b'{"format": 2}', b""])
+def test_unreadable_json_is_corruption(backend: Backend, raw: bytes) -> None:
+    store = backend.open()
+    key = store.put(make_doc())
+    backend.write(key, "json", raw)
+    with pytest.raises(CacheCorruptedError, match=f"{key}.*metadata"):
+        store.get(key)
+
+
+def test_other_fingerprint_is_mismatch(backend: Backend) -> None:
+    store = backend.open()
+    key = store.put(make_doc())
+    with pytest.raises(CacheMismatchError, match=f"written by model '{FP}'.*runs model 'model-b'"):
+        store.get(key, fingerprint="model-b")
+
+
+def test_other_token_ids_is_mismatch(backend: Backend) -> None:
+    store = backend.open()
+    doc = make_doc()
+    key = store.put(doc)
+    assert_same(store.get(key, token_ids=tuple(doc.token_ids)), doc)
+    with pytest.raises(CacheMismatchError, match="token ids"):
+        store.get(key, token_ids=doc.token_ids[:-1])
+
+
+def test_other_format_version_is_mismatch(backend: Backend) -> None:
+    store = backend.open()
+    doc = make_doc()
+    key = store.put(doc)
+    old_key = cache_key(FP, doc.token_ids, FORMAT_VERSION - 1)
+    backend.fs.makedirs(f"{backend.root}/{old_key[:2]}", exist_ok=True)
+    backend.write(old_key, "safetensors", backend.read(key, "safetensors"))
+    backend.write(old_key, "json", backend.read(key, "json"))
+    backend.edit_meta(old_key, format=FORMAT_VERSION - 1)
+    with pytest.raises(CacheMismatchError, match=f"format {FORMAT_VERSION - 1}"):
+        store.get(old_key)
+
+
+def test_interrupted_write_is_not_an_entry(backend: Backend) -> None:
+    store = backend.open()
+    doc = make_doc()
+    key = cache_key(FP, doc.token_ids)
+    data = backend.read(store.put(make_doc(seed=1)), "safetensors")
+    folder = f"{backend.root}/{key[:2]}"
+    backend.fs.makedirs(folder, exist_ok=True)
+    # Crash while writing the JSON: tensors committed, metadata only under a temp name.
+    backend.fs.pipe_file(f"{folder}/{key}.safetensors", data)
+    backend.fs.pipe_file(f"{folder}/.{key}.json.{uuid.uuid4().hex}.tmp", b'{"format"')
+    assert not store.contains(key)
+    assert key not in store.keys()
+    with pytest.raises(CacheMissError, match=key):
+        store.get(key)
+    assert_same(store.get(store.put(doc)), doc)
+
+
+def test_uncreatable_path_raises_value_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    target = blocker / "store"
+    with pytest.raises(ValueError, match=re.escape(str(target))) as info:
+        KVCacheStore(target)
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_negative_memory_bytes_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="memory_bytes"):
+        KVCacheStore(tmp_path, memory_bytes=-1)
+
+
+def test_urls_are_normalised(tmp_path: Path) -> None:
+    assert KVCacheStore(tmp_path / "x" / ".." / "y").url == str(tmp_path / "y")
+    via_url = KVCacheStore(f"file://{tmp_path}/z")
+    assert via_url.url == str(tmp_path / "z")
+    key = via_url.put(make_doc())
+    assert KVCacheStore(tmp_path / "z").contains(key)
+
+
+def test_memory_hit_skips_storage(backend: Backend) -> None:
+    doc = make_doc()
+    store = backend.open(memory_bytes=10 * doc.nbytes)
+    key = store.put(doc)
+    backend.fs.rm_file(backend.path(key, "safetensors"))
+    backend.fs.rm_file(backend.path(key, "json"))
+    got = store.get(key, fingerprint=FP)
+    assert_same(got, doc)
+    stats = store.stats()
+    assert (stats.hits, stats.memory_hits, stats.bytes_read) == (1, 1, 0)
+    assert (stats.entries_in_memory, stats.memory_bytes_used) == (1, doc.nbytes)
+    with pytest.raises(CacheMismatchError, match="model-b"):
+        store.get(key, fingerprint="model-b")
+    with pytest.raises(CacheMismatchError, match="token ids"):
+        store.get(key, token_ids=[1, 2])
+
+
+def test_memory_tier_hands_out_copies(backend: Backend) -> None:
+    doc = make_doc()
+    store = backend.open(memory_bytes=10 * doc.nbytes)
+    key = store.put(doc)
+    doc.keys.zero_()  # the caller's tensors are not the cached ones
+    first = store.get(key)
+    first.values.zero_()
+    second = store.get(key)
+    assert_same(second, make_doc())
+    assert store.stats().memory_hits == 2
+
+
+def test_disk_read_fills_memory_tier(backend: Backend) -> None:
+    doc = make_doc()
+    key = backend.open().put(doc)
+    store = backend.open(memory_bytes=doc.nbytes)
+    store.get(key)
+    store.get(key)
+    stats = store.stats()
+    assert (stats.hits, stats.memory_hits) == (2, 1)
+    assert stats.bytes_read == len(backend.read(key, "safetensors"))
+
+
+def test_lru_evicts_least_recently_used(backend: Backend) -> None:
+    docs = [make_doc(seed) for seed in range(3)]
+    store = backend.open(memory_bytes=2 * docs[0].nbytes)
+    keys = [store.put(d) for d in docs[:2]]
+    store.get(keys[0])  # keys[1] is now the least recently used
+    keys.append(store.put(docs[2]))
+    stats = store.stats()
+    assert (stats.entries_in_memory, stats.memory_bytes_used) == (2, 2 * docs[0].nbytes)
+    assert stats.memory_hits == 1
+    store.get(keys[0])
+    store.get(keys[2])
+    assert store.stats().memory_hits == 3
+    store.get(keys[1])  # evicted: read from storage
+    assert store.stats().memory_hits == 3
+    assert store.stats().bytes_read > 0
+
+
+def test_entry_larger_than_cap_is_not_kept(backend: Backend) -> None:
+    doc = make_doc()
+    store = backend.open(memory_bytes=doc.nbytes - 1)
+    key = store.put(doc)
+    store.get(key)
+    stats = store.stats()
+    assert (stats.entries_in_memory, stats.memory_bytes_used, stats.memory_hits) == (0, 0, 0)
+
+
+def test_concurrent_put_and_get(backend: Backend) -> None:
+    docs = [make_doc(seed) for seed in range(4)]
+    store = backend.open(memory_bytes=2 * docs[0].nbytes)
+    errors: list[BaseException] = []
+
+    def work(doc: DocumentKV) -> None:
+        try:
+            for _ in range(3):
+                assert_same(store.get(store.put(doc), fingerprint=FP), doc)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(d,)) for d in docs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    stats = store.stats()
+    assert stats.hits == 12
+    assert stats.memory_bytes_used <= 2 * docs[0].nbytes
+    assert len(store.keys()) == 4
+
+
+def test_class_docstring_example_runs() -> None:
+    finder = doctest.DocTestFinder()
+    tests = [t for t in finder.find(store_module) if t.name.endswith("KVCacheStore")]
+    assert tests and tests[0].examples
+    result = doctest.DocTestRunner().run(tests[0])
+    assert result.failed == 0
