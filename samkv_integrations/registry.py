@@ -227,6 +227,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, architecture: str | None = None
     if quantizer is not None:
         # The weights are dense now; the GGUF quantizer only blocks save_pretrained.
         quantizer.remove_quantization_config(model)
+    if isinstance(max_len := getattr(model.config, "max_position_embeddings", None), int):
+        # GGUF tokenizers come back with an unbounded model_max_length; truncation needs one.
+        tokenizer.model_max_length = max_len
     if tokenizer.chat_template is None:
         logger.warning("%s carries no chat template", gguf_path.name)
     model.save_pretrained(out_dir)

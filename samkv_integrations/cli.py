@@ -1,0 +1,111 @@
+"""The ``samkv`` command line: index, ask, eval, bench, demo, serve.
+
+Each heavy subcommand lives in its own module and is imported only when it runs, so
+``samkv --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from samkv_integrations.methods import DEFAULT_METHOD, METHODS
+
+#: Subcommands defined elsewhere: name -> module with ``add_arguments(parser)`` and ``run(args)``.
+_DELEGATED = {
+    "eval": ("samkv_integrations.eval.cli", "Measure methods' accuracy against full recompute."),
+    "bench": ("samkv_integrations.bench", "Measure TTFT, memory and throughput per method."),
+    "demo": ("samkv_integrations.demo.cli", "Ingest a corpus into Chroma and answer sample questions."),
+    "serve": ("samkv_integrations.demo.server", "Serve the demo web page on 127.0.0.1."),
+}
+
+
+def _read_documents(paths: Sequence[str]) -> list[str]:
+    texts = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise SystemExit(f"samkv: no such file: {name}")
+        texts.append(path.read_text(encoding="utf-8"))
+    return texts
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="registry name, local path, .gguf file or hub id (default: embedded SmolLM2)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--store", default=None, help="KV cache store directory or fsspec URL (default: $SAMKV_HOME/kvcache)")
+
+
+def _index(args: argparse.Namespace) -> int:
+    from samkv_integrations import SamKVEngine
+
+    engine = SamKVEngine.from_pretrained(args.model, args.store, device=args.device)
+    refs = engine.index(_read_documents(args.files))
+    for name, ref in zip(args.files, refs, strict=True):
+        print(f"{ref.key}  {ref.n_tokens:6d} tokens  {name}")
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from samkv_integrations import SamKVEngine
+
+    engine = SamKVEngine.from_pretrained(args.model, args.store, device=args.device)
+    refs = engine.index(_read_documents(args.files), progress=False)
+    stream = engine.stream(args.question, refs, args.method, max_new_tokens=args.max_new_tokens)
+    for delta in stream:
+        print(delta, end="", flush=True)
+    stats = stream.stats
+    print(
+        f"\n[{stats.method}] TTFT {stats.ttft_s * 1000:.0f} ms, kept {stats.kept_fraction:.0%} "
+        f"of {stats.context_tokens} context tokens, recomputed {stats.recomputed_fraction:.0%}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="samkv", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    index = commands.add_parser("index", help="Compute and store KV caches of text files.")
+    _add_model_arguments(index)
+    index.add_argument("files", nargs="+", help="text files, one document each")
+    index.set_defaults(handler=_index)
+
+    ask = commands.add_parser("ask", help="Answer a question from text files through their caches.")
+    _add_model_arguments(ask)
+    ask.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
+    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("question")
+    ask.add_argument("files", nargs="+", help="text files, one document each")
+    ask.set_defaults(handler=_ask)
+
+    for name, (module, summary) in _DELEGATED.items():
+        sub = commands.add_parser(name, help=summary, description=summary, add_help=False)
+        sub.set_defaults(delegate=module)
+        # Arguments are added on demand (see main) so that --help here stays import-free.
+        sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``samkv`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "delegate"):
+        module = importlib.import_module(args.delegate)
+        sub = argparse.ArgumentParser(prog=f"samkv {args.command}", description=_DELEGATED[args.command][1])
+        module.add_arguments(sub)
+        return int(module.run(sub.parse_args(args.rest)) or 0)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random-weight models and isolated stores.
+
+The real default model is used only by tests marked ``real_model``; they share the
+user's ``$SAMKV_HOME`` so that it is fetched and converted once per machine.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from samkv_integrations import KVCacheStore, SamKVEngine
+from samkv_integrations.model import LoadedModel
+from samkv_integrations.shapes import random_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> LoadedModel:
+    return random_model("tiny-llama", device="cpu", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2() -> LoadedModel:
+    return random_model("tiny-qwen2", device="cpu", seed=0)
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-qwen2"])
+def tiny_model(request: pytest.FixtureRequest, tiny_llama: LoadedModel, tiny_qwen2: LoadedModel) -> LoadedModel:
+    return {"tiny-llama": tiny_llama, "tiny-qwen2": tiny_qwen2}[request.param]
+
+
+@pytest.fixture
+def memory_store() -> KVCacheStore:
+    return KVCacheStore(f"memory://samkv-test-{uuid.uuid4().hex}")
+
+
+@pytest.fixture
+def tiny_engine(tiny_model: LoadedModel, memory_store: KVCacheStore) -> SamKVEngine:
+    return SamKVEngine(tiny_model, memory_store)
+
+
+@pytest.fixture(scope="session")
+def default_engine(tmp_path_factory: pytest.TempPathFactory) -> SamKVEngine:
+    """The real embedded default model, with a store of its own for this test session."""
+    return SamKVEngine.from_pretrained(store=tmp_path_factory.mktemp("kvcache"), device="cpu")
