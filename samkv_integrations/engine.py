@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from transformers import DynamicCache
 
 from samkv_integrations.decode import GenerationOptions, generate_deltas
 from samkv_integrations.encode import PrefixKV, encode_documents, encode_prefix
@@ -200,6 +201,55 @@ class SamKVEngine:
             raise ValueError(f"on_foreign_cache must be 'error' or 'recompute', got {on_foreign_cache!r}")
         answer = Answer(text="", stats=MethodStats(chosen.name, 0, []))
         return AnswerStream(self._run(question_ids, list(refs), chosen, options, on_foreign_cache, answer), answer)
+
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a plain chat (``role``/``content`` dicts), ending with the generation prompt."""
+        tokenizer = self.model.tokenizer
+        if not messages:
+            raise ValueError("messages is empty")
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+            ids = list(tokenizer(text)["input_ids"])
+        return ids
+
+    def stream_prompt(self, prompt_ids: Sequence[int], **generation: Any) -> AnswerStream:
+        """Generate from a plain prompt (no documents): a full prefill of ``prompt_ids``, then decoding.
+
+        This is what chat models answer plain messages with; keyword arguments are
+        ``GenerationOptions`` fields.
+        """
+        options = GenerationOptions(**generation)
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty")
+        if len(prompt_ids) + options.max_new_tokens > self.model.max_context:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens={options.max_new_tokens} "
+                f"exceeds the model's context of {self.model.max_context} tokens"
+            )
+        answer = Answer(text="", stats=MethodStats("prompt", 0, []))
+        return AnswerStream(self._run_prompt(list(prompt_ids), options, answer), answer)
+
+    def _run_prompt(self, prompt_ids: list[int], options: GenerationOptions, answer: Answer) -> Iterator[str]:
+        model = self.model.model
+        with self._lock, torch.inference_mode():
+            watch = Stopwatch(model.device)
+            cache = DynamicCache(config=model.config)
+            with watch.phase("question"):
+                out = model(
+                    input_ids=torch.tensor([prompt_ids], device=model.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                first_logits = out.logits[0, -1]
+            answer.stats = MethodStats("prompt", 0, [], seconds=dict(watch.seconds))
+            answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
+            yield from generate_deltas(
+                model, self.model.tokenizer, cache, first_logits, len(prompt_ids), options, answer.token_ids
+            )
 
     def _run(
         self,
