@@ -19,7 +19,10 @@ from samkv_integrations.methods import DEFAULT_METHOD, METHODS
 _DELEGATED = {
     "eval": ("samkv_integrations.eval.cli", "Measure methods' accuracy against full recompute."),
     "bench": ("samkv_integrations.bench", "Measure TTFT, memory and throughput per method."),
-    "demo": ("samkv_integrations.demo.cli", "Ingest a corpus into Chroma and answer sample questions."),
+    "demo": (
+        "samkv_integrations.demo.cli",
+        "Ingest a corpus into Chroma and answer sample questions.",
+    ),
     "serve": ("samkv_integrations.demo.server", "Serve the demo web page on 127.0.0.1."),
 }
 
@@ -35,9 +38,17 @@ def _read_documents(paths: Sequence[str]) -> list[str]:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="registry name, local path, .gguf file or hub id (default: embedded SmolLM2)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="registry name, local path, .gguf file or hub id (default: embedded SmolLM2)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--store", default=None, help="KV cache store directory or fsspec URL (default: $SAMKV_HOME/kvcache)")
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="KV cache store directory or fsspec URL (default: $SAMKV_HOME/kvcache)",
+    )
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -98,10 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if hasattr(args, "delegate"):
         module = importlib.import_module(args.delegate)
-        sub = argparse.ArgumentParser(prog=f"samkv {args.command}", description=_DELEGATED[args.command][1])
+        sub = argparse.ArgumentParser(
+            prog=f"samkv {args.command}", description=_DELEGATED[args.command][1]
+        )
         module.add_arguments(sub)
         return int(module.run(sub.parse_args(args.rest)) or 0)
     return int(args.handler(args))

@@ -55,7 +55,9 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return ids
 
 
-def _pick(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> int:
+def _pick(
+    logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None
+) -> int:
     if options.temperature == 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float().cpu() / options.temperature, dim=-1)
@@ -109,7 +111,7 @@ def generate_deltas(
         if token in eos:
             break
         ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text = str(tokenizer.decode(ids, skip_special_tokens=True))
         cut = _cut_at_stop(text, options.stop)
         if cut is not None:
             if cut > emitted:

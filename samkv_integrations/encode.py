@@ -46,6 +46,22 @@ class PrefixKV:
         )
 
 
+def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's ``(keys, values)``, ``[batch, n_kv_heads, seq, head_dim]``.
+
+    Raises:
+        ValueError: If a layer holds no key/value tensors (e.g. linear attention), which
+            per-token KV reuse cannot work with.
+    """
+    tensors = []
+    for i, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            raise ValueError(f"cache layer {i} ({type(layer).__name__}) holds no key/value tensors")
+        tensors.append((keys, values))
+    return tensors
+
+
 @contextmanager
 def capture_queries(model: PreTrainedModel) -> Iterator[list[torch.Tensor | None]]:
     """Record each layer's pre-RoPE query projection during the forward passes inside.
@@ -71,7 +87,9 @@ def capture_queries(model: PreTrainedModel) -> Iterator[list[torch.Tensor | None
 
 def _head_dim(model: PreTrainedModel) -> int:
     config = model.config
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    return int(
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
 
 
 @torch.inference_mode()
@@ -80,10 +98,11 @@ def encode_prefix(model: PreTrainedModel, token_ids: list[int]) -> PrefixKV:
     ids = torch.tensor([token_ids], device=model.device)
     cache = DynamicCache(config=model.config)
     model(input_ids=ids, past_key_values=cache, use_cache=True)
+    layers = layer_tensors(cache)
     return PrefixKV(
         token_ids=list(token_ids),
-        keys=[layer.keys for layer in cache.layers],
-        values=[layer.values for layer in cache.layers],
+        keys=[k for k, _ in layers],
+        values=[v for _, v in layers],
     )
 
 
@@ -139,13 +158,18 @@ def encode_documents(
                 use_cache=True,
                 logits_to_keep=1,
             )
-        keys = torch.stack([layer.keys[:, :, prefix.length :] for layer in cache.layers], dim=1)
-        values = torch.stack([layer.values[:, :, prefix.length :] for layer in cache.layers], dim=1)
+        layers = layer_tensors(cache)
+        keys = torch.stack([k[:, :, prefix.length :] for k, _ in layers], dim=1)
+        values = torch.stack([v[:, :, prefix.length :] for _, v in layers], dim=1)
         for row, i in enumerate(batch):
             n = len(documents[i])
             window = slice(max(0, n - QUERY_WINDOW), n)
             query_means = torch.stack(
-                [q[row, window].view(-1, n_heads, head_dim).float().mean(0) for q in queries if q is not None]
+                [
+                    q[row, window].view(-1, n_heads, head_dim).float().mean(0)
+                    for q in queries
+                    if q is not None
+                ]
             ).to(keys.dtype)
             results[i] = DocumentKV(
                 token_ids=list(documents[i]),

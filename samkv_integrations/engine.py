@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -19,7 +21,7 @@ from samkv_integrations.errors import (
     CacheMismatchError,
     CacheMissError,
 )
-from samkv_integrations.framing import PromptFramer
+from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer
 from samkv_integrations.methods import DEFAULT_METHOD, BaseMethod, MethodInput, get_method
 from samkv_integrations.model import LoadedModel, load_model, samkv_home
 from samkv_integrations.records import CacheRef, DocumentKV, MethodStats
@@ -90,12 +92,20 @@ class SamKVEngine:
         'Paris'
     """
 
-    def __init__(self, model: LoadedModel, store: KVCacheStore, *, batch_tokens: int = 8192) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        store: KVCacheStore,
+        *,
+        system_prompt: str = SYSTEM_PROMPT,
+        batch_tokens: int = 8192,
+    ) -> None:
         self.model = model
         self.store = store
-        self.framer = PromptFramer.for_tokenizer(model.tokenizer)
+        self.framer = PromptFramer.for_tokenizer(model.tokenizer, system_prompt)
         self.batch_tokens = batch_tokens
         self._prefix: PrefixKV | None = None
+        self._fingerprint: str | None = None
         # One request at a time per model: generation mutates per-request caches only,
         # but interleaving requests would make every TTFT meaningless.
         self._lock = threading.RLock()
@@ -110,15 +120,27 @@ class SamKVEngine:
         **kwargs: Any,
     ) -> SamKVEngine:
         """Load a model (default: the embedded SmolLM2) and open a store (default: ``$SAMKV_HOME/kvcache``)."""
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+        loaded = (
+            model
+            if isinstance(model, LoadedModel)
+            else load_model(model, device=device, dtype=dtype)
+        )
         if not isinstance(store, KVCacheStore):
             store = KVCacheStore(store if store is not None else samkv_home() / "kvcache")
         return cls(loaded, store, **kwargs)
 
     @property
     def fingerprint(self) -> str:
-        """The fingerprint of the engine's model, recorded on every cache it writes."""
-        return self.model.fingerprint
+        """What every cache this engine writes is bound to: the model and the shared prefix.
+
+        A document's KV depends on the prefix it was computed behind, so a change of system
+        prompt or chat template must miss the store rather than reuse caches that no longer fit.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256(self.model.fingerprint.encode())
+            digest.update(json.dumps(self.framer.prefix_ids()).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     @property
     def prefix(self) -> PrefixKV:
@@ -141,10 +163,6 @@ class SamKVEngine:
             )
         return ids
 
-    def ref(self, doc: DocumentKV, key: str, text: str | None = None) -> CacheRef:
-        """The reference to a stored document cache."""
-        return CacheRef(key=key, n_tokens=doc.n_tokens, model=doc.fingerprint, text=text)
-
     def index(self, texts: Sequence[str], *, progress: bool = True) -> list[CacheRef]:
         """Compute and store each text's KV cache; texts already in the store are not recomputed."""
         ids = [self.document_ids(text, index=i) for i, text in enumerate(texts)]
@@ -162,14 +180,20 @@ class SamKVEngine:
                 )
             for doc in docs:
                 self.store.put(doc.to("cpu"))
-        logger.info("indexed %d documents (%d already stored)", len(texts), len(texts) - len(missing))
+        logger.info(
+            "indexed %d documents (%d already stored)", len(texts), len(texts) - len(missing)
+        )
         return [
             CacheRef(key=key, n_tokens=len(doc_ids), model=self.fingerprint, text=text)
             for key, doc_ids, text in zip(keys, ids, texts, strict=True)
         ]
 
     def answer(
-        self, question: str, refs: Sequence[CacheRef], method: str | BaseMethod = DEFAULT_METHOD, **kwargs: Any
+        self,
+        question: str,
+        refs: Sequence[CacheRef],
+        method: str | BaseMethod = DEFAULT_METHOD,
+        **kwargs: Any,
     ) -> Answer:
         """Answer ``question`` from the documents behind ``refs``.
 
@@ -198,9 +222,13 @@ class SamKVEngine:
         options = GenerationOptions(**generation)
         question_ids = self.framer.question_ids(question)
         if on_foreign_cache not in ("error", "recompute"):
-            raise ValueError(f"on_foreign_cache must be 'error' or 'recompute', got {on_foreign_cache!r}")
+            raise ValueError(
+                f"on_foreign_cache must be 'error' or 'recompute', got {on_foreign_cache!r}"
+            )
         answer = Answer(text="", stats=MethodStats(chosen.name, 0, []))
-        return AnswerStream(self._run(question_ids, list(refs), chosen, options, on_foreign_cache, answer), answer)
+        return AnswerStream(
+            self._run(question_ids, list(refs), chosen, options, on_foreign_cache, answer), answer
+        )
 
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a plain chat (``role``/``content`` dicts), ending with the generation prompt."""
@@ -208,7 +236,9 @@ class SamKVEngine:
         if not messages:
             raise ValueError("messages is empty")
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True
+            )
             ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
             text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
@@ -232,7 +262,9 @@ class SamKVEngine:
         answer = Answer(text="", stats=MethodStats("prompt", 0, []))
         return AnswerStream(self._run_prompt(list(prompt_ids), options, answer), answer)
 
-    def _run_prompt(self, prompt_ids: list[int], options: GenerationOptions, answer: Answer) -> Iterator[str]:
+    def _run_prompt(
+        self, prompt_ids: list[int], options: GenerationOptions, answer: Answer
+    ) -> Iterator[str]:
         model = self.model.model
         with self._lock, torch.inference_mode():
             watch = Stopwatch(model.device)
@@ -248,7 +280,13 @@ class SamKVEngine:
             answer.stats = MethodStats("prompt", 0, [], seconds=dict(watch.seconds))
             answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
             yield from generate_deltas(
-                model, self.model.tokenizer, cache, first_logits, len(prompt_ids), options, answer.token_ids
+                model,
+                self.model.tokenizer,
+                cache,
+                first_logits,
+                len(prompt_ids),
+                options,
+                answer.token_ids,
             )
 
     def _run(
@@ -268,7 +306,9 @@ class SamKVEngine:
             self._check_fits(docs, question_ids, options.max_new_tokens)
             context = method(MethodInput(model, self.prefix, docs, question_ids))
             with watch.phase("question"):
-                positions = torch.arange(len(question_ids), device=model.device) + context.next_position
+                positions = (
+                    torch.arange(len(question_ids), device=model.device) + context.next_position
+                )
                 out = model(
                     input_ids=torch.tensor([question_ids], device=model.device),
                     position_ids=positions[None],
@@ -282,7 +322,11 @@ class SamKVEngine:
                 context_tokens=sum(doc.n_tokens for doc in docs),
                 kept_tokens=[len(k) for k in context.kept_indices],
                 recomputed_tokens=context.recomputed_tokens,
-                seconds={"load": watch.seconds["load"], **context.seconds, "question": watch.seconds["question"]},
+                seconds={
+                    "load": watch.seconds["load"],
+                    **context.seconds,
+                    "question": watch.seconds["question"],
+                },
                 recomputed_documents=recomputed,
             )
             answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
@@ -298,8 +342,12 @@ class SamKVEngine:
                 answer.token_ids,
             )
 
-    def _check_fits(self, docs: list[DocumentKV], question_ids: list[int], max_new_tokens: int) -> None:
-        total = self.prefix.length + sum(d.n_tokens for d in docs) + len(question_ids) + max_new_tokens
+    def _check_fits(
+        self, docs: list[DocumentKV], question_ids: list[int], max_new_tokens: int
+    ) -> None:
+        total = (
+            self.prefix.length + sum(d.n_tokens for d in docs) + len(question_ids) + max_new_tokens
+        )
         if total > self.model.max_context:
             raise ValueError(
                 f"prompt of {total - max_new_tokens} tokens plus max_new_tokens={max_new_tokens} "
@@ -314,15 +362,15 @@ class SamKVEngine:
         to_encode: list[int] = []
         for i, ref in enumerate(refs):
             if not reads_cache and ref.text is not None:
-                ids = self.document_ids(ref.text, index=i)
                 empty = torch.empty(0, device=self.model.device)
-                docs[i] = DocumentKV(ids, empty, empty, empty, self.fingerprint, self.prefix.length)
+                doc_ids = self.document_ids(ref.text, index=i)
+                docs[i] = DocumentKV(doc_ids, empty, empty, empty, self.fingerprint, self.prefix.length)
                 continue
             try:
                 if ref.model != self.fingerprint:
                     raise CacheMismatchError(
-                        f"cache {ref.key} was written by model {ref.model[:12]}, "
-                        f"this engine runs model {self.fingerprint[:12]} ({self.model.name})"
+                        f"cache {ref.key} was written by model {ref.model[:12]}, this engine runs "
+                        f"model {self.fingerprint[:12]} ({self.model.name} behind its prompt prefix)"
                     )
                 docs[i] = self.store.get(ref.key, fingerprint=self.fingerprint)
             except (CacheMissError, CacheCorruptedError, CacheMismatchError) as e:

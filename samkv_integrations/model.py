@@ -197,6 +197,11 @@ def _looks_local(name: str) -> bool:
     )
 
 
+#: Prefix of model names that build a random-weight model of a named shape (for
+#: benchmarks and tests), e.g. ``random:llama-3.1-8b``.
+RANDOM_PREFIX = "random:"
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     *,
@@ -225,6 +230,11 @@ def load_model(
     if name_or_path is None:
         name_or_path = registry.DEFAULT_MODEL
     name = os.fspath(name_or_path)
+    if isinstance(name_or_path, str) and name.startswith(RANDOM_PREFIX):
+        # Imported here: shapes builds on this module.
+        from samkv_integrations.shapes import random_model
+
+        return random_model(name.removeprefix(RANDOM_PREFIX), device=dev, dtype=dt)
     kwargs: dict[str, Any] = {"local_files_only": True}
     source: str | Path
     if not isinstance(name_or_path, os.PathLike) and name in registry.MODELS:

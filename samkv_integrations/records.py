@@ -50,11 +50,14 @@ class DocumentKV:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DocumentKV:
         """Return a copy with the tensors moved (and optionally cast)."""
+        # Only host-to-device copies may be asynchronous: a device-to-host copy into
+        # pinned memory would hand back a tensor the caller may read before it is filled.
+        non_blocking = torch.device(device).type != "cpu"
         return DocumentKV(
             token_ids=self.token_ids,
-            keys=self.keys.to(device=device, dtype=dtype, non_blocking=True),
-            values=self.values.to(device=device, dtype=dtype, non_blocking=True),
-            query_means=self.query_means.to(device=device, dtype=dtype, non_blocking=True),
+            keys=self.keys.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            values=self.values.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            query_means=self.query_means.to(device=device, dtype=dtype, non_blocking=non_blocking),
             fingerprint=self.fingerprint,
             prefix_len=self.prefix_len,
         )

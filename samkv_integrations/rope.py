@@ -50,7 +50,9 @@ def rotation(model: PreTrainedModel, delta: torch.Tensor) -> tuple[torch.Tensor,
     return cos[0].float() / scaling, sin[0].float() / scaling
 
 
-def shift_keys(model: PreTrainedModel, keys: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
+def shift_keys(
+    model: PreTrainedModel, keys: torch.Tensor, delta: int | torch.Tensor
+) -> torch.Tensor:
     """Rotate post-RoPE keys by ``delta`` positions.
 
     Args:

@@ -26,7 +26,9 @@ def tiny_qwen2() -> LoadedModel:
 
 
 @pytest.fixture(params=["tiny-llama", "tiny-qwen2"])
-def tiny_model(request: pytest.FixtureRequest, tiny_llama: LoadedModel, tiny_qwen2: LoadedModel) -> LoadedModel:
+def tiny_model(
+    request: pytest.FixtureRequest, tiny_llama: LoadedModel, tiny_qwen2: LoadedModel
+) -> LoadedModel:
     return {"tiny-llama": tiny_llama, "tiny-qwen2": tiny_qwen2}[request.param]
 
 

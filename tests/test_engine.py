@@ -7,6 +7,7 @@ import torch
 
 from samkv_integrations import (
     CacheCorruptedError,
+    CacheMismatchError,
     CacheMissError,
     CacheRef,
     KVCacheStore,
@@ -117,13 +118,13 @@ def test_corrupted_cache_file_is_detected(tiny_model: LoadedModel, tmp_path) -> 
 
 @pytest.mark.parametrize("text", ["", "   \n"])
 def test_empty_document_is_rejected_by_index(tiny_engine: SamKVEngine, text: str) -> None:
-    with pytest.raises(ValueError, match="document 1.*empty"):
+    with pytest.raises(ValueError, match=r"document 1.*empty"):
         tiny_engine.index(["fine", text], progress=False)
 
 
 def test_document_longer_than_the_context_is_rejected(tiny_engine: SamKVEngine) -> None:
     too_long = "x" * (tiny_engine.model.max_context + 10)
-    with pytest.raises(ValueError, match="document 0 is .* tokens"):
+    with pytest.raises(ValueError, match=r"document 0 is .* tokens"):
         tiny_engine.index([too_long], progress=False)
 
 
@@ -135,15 +136,21 @@ def test_prompt_beyond_the_context_is_rejected(tiny_engine: SamKVEngine) -> None
 
 
 def test_unknown_method_is_rejected(tiny_engine: SamKVEngine) -> None:
-    with pytest.raises(ValueError, match="unknown method 'magic'.*full"):
+    with pytest.raises(ValueError, match=r"unknown method 'magic'.*full"):
         tiny_engine.answer("Which?", [], method="magic")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p")],
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+    ],
 )
-def test_bad_generation_options_name_the_field(tiny_engine: SamKVEngine, kwargs: dict, field: str) -> None:
+def test_bad_generation_options_name_the_field(
+    tiny_engine: SamKVEngine, kwargs: dict, field: str
+) -> None:
     with pytest.raises(ValueError, match=field):
         tiny_engine.answer("Which?", [], method="full", **kwargs)
 
@@ -168,4 +175,26 @@ def test_plain_prompt_generation_streams_like_it_answers(tiny_engine: SamKVEngin
         pass
     assert streamed == whole.text
     assert whole.answer.first_token_logprobs is not None
-    assert torch.isclose(whole.answer.first_token_logprobs.exp().sum(), torch.tensor(1.0), atol=1e-4)
+    assert torch.isclose(
+        whole.answer.first_token_logprobs.exp().sum(), torch.tensor(1.0), atol=1e-4
+    )
+
+
+def test_another_prompt_prefix_never_reuses_caches(
+    tiny_model: LoadedModel, memory_store: KVCacheStore
+) -> None:
+    default = SamKVEngine(tiny_model, memory_store)
+    other = SamKVEngine(tiny_model, memory_store, system_prompt="Answer in French.")
+    assert default.fingerprint != other.fingerprint
+    ref = default.index(DOCS[:1], progress=False)[0]
+    assert other.index(DOCS[:1], progress=False)[0].key != ref.key
+    with pytest.raises(CacheMismatchError, match="prompt prefix"):
+        other.answer("Which?", [ref], method="reuse", max_new_tokens=2)
+
+
+def test_random_model_names_load_without_files() -> None:
+    from samkv_integrations import load_model
+
+    model = load_model("random:tiny-qwen2", device="cpu")
+    assert model.name == "random:tiny-qwen2"
+    assert type(model.model).__name__ == "Qwen2ForCausalLM"

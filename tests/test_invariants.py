@@ -78,9 +78,13 @@ def test_shift_keys_round_trip_and_per_token_deltas(tiny_llama: LoadedModel) -> 
 def test_reuse_of_one_document_equals_full(tiny_engine: SamKVEngine) -> None:
     refs = tiny_engine.index(DOCS[:1], progress=False)
     full = tiny_engine.answer("What was finished in 1889?", refs, method="full", max_new_tokens=10)
-    reuse = tiny_engine.answer("What was finished in 1889?", refs, method="reuse", max_new_tokens=10)
+    reuse = tiny_engine.answer(
+        "What was finished in 1889?", refs, method="reuse", max_new_tokens=10
+    )
     assert reuse.token_ids == full.token_ids
-    torch.testing.assert_close(reuse.first_token_logprobs, full.first_token_logprobs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        reuse.first_token_logprobs, full.first_token_logprobs, atol=1e-4, rtol=1e-4
+    )
     assert reuse.stats.recomputed_tokens == 0
     assert full.stats.recomputed_fraction == 1.0
 
@@ -113,5 +117,7 @@ def test_cache_from_another_model_is_an_error_or_a_reported_recompute(
     assert other.fingerprint != writer.fingerprint
     with pytest.raises(CacheMismatchError, match="written by model"):
         other.answer("Where?", refs, method="reuse", max_new_tokens=2)
-    answer = other.answer("Where?", refs, method="reuse", max_new_tokens=2, on_foreign_cache="recompute")
+    answer = other.answer(
+        "Where?", refs, method="reuse", max_new_tokens=2, on_foreign_cache="recompute"
+    )
     assert answer.stats.recomputed_documents == 2

@@ -96,8 +96,14 @@ def concat_segments(
 ) -> DynamicCache:
     """Prefix cache followed by document segments, each ``[n_layers, n_kv_heads, n, head_dim]``."""
     n_layers = len(prefix.keys)
-    keys = [torch.cat([prefix.keys[i][0], *(k[i] for k, _ in segments)], dim=-2) for i in range(n_layers)]
-    values = [torch.cat([prefix.values[i][0], *(v[i] for _, v in segments)], dim=-2) for i in range(n_layers)]
+    keys = [
+        torch.cat([prefix.keys[i][0], *(k[i] for k, _ in segments)], dim=-2)
+        for i in range(n_layers)
+    ]
+    values = [
+        torch.cat([prefix.values[i][0], *(v[i] for _, v in segments)], dim=-2)
+        for i in range(n_layers)
+    ]
     return cache_from_layers(model, keys, values)
 
 

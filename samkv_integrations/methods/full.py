@@ -35,7 +35,9 @@ class FullMethod(BaseMethod):
         ids = [token for doc in inputs.documents for token in doc.token_ids]
         with watch.phase("recompute"):
             if ids:
-                positions = torch.arange(inputs.prefix.length, inputs.context_end, device=model.device)
+                positions = torch.arange(
+                    inputs.prefix.length, inputs.context_end, device=model.device
+                )
                 model(
                     input_ids=torch.tensor([ids], device=model.device),
                     position_ids=positions[None],
