@@ -24,9 +24,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
-import safetensors.torch
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from samkv_integrations.errors import CacheCorruptedError, CacheMismatchError, CacheMissError
 from samkv_integrations.records import FORMAT_VERSION, DocumentKV
@@ -168,7 +169,7 @@ class KVCacheStore:
         if self._valid_on_storage(key):
             logger.debug("put %s: already stored in %s", key, self._url)
         else:
-            data = safetensors.torch.save(t)
+            data = save_safetensors(t)
             meta = {
                 "format": FORMAT_VERSION,
                 "fingerprint": doc.fingerprint,
@@ -355,7 +356,7 @@ class KVCacheStore:
         if hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
             raise CacheCorruptedError(f"{where}: tensors checksum mismatch")
         try:
-            t = safetensors.torch.load(data)
+            t = load_safetensors(data)
             k, v, q = t["keys"], t["values"], t["query_means"]
         except Exception as e:  # safetensors raises its own error types
             raise CacheCorruptedError(f"{where}: unparsable safetensors ({e})") from e
