@@ -116,6 +116,10 @@ print(json.dumps(states))
 
 def test_hooks_and_attention_functions_are_scoped() -> None:
     """Importing the package and running every method (also failing runs) leaves the model as it was."""
-    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     states = json.loads(out.stdout.strip().splitlines()[-1])
-    assert states["before"] == states["imported"] == states["after_methods"] == states["after_errors"]
+    assert (
+        states["before"] == states["imported"] == states["after_methods"] == states["after_errors"]
+    )
