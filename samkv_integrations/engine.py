@@ -364,7 +364,9 @@ class SamKVEngine:
             if not reads_cache and ref.text is not None:
                 empty = torch.empty(0, device=self.model.device)
                 doc_ids = self.document_ids(ref.text, index=i)
-                docs[i] = DocumentKV(doc_ids, empty, empty, empty, self.fingerprint, self.prefix.length)
+                docs[i] = DocumentKV(
+                    doc_ids, empty, empty, empty, self.fingerprint, self.prefix.length
+                )
                 continue
             try:
                 if ref.model != self.fingerprint:
