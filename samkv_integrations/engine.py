@@ -384,6 +384,11 @@ class SamKVEngine:
                         else " (the ref carries no text to re-encode it from)"
                     )
                     raise type(e)(f"{e}{hint}") from e
+                own_key = cache_key(self.fingerprint, self.document_ids(ref.text, index=i))
+                if foreign and self.store.contains(own_key):
+                    # Re-encoded on an earlier call: this engine's own cache of the text.
+                    docs[i] = self.store.get(own_key, fingerprint=self.fingerprint)
+                    continue
                 logger.warning("re-encoding document %d from its text: %s", i, e)
                 if isinstance(e, CacheCorruptedError):
                     self.store.delete(ref.key)
