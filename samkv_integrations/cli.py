@@ -99,8 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, summary) in _DELEGATED.items():
         sub = commands.add_parser(name, help=summary, description=summary, add_help=False)
         sub.set_defaults(delegate=module)
-        # Arguments are added on demand (see main) so that --help here stays import-free.
-        sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -108,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``samkv`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    # A delegated subcommand's own arguments are split off before parsing, and parsed by
+    # its module's parser (so `samkv --help` imports nothing heavy).
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    rest: list[str] = []
+    if at < len(argv) and argv[at] in _DELEGATED:
+        argv, rest = argv[: at + 1], argv[at + 1 :]
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -119,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prog=f"samkv {args.command}", description=_DELEGATED[args.command][1]
         )
         module.add_arguments(sub)
-        return int(module.run(sub.parse_args(args.rest)) or 0)
+        return int(module.run(sub.parse_args(rest)) or 0)
     return int(args.handler(args))
 
 

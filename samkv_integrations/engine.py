@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -299,7 +300,7 @@ class SamKVEngine:
         answer: Answer,
     ) -> Iterator[str]:
         model = self.model.model
-        with self._lock:
+        with self._lock, torch.inference_mode():
             watch = Stopwatch(model.device)
             with watch.phase("load"):
                 docs, recomputed = self._load(refs, method.reads_cache, on_foreign_cache)
@@ -360,21 +361,25 @@ class SamKVEngine:
         """Load each ref's cache to the model's device; encode the ones that cannot be used."""
         docs: list[DocumentKV | None] = [None] * len(refs)
         to_encode: list[int] = []
+        wanted = [i for i, ref in enumerate(refs) if reads_cache or ref.text is None]
+        # File reads, checksums and parsing release the GIL: documents load in parallel.
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(wanted)))) as pool:
+            fetched = dict(
+                zip(wanted, pool.map(self._fetch, [refs[i] for i in wanted]), strict=True)
+            )
         for i, ref in enumerate(refs):
-            if not reads_cache and ref.text is not None:
+            if i not in fetched:
                 empty = torch.empty(0, device=self.model.device)
-                doc_ids = self.document_ids(ref.text, index=i)
+                doc_ids = self.document_ids(ref.text or "", index=i)
                 docs[i] = DocumentKV(
                     doc_ids, empty, empty, empty, self.fingerprint, self.prefix.length
                 )
                 continue
             try:
-                if ref.model != self.fingerprint:
-                    raise CacheMismatchError(
-                        f"cache {ref.key} was written by model {ref.model[:12]}, this engine runs "
-                        f"model {self.fingerprint[:12]} ({self.model.name} behind its prompt prefix)"
-                    )
-                docs[i] = self.store.get(ref.key, fingerprint=self.fingerprint)
+                result = fetched[i]
+                if isinstance(result, Exception):
+                    raise result
+                docs[i] = result
             except (CacheMissError, CacheCorruptedError, CacheMismatchError) as e:
                 foreign = isinstance(e, CacheMismatchError)
                 if ref.text is None or (foreign and on_foreign_cache == "error"):
@@ -387,7 +392,9 @@ class SamKVEngine:
                 own_key = cache_key(self.fingerprint, self.document_ids(ref.text, index=i))
                 if foreign and self.store.contains(own_key):
                     # Re-encoded on an earlier call: this engine's own cache of the text.
-                    docs[i] = self.store.get(own_key, fingerprint=self.fingerprint)
+                    docs[i] = self.store.get(
+                        own_key, fingerprint=self.fingerprint, device=self.model.device
+                    )
                     continue
                 logger.warning("re-encoding document %d from its text: %s", i, e)
                 if isinstance(e, CacheCorruptedError):
@@ -402,6 +409,20 @@ class SamKVEngine:
                 self.store.put(doc.to("cpu"))
                 docs[i] = doc
         return [self._on_device(doc) for doc in docs if doc is not None], len(to_encode)
+
+    def _fetch(
+        self, ref: CacheRef
+    ) -> DocumentKV | CacheMissError | CacheCorruptedError | CacheMismatchError:
+        """One ref's cache on the model's device, or the error that makes it unusable."""
+        try:
+            if ref.model != self.fingerprint:
+                raise CacheMismatchError(
+                    f"cache {ref.key} was written by model {ref.model[:12]}, this engine runs "
+                    f"model {self.fingerprint[:12]} ({self.model.name} behind its prompt prefix)"
+                )
+            return self.store.get(ref.key, fingerprint=self.fingerprint, device=self.model.device)
+        except (CacheMissError, CacheCorruptedError, CacheMismatchError) as e:
+            return e
 
     def _on_device(self, doc: DocumentKV) -> DocumentKV:
         if not doc.keys.numel():

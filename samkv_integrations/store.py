@@ -194,6 +194,7 @@ class KVCacheStore:
         *,
         fingerprint: str | None = None,
         token_ids: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
     ) -> DocumentKV:
         """Load a document cache, checking it before returning it.
 
@@ -201,6 +202,8 @@ class KVCacheStore:
             key: The entry's key.
             fingerprint: If given, the fingerprint of the model that will use the cache.
             token_ids: If given, the token ids the caller expects the cache to hold.
+            device: If given, the tensors are returned on it, as fresh copies (from pinned
+                host memory, asynchronously, when the memory tier holds the entry pinned).
 
         Returns:
             The cache, on CPU (pinned if ``pin_memory`` was set and CUDA is available).
@@ -222,7 +225,7 @@ class KVCacheStore:
             with self._lock:
                 self._stats.hits += 1
                 self._stats.memory_hits += 1
-            return self._output(cached, copy=True)
+            return self._output(cached, copy=True, device=device)
         try:
             meta = self._parse_meta(key, self._read(key, "json"))
             self._check_request(key, meta, fingerprint, token_ids)
@@ -234,7 +237,7 @@ class KVCacheStore:
         with self._lock:
             self._stats.hits += 1
         self._remember(key, doc)
-        return self._output(doc, copy=0 < doc.nbytes <= self._memory_bytes)
+        return self._output(doc, copy=0 < doc.nbytes <= self._memory_bytes, device=device)
 
     def contains(self, key: str) -> bool:
         """Whether an entry is committed under ``key`` (or held in memory)."""
@@ -367,6 +370,10 @@ class KVCacheStore:
     def _remember(self, key: str, doc: DocumentKV) -> None:
         if self._memory_bytes == 0 or doc.nbytes > self._memory_bytes:
             return
+        if self._pin and torch.cuda.is_available() and not doc.keys.is_pinned():
+            # Pinned once on entry: every later hit copies to the GPU at full PCIe speed.
+            k, v, q = (t.pin_memory() for t in (doc.keys, doc.values, doc.query_means))
+            doc = DocumentKV(doc.token_ids, k, v, q, doc.fingerprint, doc.prefix_len)
         with self._lock:
             old = self._lru.pop(key, None)
             used = self._stats.memory_bytes_used + doc.nbytes - (old.nbytes if old else 0)
@@ -375,11 +382,14 @@ class KVCacheStore:
                 used -= self._lru.popitem(last=False)[1].nbytes
             self._stats.memory_bytes_used, self._stats.entries_in_memory = used, len(self._lru)
 
-    def _output(self, doc: DocumentKV, *, copy: bool) -> DocumentKV:
+    def _output(
+        self, doc: DocumentKV, *, copy: bool, device: torch.device | str | None = None
+    ) -> DocumentKV:
         """Tensors for the caller: copies when the memory tier holds the originals."""
-        pin = self._pin and torch.cuda.is_available()
-        k, v, q = (
-            t.pin_memory() if pin else t.clone() if copy else t
-            for t in (doc.keys, doc.values, doc.query_means)
-        )
+        tensors = (doc.keys, doc.values, doc.query_means)
+        if device is not None and torch.device(device).type != "cpu":
+            k, v, q = (t.to(device, non_blocking=t.is_pinned()) for t in tensors)
+        else:
+            pin = self._pin and torch.cuda.is_available()
+            k, v, q = (t.pin_memory() if pin else t.clone() if copy else t for t in tensors)
         return DocumentKV(list(doc.token_ids), k, v, q, doc.fingerprint, doc.prefix_len)

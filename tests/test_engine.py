@@ -198,3 +198,10 @@ def test_random_model_names_load_without_files() -> None:
     model = load_model("random:tiny-qwen2", device="cpu")
     assert model.name == "random:tiny-qwen2"
     assert type(model.model).__name__ == "Qwen2ForCausalLM"
+
+
+def test_answering_builds_no_autograd_graph(tiny_engine: SamKVEngine) -> None:
+    refs = tiny_engine.index(DOCS, progress=False)
+    answer = tiny_engine.answer("Which?", refs, method="reuse", max_new_tokens=2)
+    assert answer.first_token_logprobs is not None
+    assert not answer.first_token_logprobs.requires_grad

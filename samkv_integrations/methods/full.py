@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from samkv_integrations.methods.base import (
     BaseMethod,
@@ -31,20 +32,18 @@ class FullMethod(BaseMethod):
     def build(self, inputs: MethodInput, watch: Stopwatch) -> ContextCache:
         """Prefill the concatenated document ids (``[1, n_context]``) behind the prefix cache."""
         model = inputs.model
-        cache = inputs.prefix.cache(model)
+        cache = DynamicCache(config=model.config)
         ids = [token for doc in inputs.documents for token in doc.token_ids]
         with watch.phase("recompute"):
-            if ids:
-                positions = torch.arange(
-                    inputs.prefix.length, inputs.context_end, device=model.device
-                )
-                model(
-                    input_ids=torch.tensor([ids], device=model.device),
-                    position_ids=positions[None],
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
+            # Prefix and documents in one causal prefill from an empty cache: with no past,
+            # SDPA runs a flash kernel under is_causal; behind the cached prefix it gets an
+            # explicit mask and a slower kernel (0.99 s against 0.61 s for 16k tokens, H100).
+            model(
+                input_ids=torch.tensor([inputs.prefix.token_ids + ids], device=model.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return ContextCache(
             cache=cache,
             positions=full_positions(inputs),

@@ -1,0 +1,364 @@
+"""``samkv bench``: time to first token, memory and decode throughput per method.
+
+Every method answers the same workloads (D documents of T random token ids, plus one
+question) in one run, through ``SamKVEngine.answer`` from caches held in a real
+``KVCacheStore``, so that the load phase is measured too. Ratios are taken against the
+``full`` method measured in the same run. Random-weight shapes are right for speed and
+memory; they say nothing about accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from samkv_integrations.bench_report import (
+    environment,
+    median_runs,
+    parse_options,
+    print_report,
+    ratios,
+)
+from samkv_integrations.bench_workloads import (
+    TokenEngine,
+    Workload,
+    random_documents,
+    vocabulary_ids,
+)
+from samkv_integrations.engine import SamKVEngine
+from samkv_integrations.methods import METHODS, BaseMethod, ContextCache, MethodInput, get_method
+from samkv_integrations.model import LoadedModel, load_model
+from samkv_integrations.store import KVCacheStore
+from samkv_integrations.throughput import (
+    attention_backends,
+    cache_nbytes,
+    decode_rate,
+    largest_batch_rate,
+    profile_to,
+    release_memory,
+    sync,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WORKLOADS = "8x512,8x1024,8x2048,16x2048"
+QUESTION = "Which two documents mention the same city, and what year do both of them give?"
+
+
+def recording(method: BaseMethod, sink: list[ContextCache]) -> BaseMethod:
+    """A copy of ``method`` that appends each context cache it builds to ``sink``.
+
+    The engine extends that cache in place with the question, so after ``answer`` (with
+    one new token) it is the cache decoding runs on.
+    """
+    cls = type(method)
+
+    def call(self: BaseMethod, inputs: MethodInput) -> ContextCache:
+        result = cls.__call__(self, inputs)
+        sink.append(result)
+        return result
+
+    recorded = type(f"Recording{cls.__name__}", (cls,), {"__call__": call})
+    fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
+    instance: BaseMethod = recorded(**fields)
+    return instance
+
+
+def measure_answer(
+    engine: SamKVEngine, refs: list[Any], method: BaseMethod
+) -> tuple[dict[str, Any], ContextCache]:
+    """Answer once with one new token; return the measurement and the decode cache."""
+    device = engine.model.device
+    sink: list[ContextCache] = []
+    cuda = device.type == "cuda"
+    release_memory(device)  # so that the baseline holds no garbage of earlier measurements
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    answer = engine.answer(QUESTION, refs, method=recording(method, sink), max_new_tokens=1)
+    sync(device)
+    wall = time.perf_counter() - start
+    stats = answer.stats
+    result = {
+        "ttft_s": stats.ttft_s,
+        "wall_s": wall,
+        "phases": dict(stats.seconds),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) - baseline if cuda else None,
+        "allocated_before_bytes": baseline if cuda else None,
+        "kv_bytes": cache_nbytes(sink[0].cache),
+        "kept_fraction": stats.kept_fraction,
+        "recomputed_fraction": stats.recomputed_fraction,
+        "recomputed_documents": stats.recomputed_documents,
+    }
+    context = sink.pop()  # the recording class lives in a reference cycle: keep no cache there
+    return result, context
+
+
+def bench_workload(
+    engine: TokenEngine, workload: Workload, methods: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Index one workload's documents, then measure every method on it."""
+    vocabulary = vocabulary_ids(engine.model)
+    names = []
+    for i, ids in enumerate(random_documents(vocabulary, workload, args.seed)):
+        name = f"{workload.name}-{args.seed}-{i}"
+        engine.documents[name] = ids
+        names.append(name)
+    device = engine.model.device
+    sync(device)
+    start = time.perf_counter()
+    refs = engine.index(names, progress=False)
+    sync(device)
+    index_s = time.perf_counter() - start
+    question_len = len(engine.framer.question_ids(QUESTION))
+    results: dict[str, Any] = {}
+    for method in methods:
+        try:
+            results[method] = _bench_method(engine, refs, method, question_len, args)
+        except Exception as e:  # one broken method must not lose the others' numbers
+            logger.exception("%s %s failed", workload.name, method)
+            results[method] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        finally:
+            release_memory(device)
+        logger.info("%s %s: TTFT %.4f s", workload.name, method, results[method]["ttft_s"])
+    return {
+        "workload": workload.name,
+        "documents": workload.documents,
+        "tokens_per_document": workload.tokens,
+        "context_tokens": workload.documents * workload.tokens,
+        "question_tokens": question_len,
+        "index_s": index_s,
+        "methods": results,
+        "ratios": ratios(results),
+    }
+
+
+def _bench_method(
+    engine: SamKVEngine, refs: list[Any], method: str, question_len: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Median measurements of one method, then its decode rates on the cache it built."""
+    instance = get_method(method, **args.method_options.get(method, {}))
+    runs = []
+    for rep in range(args.warmup + args.repeats):
+        measured, context = measure_answer(engine, refs, instance)
+        if rep >= args.warmup:
+            runs.append(measured)
+        if rep + 1 < args.warmup + args.repeats:
+            del context  # before the next measurement, so its baseline excludes this cache
+    result = median_runs(runs)
+    result["runs"] = runs
+    if args.decode_steps > 0:
+        position = context.next_position + question_len
+        model = engine.model.model
+        result["decode_tokens_per_s_batch1"] = decode_rate(
+            model, context.cache, position, 1, args.decode_steps
+        )
+        batch, rate = largest_batch_rate(
+            model, context.cache, position, args.decode_steps, args.max_batch
+        )
+        result["decode_max_batch"] = batch
+        result["decode_tokens_per_s_max_batch"] = rate
+        if args.profile:
+            where = (
+                Path(args.profile) / f"profile-{len(refs)}docs-{context.next_position}-{method}.txt"
+            )
+            profile_to(
+                where,
+                lambda: (
+                    measure_answer(engine, refs, instance),
+                    decode_rate(model, context.cache, position, 1, 4),
+                ),
+            )
+    return result
+
+
+def _model(args: argparse.Namespace) -> LoadedModel:
+    if args.shape is not None:
+        from samkv_integrations.shapes import random_model
+
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        return random_model(args.shape, device=args.device, dtype=dtype, seed=args.seed)
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the bench's options to ``parser``."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--model",
+        default=None,
+        help="registry name, local path or hub id (default: embedded SmolLM2)",
+    )
+    which.add_argument(
+        "--shape",
+        default=None,
+        help="random-weight model of a named shape (llama-3.1-8b, qwen2.5-7b, tiny-llama, ...)",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=DEFAULT_WORKLOADS,
+        help=f"comma-separated DxT (default {DEFAULT_WORKLOADS})",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated methods (default: all registered)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="measured repetitions per method (median reported)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured repetitions before them")
+    parser.add_argument(
+        "--decode-steps",
+        type=int,
+        default=16,
+        help="decode steps timed per batch size (0: skip decoding)",
+    )
+    parser.add_argument("--max-batch", type=int, default=256, help="largest decode batch tried")
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="KV cache store directory (default: a temporary one, removed after)",
+    )
+    parser.add_argument(
+        "--memory-gib",
+        type=float,
+        default=0.0,
+        help="in-memory LRU tier of the store, GiB of host RAM",
+    )
+    parser.add_argument(
+        "--pin-memory", action="store_true", help="the store returns pinned host tensors"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="METHOD.FIELD=VALUE",
+        help="a method hyperparameter (JSON value), e.g. samkv.budget=0.15; repeatable",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="directory for torch.profiler tables (one extra run per method)",
+    )
+    parser.add_argument(
+        "--sdpa-backends",
+        default=None,
+        help="comma-separated SDPA backends to allow: flash, efficient, math, cudnn (default: torch's choice)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="JSON path (default: benchmarks/results/bench-<model>-<time>.json)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench, print the tables and write the JSON report."""
+    workloads = [Workload.parse(w) for w in args.workloads.split(",") if w.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise SystemExit(
+            f"samkv bench: unknown methods {unknown}; choose from {', '.join(METHODS)}"
+        )
+    args.method_options = parse_options(args.option, METHODS)
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("samkv bench: --repeats must be >= 1 and --warmup >= 0")
+    loaded = _model(args)
+    store_dir = args.store or tempfile.mkdtemp(prefix="samkv-bench-")
+    store = KVCacheStore(
+        store_dir, memory_bytes=int(args.memory_gib * 2**30), pin_memory=args.pin_memory
+    )
+    engine = TokenEngine(loaded, store)
+    device = loaded.device
+    config = loaded.model.config
+    report: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "environment": environment(device),
+        "model": {
+            "name": loaded.name,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "layers": int(config.num_hidden_layers),
+            "weights_bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
+            "max_context": loaded.max_context,
+        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("handler", "delegate")},
+        "workloads": [],
+    }
+    name = loaded.name.replace("random:", "").replace("/", "_")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    output = Path(args.output or f"benchmarks/results/bench-{name}-{device.type}-{stamp}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for workload in workloads:
+            with attention_backends(args.sdpa_backends):
+                measured = _bench_if_fits(engine, workload, methods, args)
+            if measured is None:
+                continue
+            report["workloads"].append(measured)
+            # Written after every workload, so that a run cut short keeps what it measured.
+            output.write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        if args.store is None:
+            shutil.rmtree(store_dir, ignore_errors=True)
+    print_report(report)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {output}")
+    return 0
+
+
+def _bench_if_fits(
+    engine: TokenEngine, workload: Workload, methods: list[str], args: argparse.Namespace
+) -> dict[str, Any] | None:
+    loaded = engine.model
+    needed = engine.prefix.length + workload.documents * workload.tokens + 64
+    if needed > loaded.max_context:
+        logger.warning(
+            "skipping %s: %d tokens exceed the context of %d",
+            workload.name,
+            needed,
+            loaded.max_context,
+        )
+        return None
+    return bench_workload(engine, workload, methods, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m samkv_integrations.bench``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m samkv_integrations.bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The bench report: medians, method options, ratios against ``full``, printed tables."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from collections.abc import Collection
+from typing import Any
+
+import torch
+import transformers
+
+#: Ratio fields: (name in the JSON, measurement field). Each is method / full.
+RATIO_FIELDS = (
+    ("ttft", "ttft_s"),
+    ("kv_bytes", "kv_bytes"),
+    ("peak_memory", "peak_memory_bytes"),
+    ("decode_batch1", "decode_tokens_per_s_batch1"),
+    ("decode_max_batch", "decode_tokens_per_s_max_batch"),
+)
+
+
+def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Each method's measurements over ``full``'s from the same run (empty without ``full``)."""
+    full = results.get("full")
+    if full is None:
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    for method, result in results.items():
+        out[method] = {}
+        for name, key in RATIO_FIELDS:
+            num, den = result.get(key), full.get(key)
+            out[method][name] = num / den if num is not None and den else None
+    return out
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device and library versions."""
+    cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if cuda
+        else platform.processor() or platform.machine(),
+        "device_type": device.type,
+        "gpu_memory_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def _fmt_bytes(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Print one table per workload, with ratios against ``full``."""
+    print(f"# {report['model']['name']} on {report['environment']['device']}")
+    for work in report["workloads"]:
+        tokens, index_s = work["context_tokens"], work["index_s"]
+        print(f"\n## {work['workload']} ({tokens} context tokens, indexed in {index_s:.2f} s)")
+        print(
+            f"{'method':<11}{'TTFT ms':>9}{'x full':>8}{'load':>8}{'assem':>8}{'select':>8}"
+            f"{'recomp':>8}{'quest':>8}{'kept':>6}{'KV':>11}{'x full':>7}{'peak':>11}"
+            f"{'tok/s b1':>10}{'B':>5}{'tok/s B':>10}{'x full':>7}"
+        )
+        for method, r in work["methods"].items():
+            if "error" in r:
+                print(f"{method:<11}failed: {r['error']}")
+                continue
+            ratio = work["ratios"].get(method, {})
+            phases = r["phases"]
+
+            def ms(name: str, phases: dict[str, float] = phases) -> str:
+                return f"{phases[name] * 1000:.1f}" if name in phases else "-"
+
+            def x(name: str, ratio: dict[str, float | None] = ratio) -> str:
+                value = ratio.get(name)
+                return "-" if value is None else f"{value:.3f}"
+
+            print(
+                f"{method:<11}{r['ttft_s'] * 1000:>9.1f}{x('ttft'):>8}{ms('load'):>8}"
+                f"{ms('assemble'):>8}{ms('select'):>8}{ms('recompute'):>8}{ms('question'):>8}"
+                f"{r['kept_fraction']:>6.0%}{_fmt_bytes(r['kv_bytes']):>11}"
+                f"{x('kv_bytes'):>7}{_fmt_bytes(r['peak_memory_bytes']):>11}"
+                f"{r.get('decode_tokens_per_s_batch1', 0):>10.1f}{r.get('decode_max_batch', 0):>5}"
+                f"{r.get('decode_tokens_per_s_max_batch', 0):>10.1f}{x('decode_max_batch'):>7}"
+            )
+
+
+def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-field medians of repeated measurements (phases per phase)."""
+    out: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        if isinstance(first, dict):
+            out[key] = {k: statistics.median(r[key].get(k, 0.0) for r in runs) for k in first}
+        elif isinstance(first, int | float) and not isinstance(first, bool):
+            out[key] = statistics.median(r[key] for r in runs)
+        else:
+            out[key] = first
+    return out
+
+
+def parse_options(items: list[str], methods: Collection[str]) -> dict[str, dict[str, Any]]:
+    """``["samkv.budget=0.15", ...]`` as ``{"samkv": {"budget": 0.15}}`` (values parsed as JSON)."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        method, dot, field = name.partition(".")
+        if not sep or not dot or method not in methods:
+            raise SystemExit(f"samkv bench: --option {item!r} is not METHOD.FIELD=VALUE")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # a bare word, e.g. ranking=global
+        options.setdefault(method, {})[field] = parsed
+    return options

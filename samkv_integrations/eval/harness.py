@@ -1,0 +1,394 @@
+"""The eval loop: answer every question with every method and score them against full recompute.
+
+A run directory holds three files:
+
+- ``config.json``: the run's settings, model name and fingerprint, data sha256, library
+  versions and a timestamp, written (atomically) before the first question;
+- ``predictions.jsonl``: one line per question per method, appended as each question
+  completes;
+- ``metrics.json``: the per-method summary, written atomically once every question is done.
+
+A question whose prompt does not fit the model's context is skipped by every method and
+listed under ``skipped_too_long``; ``n`` counts the questions answered.
+
+Run directory rule: the default directory is ``<runs_root>/<data stem>-<model>-<limit>-
+<chunking>-<run id>``, where the run id hashes everything that changes the results (data
+sha256, method specs, model, device, limit, chunk size, generation settings). A second
+identical run therefore finds the same directory: when its ``metrics.json`` exists the run
+is skipped and those metrics are returned; when only predictions exist (an interrupted
+run), the questions already answered by every method are kept and the rest are run.
+``force`` starts the directory over. A directory holding a different run is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from samkv_integrations.eval.data import Question, file_sha256, pack_paragraphs, read_questions
+from samkv_integrations.eval.metrics import score_answer, summarize
+from samkv_integrations.eval.specs import MethodSpec, default_methods, parse_methods
+from samkv_integrations.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from samkv_integrations.engine import Answer, SamKVEngine
+
+__all__ = ["EvalConfig", "RunPlan", "execute_run", "plan_run", "run_eval"]
+
+logger = logging.getLogger(__name__)
+
+#: Answers are cut at the first newline: HotpotQA answers are short spans, and a small
+#: model tends to continue with an explanation that would only dilute F1.
+STOP = ("\n",)
+
+CONFIG_FILE, PREDICTIONS_FILE, METRICS_FILE = "config.json", "predictions.jsonl", "metrics.json"
+
+
+@dataclass(slots=True)
+class EvalConfig:
+    """Settings of one eval run.
+
+    Attributes:
+        data: JSON Lines file (generic or HotpotQA/IRCoT format).
+        methods: Method specs, e.g. ``("full", "samkv+ranking=global")`` or one
+            comma-separated string.
+        model: Registry name, local path, hub id, or ``random:<shape>`` (random weights).
+        device: ``cpu`` or ``cuda``; ``None`` picks CUDA when available.
+        limit: Evaluate the first ``limit`` questions; ``None`` for all.
+        chunk_tokens: Pack consecutive paragraphs into documents of at most this many
+            tokens (a longer paragraph stays whole); ``None``: one paragraph per document.
+        max_new_tokens: Greedy decoding stops after this many tokens or at a newline.
+        out: The run directory; ``None`` derives it under ``runs_root`` (module docstring).
+        runs_root: Where default run directories go.
+        store: KV cache store directory or URL; ``None``: ``$SAMKV_HOME/kvcache``.
+        force: Start the run directory over even if it holds a finished or other run.
+        progress: Show a progress bar over questions.
+    """
+
+    data: Path
+    methods: Sequence[str] = field(default_factory=default_methods)
+    model: str = DEFAULT_MODEL
+    device: str | None = None
+    limit: int | None = None
+    chunk_tokens: int | None = None
+    max_new_tokens: int = 32
+    out: Path | None = None
+    runs_root: Path = Path("runs/eval")
+    store: str | None = None
+    force: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.data = Path(self.data)
+        self.out = Path(self.out) if self.out is not None else None
+        self.runs_root = Path(self.runs_root)
+        for name in ("limit", "chunk_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {value}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+
+
+@dataclass(slots=True)
+class RunPlan:
+    """Everything decided before a model loads.
+
+    Attributes:
+        config: The settings.
+        specs: The parsed methods, ``full`` first.
+        questions: The questions to answer.
+        data_sha256: sha256 of the data file.
+        device: The resolved device.
+        identity: The settings that change results.
+        run_id: Hash of ``identity``.
+        run_dir: The run directory.
+        completed: The metrics of a finished identical run in ``run_dir`` (then nothing runs).
+    """
+
+    config: EvalConfig
+    specs: list[MethodSpec]
+    questions: list[Question]
+    data_sha256: str
+    device: str
+    identity: dict[str, Any]
+    run_id: str
+    run_dir: Path
+    completed: dict[str, Any] | None
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.replace(":", "-")).name or model).strip("-")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring unreadable %s: %s", path, e)
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plan_run(config: EvalConfig) -> RunPlan:
+    """Validate methods and data, pick the device and the run directory; load no model.
+
+    Raises:
+        ValueError: Bad methods or data, or ``run_dir`` holds a different run (without
+            ``force``); the message says which settings differ.
+    """
+    import torch
+
+    specs = parse_methods(config.methods)
+    questions = read_questions(config.data, config.limit)
+    data_sha256 = file_sha256(config.data)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} was asked for, but torch sees no CUDA device")
+    identity = {
+        "data_sha256": data_sha256,
+        "methods": [s.label for s in specs],
+        "model": config.model,
+        "device": device,
+        "limit": config.limit,
+        "chunk_tokens": config.chunk_tokens,
+        "max_new_tokens": config.max_new_tokens,
+        "stop": list(STOP),
+    }
+    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    name = "-".join(
+        [
+            config.data.stem,
+            _slug(config.model),
+            f"n{config.limit or 'all'}",
+            f"c{config.chunk_tokens}" if config.chunk_tokens else "para",
+            run_id[:8],
+        ]
+    )
+    run_dir = config.out or config.runs_root / name
+    previous = _read_json(run_dir / CONFIG_FILE)
+    completed = None
+    if previous is not None and not config.force:
+        if previous.get("run_id") != run_id:
+            theirs = previous.get("identity", {})
+            differ = sorted(k for k in identity if theirs.get(k) != identity[k])
+            raise ValueError(
+                f"out: {run_dir} holds another run (differs in {', '.join(differ) or 'run_id'}); "
+                "pass --force to overwrite it or choose another --out"
+            )
+        completed = _read_json(run_dir / METRICS_FILE)
+    return RunPlan(
+        config, specs, questions, data_sha256, device, identity, run_id, run_dir, completed
+    )
+
+
+def _package_version() -> str | None:
+    # None when running from a source tree that was never installed.
+    try:
+        return metadata.version("samkv-integrations")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _config_record(plan: RunPlan, engine: SamKVEngine) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "run_id": plan.run_id,
+        "identity": plan.identity,
+        "args": dataclasses.asdict(plan.config),
+        "methods": [dataclasses.asdict(s) for s in plan.specs],
+        "model": plan.config.model,
+        "fingerprint": engine.fingerprint,
+        "model_fingerprint": engine.model.fingerprint,
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "device": plan.device,
+        "data": str(plan.config.data),
+        "data_sha256": plan.data_sha256,
+        "n_questions": len(plan.questions),
+        "generation": {
+            "greedy": True,
+            "max_new_tokens": plan.config.max_new_tokens,
+            "stop": list(STOP),
+        },
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "samkv_integrations": _package_version(),
+        },
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _answer_question(
+    engine: SamKVEngine, question: Question, plan: RunPlan
+) -> list[dict[str, Any]] | None:
+    """Every method's scored answer, or ``None`` when the prompt does not fit the model."""
+    texts = [p.document_text for p in question.contexts]
+    limit = engine.model.max_context
+    try:
+        documents = pack_paragraphs(
+            texts, plan.config.chunk_tokens, lambda t: len(engine.document_ids(t))
+        )
+        framer = engine.framer
+        prompt = len(framer.prefix_ids()) + len(framer.question_ids(question.question))
+        prompt += sum(len(engine.document_ids(d)) for d in documents)
+        too_long = prompt + plan.config.max_new_tokens > limit
+        reason = f"{prompt} prompt tokens + max_new_tokens exceed the context of {limit}"
+    except ValueError as e:  # a single document longer than the context
+        too_long, reason = True, str(e)
+    if too_long:
+        # One long question should not sink a long run; every method skips it alike.
+        logger.warning("skipping question %r: %s", question.id, reason)
+        return None
+    refs = engine.index(documents, progress=False)
+    rows: list[dict[str, Any]] = []
+    reference: Answer | None = None
+    for spec in plan.specs:
+        try:
+            answer = engine.answer(
+                question.question,
+                refs,
+                method=spec.name,
+                method_options=spec.options,
+                max_new_tokens=plan.config.max_new_tokens,
+                stop=STOP,
+            )
+        except ValueError as e:
+            raise ValueError(f"question {question.id!r}, method {spec.label!r}: {e}") from e
+        # parse_methods puts full first, so the reference exists before any other method.
+        reference = reference or answer
+        rows.append(score_answer(question, spec.label, answer, reference, len(documents)))
+    return rows
+
+
+def _resume(plan: RunPlan) -> dict[str, list[dict[str, Any]]]:
+    """Rows of the questions every method already answered; rewrites the file to just those."""
+    path = plan.run_dir / PREDICTIONS_FILE
+    if not path.exists():
+        return {}
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the torn last line of an interrupted run
+        if isinstance(row, dict):
+            found.setdefault(str(row.get("id")), {})[str(row.get("method"))] = row
+    labels = [s.label for s in plan.specs]
+    done = {
+        q.id: [found[q.id][label] for label in labels]
+        for q in plan.questions
+        if all(label in found.get(q.id, {}) for label in labels)
+    }
+    lines = [json.dumps(row) + "\n" for rows in done.values() for row in rows]
+    _write_atomic(path, "".join(lines))
+    if done:
+        logger.info(
+            "resuming %s: %d of %d questions already answered",
+            plan.run_dir,
+            len(done),
+            len(plan.questions),
+        )
+    return done
+
+
+def execute_run(plan: RunPlan) -> dict[str, Any]:
+    """Run a planned eval (or return the finished run's metrics) and write the run directory.
+
+    Returns:
+        The metrics, as written to ``metrics.json``.
+
+    Raises:
+        ValueError: The run directory's earlier predictions came from another model
+            fingerprint (without ``force``), or a question does not fit the model.
+    """
+    config, run_dir = plan.config, plan.run_dir
+    if plan.completed is not None:
+        logger.info("%s already holds this run's metrics; skipping (force reruns it)", run_dir)
+        return plan.completed
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.force:
+        for name in (METRICS_FILE, PREDICTIONS_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+    from samkv_integrations.engine import SamKVEngine
+
+    engine = SamKVEngine.from_pretrained(config.model, config.store, device=plan.device)
+    previous = _read_json(run_dir / CONFIG_FILE)
+    if (
+        previous is not None
+        and not config.force
+        and previous.get("fingerprint") != engine.fingerprint
+    ):
+        raise ValueError(
+            f"model: {run_dir} was run with fingerprint {str(previous.get('fingerprint'))[:12]}, "
+            f"the loaded {config.model} has {engine.fingerprint[:12]}; pass --force to start over"
+        )
+    _write_atomic(
+        run_dir / CONFIG_FILE,
+        json.dumps(_config_record(plan, engine), indent=2, default=str) + "\n",
+    )
+    done = _resume(plan)
+    records: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    with open(run_dir / PREDICTIONS_FILE, "a", encoding="utf-8") as fh:
+        for question in tqdm(plan.questions, desc="eval", unit="q", disable=not config.progress):
+            rows = done.get(question.id) or _answer_question(engine, question, plan)
+            if rows is None:
+                skipped.append(question.id)
+                continue
+            if question.id not in done:
+                fh.write("".join(json.dumps(row) + "\n" for row in rows))
+                fh.flush()
+            records.extend(rows)
+    metrics = {
+        "model": config.model,
+        "fingerprint": engine.fingerprint,
+        "data": str(config.data),
+        "data_sha256": plan.data_sha256,
+        "n": len(plan.questions) - len(skipped),
+        "skipped_too_long": skipped,
+        "device": plan.device,
+        "chunk_tokens": config.chunk_tokens,
+        "max_new_tokens": config.max_new_tokens,
+        "methods": summarize(records, [s.label for s in plan.specs]),
+    }
+    _write_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    logger.info("wrote %s", run_dir / METRICS_FILE)
+    return metrics
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate ``config.methods`` on ``config.data``; return the metrics (``metrics.json``)."""
+    return execute_run(plan_run(config))

@@ -1,0 +1,194 @@
+"""Answer metrics (SQuAD F1 and exact match), distribution divergence, and per-method summaries.
+
+The text metrics follow the SQuAD v1.1 evaluation: both strings are normalised (lower
+case, punctuation and the articles a/an/the removed, whitespace collapsed), and a
+prediction is scored against each gold answer, keeping the best.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from samkv_integrations.engine import Answer
+    from samkv_integrations.eval.data import Question
+
+__all__ = [
+    "best_em",
+    "best_f1",
+    "contains_gold",
+    "exact_match",
+    "first_token_kl",
+    "normalize_answer",
+    "percentile",
+    "score_answer",
+    "summarize",
+    "token_f1",
+]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and the articles a/an/the, and collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """Harmonic mean of token precision and recall after normalisation."""
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(gold).split()
+    common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision = common / len(pred_tokens)
+    recall = common / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    """1.0 when the normalised strings are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def best_f1(prediction: str, golds: Sequence[str]) -> float:
+    """The best token F1 over the gold answers."""
+    return max(token_f1(prediction, gold) for gold in golds)
+
+
+def best_em(prediction: str, golds: Sequence[str]) -> float:
+    """The best exact match over the gold answers."""
+    return max(exact_match(prediction, gold) for gold in golds)
+
+
+def contains_gold(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 when a normalised gold answer is a substring of the normalised prediction, else 0.0.
+
+    A plain substring test, as the "contains the gold answer" figure is usually computed:
+    gold "1" is found in "1945". Gold answers that normalise to nothing never match.
+    """
+    pred = normalize_answer(prediction)
+    return float(any(gold and gold in pred for gold in map(normalize_answer, golds)))
+
+
+def first_token_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """KL(reference ‖ other) in nats between two ``[vocab]`` log-probability vectors.
+
+    Tokens the reference gives zero probability contribute nothing (``0 · log 0 = 0``);
+    tiny negative results of float rounding are reported as 0.
+    """
+    if reference.shape != other.shape:
+        raise ValueError(f"first_token_logprobs: shapes differ, {reference.shape} vs {other.shape}")
+    ref, oth = reference.detach().double(), other.detach().double()
+    probs = ref.exp()
+    terms = (probs * (ref - oth)).masked_fill(probs == 0, 0.0)
+    return max(float(terms.sum()), 0.0)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation between ranks."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(
+    records: Sequence[Mapping[str, Any]], labels: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Aggregate per-question prediction records into one summary per method label.
+
+    Args:
+        records: Prediction records with ``method``, ``f1``, ``em``, ``contains_gold``,
+            ``agree_full``, ``first_token_kl`` (``None`` when unknown), ``kept_fraction``,
+            ``recomputed_fraction``, ``ttft_s`` and ``context_tokens``.
+        labels: Method labels, in the order the summary should list them.
+
+    Returns:
+        ``{label: {"n", "f1", "em", "contains_gold", "agree_full", "first_token_kl",
+        "kept_fraction", "recomputed_fraction", "ttft_s_median", "ttft_s_p90",
+        "ttft_s_mean", "context_tokens_mean"}}``; means are ``None`` for a label with no
+        records.
+    """
+    summary: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        rows = [r for r in records if r["method"] == label]
+
+        def column(key: str, rows: list[Mapping[str, Any]] = rows) -> list[float]:
+            return [float(r[key]) for r in rows if r[key] is not None]
+
+        ttft = column("ttft_s")
+        summary[label] = {
+            "n": len(rows),
+            **{
+                key: _mean(column(key))
+                for key in (
+                    "f1",
+                    "em",
+                    "contains_gold",
+                    "agree_full",
+                    "first_token_kl",
+                    "kept_fraction",
+                    "recomputed_fraction",
+                )
+            },
+            "ttft_s_median": percentile(ttft, 50) if ttft else None,
+            "ttft_s_p90": percentile(ttft, 90) if ttft else None,
+            "ttft_s_mean": _mean(ttft),
+            "context_tokens_mean": _mean(column("context_tokens")),
+        }
+    return summary
+
+
+def score_answer(
+    question: Question, label: str, answer: Answer, reference: Answer, n_documents: int
+) -> dict[str, Any]:
+    """One ``predictions.jsonl`` record: the answer, its scores and the method's stats.
+
+    Args:
+        question: The question, with its gold answers.
+        label: The method's label.
+        answer: The method's answer.
+        reference: Full recompute's answer to the same question (``agree_full``, KL).
+        n_documents: Documents the context was packed into.
+    """
+    stats = answer.stats
+    kl = None
+    if answer.first_token_logprobs is not None and reference.first_token_logprobs is not None:
+        kl = first_token_kl(reference.first_token_logprobs, answer.first_token_logprobs)
+    return {
+        "id": question.id,
+        "method": label,
+        "prediction": answer.text,
+        "gold": list(question.answers),
+        "f1": best_f1(answer.text, question.answers),
+        "em": best_em(answer.text, question.answers),
+        "contains_gold": bool(contains_gold(answer.text, question.answers)),
+        "agree_full": normalize_answer(answer.text) == normalize_answer(reference.text),
+        "first_token_kl": kl,
+        "kept_fraction": stats.kept_fraction,
+        "recomputed_fraction": stats.recomputed_fraction,
+        "ttft_s": stats.ttft_s,
+        "context_tokens": stats.context_tokens,
+        "n_documents": n_documents,
+        "recomputed_documents": stats.recomputed_documents,
+        "new_tokens": len(answer.token_ids),
+        "seconds": stats.seconds,
+    }

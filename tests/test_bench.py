@@ -1,0 +1,120 @@
+"""``samkv bench`` on CPU with a tiny random-weight model: structure and ratios, never speed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from samkv_integrations.bench import main as bench_main
+from samkv_integrations.bench_report import parse_options, ratios
+from samkv_integrations.bench_workloads import Workload, random_documents, vocabulary_ids
+from samkv_integrations.methods import METHODS
+from samkv_integrations.model import LoadedModel
+from samkv_integrations.throughput import cache_nbytes, decode_rate
+
+# Methods that may drop tokens from the decode cache, with options that make them drop some
+# on 32-token documents (anchors of 4 + 4 leave three blocks of 8 to choose from).
+DROPPING = {"samkv": ["samkv.n_init=4", "samkv.n_local=4", "samkv.block_size=8",
+                      "samkv.ranking=global", "samkv.budget=0.4"]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    options = [f"--option={o}" for name, opts in DROPPING.items() if name in METHODS for o in opts]
+    code = bench_main(
+        ["--shape", "tiny-llama", "--device", "cpu", "--workloads", "2x32",
+         "--methods", ",".join(METHODS), "--repeats", "1", "--warmup", "0",
+         "--decode-steps", "2", "--max-batch", "2", "--output", str(out), *options]
+    )  # fmt: skip
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_report_structure(report: dict[str, Any]) -> None:
+    assert report["model"]["name"] == "random:tiny-llama"
+    assert report["environment"]["device_type"] == "cpu"
+    assert {"torch", "transformers", "python"} <= set(report["environment"])
+    assert report["command"] and report["settings"]["workloads"] == "2x32"
+    (work,) = report["workloads"]
+    assert (work["workload"], work["documents"], work["context_tokens"]) == ("2x32", 2, 64)
+    assert set(work["methods"]) == set(METHODS)
+    for name, result in work["methods"].items():
+        assert "error" not in result, f"{name}: {result.get('error')}"
+        assert len(result["runs"]) == 1
+        assert result["ttft_s"] == pytest.approx(sum(result["phases"].values()))
+        assert "load" in result["phases"] and "question" in result["phases"]
+        assert result["decode_tokens_per_s_batch1"] > 0
+        assert 1 <= result["decode_max_batch"] <= 2
+        assert result["peak_memory_bytes"] is None  # measured on CUDA only
+
+
+def test_ratios_are_against_full_of_the_same_run(report: dict[str, Any]) -> None:
+    (work,) = report["workloads"]
+    full = work["methods"]["full"]
+    assert all(value == 1.0 for value in work["ratios"]["full"].values() if value is not None)
+    for name, result in work["methods"].items():
+        ratio = work["ratios"][name]
+        assert ratio["ttft"] == pytest.approx(result["ttft_s"] / full["ttft_s"])
+        assert ratio["kv_bytes"] == pytest.approx(result["kv_bytes"] / full["kv_bytes"])
+
+
+def test_kv_bytes_follow_the_kept_tokens(report: dict[str, Any]) -> None:
+    (work,) = report["workloads"]
+    methods = work["methods"]
+    assert methods["reuse"]["kv_bytes"] == methods["full"]["kv_bytes"]
+    assert methods["reuse"]["kept_fraction"] == 1.0
+    for name in DROPPING:
+        if name in methods:
+            assert methods[name]["kept_fraction"] < 1.0
+            assert methods[name]["kv_bytes"] < methods["full"]["kv_bytes"]
+
+
+def test_ratios_without_full_are_empty() -> None:
+    assert ratios({"reuse": {"ttft_s": 1.0}}) == {}
+    measured = ratios(
+        {"full": {"ttft_s": 2.0, "kv_bytes": 10}, "x": {"ttft_s": 1.0, "kv_bytes": 5}}
+    )
+    assert measured["x"]["ttft"] == 0.5 and measured["x"]["kv_bytes"] == 0.5
+    assert measured["x"]["peak_memory"] is None
+
+
+def test_documents_are_ordinary_vocabulary_ids(tiny_llama: LoadedModel) -> None:
+    vocabulary = vocabulary_ids(tiny_llama)
+    docs = random_documents(vocabulary, Workload.parse("3x50"), seed=1)
+    special = set(tiny_llama.tokenizer.all_special_ids)
+    assert [len(d) for d in docs] == [50, 50, 50]
+    assert all(
+        0 <= t < tiny_llama.model.config.vocab_size and t not in special for d in docs for t in d
+    )
+    assert docs == random_documents(vocabulary, Workload.parse("3x50"), seed=1)
+    assert docs != random_documents(vocabulary, Workload.parse("3x50"), seed=2)
+
+
+@pytest.mark.parametrize("text", ["8", "8x", "x2", "0x5", "3x-1", "axb"])
+def test_bad_workloads_name_the_field(text: str) -> None:
+    with pytest.raises(ValueError, match="workloads"):
+        Workload.parse(text)
+
+
+def test_method_options_parse_json_values() -> None:
+    parsed = parse_options(["samkv.budget=0.15", "samkv.ranking=global"], ["samkv"])
+    assert parsed == {"samkv": {"budget": 0.15, "ranking": "global"}}
+    with pytest.raises(SystemExit):
+        parse_options(["nosuch.budget=1"], ["samkv"])
+
+
+def test_batched_decode_leaves_the_request_cache_alone(tiny_llama: LoadedModel) -> None:
+    from transformers import DynamicCache
+
+    model = tiny_llama.model
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.arange(1, 11)[None], past_key_values=cache, use_cache=True)
+    before = cache_nbytes(cache)
+    assert before == 2 * 4 * 2 * 10 * 16 * 4  # k+v, layers, kv heads, tokens, head_dim, fp32
+    assert decode_rate(model, cache, position=10, batch=3, steps=2) > 0
+    assert cache_nbytes(cache) == before
