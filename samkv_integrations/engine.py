@@ -280,15 +280,30 @@ class SamKVEngine:
                 first_logits = out.logits[0, -1]
             answer.stats = MethodStats("prompt", 0, [], seconds=dict(watch.seconds))
             answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
-            yield from generate_deltas(
-                model,
-                self.model.tokenizer,
-                cache,
-                first_logits,
-                len(prompt_ids),
-                options,
-                answer.token_ids,
-            )
+        deltas = generate_deltas(
+            model,
+            self.model.tokenizer,
+            cache,
+            first_logits,
+            len(prompt_ids),
+            options,
+            answer.token_ids,
+        )
+        yield from self._locked_steps(deltas)
+
+    def _locked_steps(self, deltas: Iterator[str]) -> Iterator[str]:
+        """Advance ``deltas`` one step at a time under the model lock.
+
+        Neither the lock nor inference mode is held across a ``yield``: a stream may be
+        advanced from a different thread each time (as Starlette's thread pool does), and
+        both are bound to the thread that entered them.
+        """
+        while True:
+            with self._lock:
+                delta = next(deltas, None)
+            if delta is None:
+                return
+            yield delta
 
     def _run(
         self,
@@ -333,15 +348,16 @@ class SamKVEngine:
             answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
             answer.kept_indices = [k.tolist() for k in context.kept_indices]
             answer.details = context.details
-            yield from generate_deltas(
-                model,
-                self.model.tokenizer,
-                context.cache,
-                first_logits,
-                context.next_position + len(question_ids),
-                options,
-                answer.token_ids,
-            )
+        deltas = generate_deltas(
+            model,
+            self.model.tokenizer,
+            context.cache,
+            first_logits,
+            context.next_position + len(question_ids),
+            options,
+            answer.token_ids,
+        )
+        yield from self._locked_steps(deltas)
 
     def _check_fits(
         self, docs: list[DocumentKV], question_ids: list[int], max_new_tokens: int

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -205,3 +207,22 @@ def test_answering_builds_no_autograd_graph(tiny_engine: SamKVEngine) -> None:
     answer = tiny_engine.answer("Which?", refs, method="reuse", max_new_tokens=2)
     assert answer.first_token_logprobs is not None
     assert not answer.first_token_logprobs.requires_grad
+
+
+def test_a_stream_can_be_advanced_from_a_new_thread_each_step(tiny_engine: SamKVEngine) -> None:
+    """Web servers iterate sync generators from a thread pool, a different thread each time."""
+    refs = tiny_engine.index(DOCS, progress=False)
+    expected = tiny_engine.answer("Which?", refs, method="reuse", max_new_tokens=6).text
+    stream = iter(tiny_engine.stream("Which?", refs, method="reuse", max_new_tokens=6))
+    pieces: list[str] = []
+    done = False
+    while not done:
+        worker = threading.Thread(target=lambda: pieces.append(next(stream, "")))
+        worker.start()
+        worker.join()
+        done = pieces[-1] == ""
+    assert "".join(pieces) == expected
+    assert not torch.is_inference_mode_enabled()
+    acquired = tiny_engine._lock.acquire(timeout=1)
+    assert acquired
+    tiny_engine._lock.release()

@@ -3,25 +3,33 @@
 from typing import Any
 
 from samkv_integrations.methods.base import BaseMethod, ContextCache, MethodInput
+from samkv_integrations.methods.cacheblend import CacheBlendMethod
+from samkv_integrations.methods.epic import EpicMethod
 from samkv_integrations.methods.full import FullMethod
 from samkv_integrations.methods.reuse import ReuseMethod
+from samkv_integrations.methods.samkv import SamKVMethod
 
 __all__ = [
     "DEFAULT_METHOD",
     "METHODS",
     "BaseMethod",
+    "CacheBlendMethod",
     "ContextCache",
+    "EpicMethod",
     "FullMethod",
     "MethodInput",
     "ReuseMethod",
+    "SamKVMethod",
     "get_method",
 ]
 
 #: Registered methods by name.
-METHODS: dict[str, type[BaseMethod]] = {cls.name: cls for cls in (FullMethod, ReuseMethod)}
+METHODS: dict[str, type[BaseMethod]] = {
+    cls.name: cls for cls in (FullMethod, ReuseMethod, CacheBlendMethod, EpicMethod, SamKVMethod)
+}
 
 #: The method used when none is named.
-DEFAULT_METHOD = "reuse"
+DEFAULT_METHOD = "samkv"
 
 
 def get_method(method: str | BaseMethod, **options: Any) -> BaseMethod:

@@ -1,0 +1,313 @@
+"""SamKVSynthesizer: answer from the retrieved nodes' stored KV caches, not from their text.
+
+LlamaIndex's built-in synthesizers turn the retrieved nodes into one prompt string before
+the LLM sees them, which throws the cache references away. This synthesizer takes the
+``NodeWithScore`` list itself, maps each node to its cache reference and lets the engine's
+method (default ``samkv``) build the decode cache from the stored caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterator,
+    Sequence,
+)
+from typing import Any
+
+import llama_index.core.instrumentation as instrument
+from llama_index.core.base.response.schema import (
+    RESPONSE_TYPE,
+    AsyncStreamingResponse,
+    Response,
+    StreamingResponse,
+)
+from llama_index.core.callbacks.base import CallbackManager
+from llama_index.core.callbacks.schema import CBEventType, EventPayload
+from llama_index.core.indices.prompt_helper import ChatPromptHelper, PromptHelper
+from llama_index.core.instrumentation.events.synthesis import (
+    SynthesizeEndEvent,
+    SynthesizeStartEvent,
+)
+from llama_index.core.prompts.mixin import PromptDictType
+from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTextType
+from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
+
+from llama_index.llms.samkv._bridge import aiter_in_thread, iter_in_thread
+from llama_index.llms.samkv.base import OnForeignCache, SamKVLLM
+from llama_index.llms.samkv.cache_builder import node_ref, node_text, text_ref
+from samkv_integrations.engine import AnswerStream
+from samkv_integrations.methods import METHODS
+from samkv_integrations.records import CacheRef, MethodStats
+
+dispatcher = instrument.get_dispatcher(__name__)
+
+#: Key of the method's stats in ``Response.metadata`` (the other keys are node ids).
+STATS_KEY = "samkv"
+
+Source = BaseNode | str
+
+
+class SamKVSynthesizer(BaseSynthesizer):
+    """Answers a query from the retrieved nodes' stored KV caches.
+
+    Each node maps to its cache reference (``samkv_cache_key`` and friends, written by
+    :class:`SamKVCacheBuilder`). A node without a cache, or whose cache was evicted or is
+    corrupted, is encoded from its text on the spot and stored; a cache written by another
+    model raises ``CacheMismatchError`` unless ``on_foreign_cache="recompute"``.
+
+    ``Response.metadata`` maps each source node id to its metadata (as LlamaIndex's
+    synthesizers do) and ``"samkv"`` to the method's stats: ``method``, ``model``,
+    ``ttft_s``, ``kept_fraction``, ``kept_tokens_by_node``, ``recomputed_documents``,
+    ``context_tokens``, ``seconds`` per phase and more. A streaming response returns after
+    the first token, with the stats already in place.
+
+    Args:
+        llm: The :class:`SamKVLLM` that answers.
+        method: Overrides the LLM's method (``samkv``, ``full``, ``reuse``, ...).
+        method_options: Hyperparameters of ``method``.
+        on_foreign_cache: ``"error"`` or ``"recompute"``; defaults to the LLM's setting.
+        streaming: Return ``StreamingResponse`` / ``AsyncStreamingResponse``.
+        callback_manager: LlamaIndex callback manager.
+
+    Examples:
+        >>> from llama_index.llms.samkv import SamKVLLM, SamKVSynthesizer
+        >>> llm = SamKVLLM()
+        >>> engine = index.as_query_engine(
+        ...     llm=llm, response_synthesizer=SamKVSynthesizer(llm)
+        ... )  # doctest: +SKIP
+        >>> response = engine.query("Who wrote the report?")  # doctest: +SKIP
+        >>> response.metadata["samkv"]["recomputed_documents"]  # doctest: +SKIP
+        0
+    """
+
+    def __init__(
+        self,
+        llm: SamKVLLM,
+        *,
+        method: str | None = None,
+        method_options: dict[str, Any] | None = None,
+        on_foreign_cache: OnForeignCache | None = None,
+        streaming: bool = False,
+        callback_manager: CallbackManager | None = None,
+    ) -> None:
+        if not isinstance(llm, SamKVLLM):
+            raise ValueError(f"llm: SamKVSynthesizer needs a SamKVLLM, got {type(llm).__name__}")
+        if method is not None and method not in METHODS:
+            raise ValueError(f"method: unknown method {method!r}; choose one of {sorted(METHODS)}")
+        if on_foreign_cache not in (None, "error", "recompute"):
+            raise ValueError(
+                f"on_foreign_cache: must be 'error' or 'recompute', got {on_foreign_cache!r}"
+            )
+        # Nothing is ever packed into a prompt window here; explicit helpers keep the base
+        # class from loading the model just to read its context size.
+        super().__init__(
+            llm=llm,
+            callback_manager=callback_manager,
+            prompt_helper=PromptHelper(),
+            chat_prompt_helper=ChatPromptHelper(),
+            streaming=streaming,
+        )
+        self._samkv = llm
+        self._method = method
+        self._method_options = method_options
+        self._on_foreign_cache = on_foreign_cache
+
+    def _get_prompts(self) -> PromptDictType:
+        return {}
+
+    def _update_prompts(self, prompts_dict: PromptDictType) -> None:
+        if prompts_dict:
+            raise ValueError(
+                f"prompts: SamKVSynthesizer has no templates ({', '.join(prompts_dict)}); "
+                "the engine frames the documents and the question"
+            )
+
+    @dispatcher.span
+    def synthesize(
+        self,
+        query: QueryTextType,
+        nodes: list[NodeWithScore],
+        additional_source_nodes: Sequence[NodeWithScore] | None = None,
+        **response_kwargs: Any,
+    ) -> RESPONSE_TYPE:
+        """Answer ``query`` from the caches of ``nodes``.
+
+        Args:
+            query: The query string or bundle.
+            nodes: The retrieved nodes, in prompt order.
+            additional_source_nodes: Reported as sources, not read.
+            **response_kwargs: Generation overrides (``max_new_tokens``, ``stop``, ...).
+
+        Returns:
+            ``Response``, or ``StreamingResponse`` when streaming.
+        """
+        dispatcher.event(SynthesizeStartEvent(query=query))
+        bundle = QueryBundle(query_str=query) if isinstance(query, str) else query
+        sources = [*nodes, *(additional_source_nodes or [])]
+        with self._callback_manager.event(
+            CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: bundle.query_str}
+        ) as event:
+            used = _with_text(nodes)
+            response: RESPONSE_TYPE
+            if not used:
+                response = (
+                    StreamingResponse(self._empty_response_generator())
+                    if self._streaming
+                    else Response(self._empty_response)
+                )
+            else:
+                answer, stats = self._answer(bundle.query_str, used, response_kwargs)
+                metadata = self._response_metadata(sources, used, stats)
+                response = (
+                    Response(answer, sources, metadata)
+                    if isinstance(answer, str)
+                    else StreamingResponse(answer, sources, metadata)
+                )
+            event.on_end(payload={EventPayload.RESPONSE: response})
+        dispatcher.event(SynthesizeEndEvent(query=query, response=response))
+        return response
+
+    @dispatcher.span
+    async def asynthesize(
+        self,
+        query: QueryTextType,
+        nodes: list[NodeWithScore],
+        additional_source_nodes: Sequence[NodeWithScore] | None = None,
+        **response_kwargs: Any,
+    ) -> RESPONSE_TYPE:
+        """:meth:`synthesize` with the engine work in a worker thread.
+
+        Returns:
+            ``Response``, or ``AsyncStreamingResponse`` when streaming.
+        """
+        dispatcher.event(SynthesizeStartEvent(query=query))
+        bundle = QueryBundle(query_str=query) if isinstance(query, str) else query
+        sources = [*nodes, *(additional_source_nodes or [])]
+        with self._callback_manager.event(
+            CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: bundle.query_str}
+        ) as event:
+            used = _with_text(nodes)
+            response: RESPONSE_TYPE
+            if not used:
+                response = (
+                    AsyncStreamingResponse(self._empty_response_agenerator())
+                    if self._streaming
+                    else Response(self._empty_response)
+                )
+            else:
+                answer, stats = await self._aanswer(bundle.query_str, used, response_kwargs)
+                metadata = self._response_metadata(sources, used, stats)
+                response = (
+                    Response(answer, sources, metadata)
+                    if isinstance(answer, str)
+                    else AsyncStreamingResponse(answer, sources, metadata)
+                )
+            event.on_end(payload={EventPayload.RESPONSE: response})
+        dispatcher.event(SynthesizeEndEvent(query=query, response=response))
+        return response
+
+    def get_response(
+        self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any
+    ) -> str | Generator[str, None, None]:
+        """Answer from plain text chunks (each encoded, or read from the store if cached)."""
+        answer, _ = self._answer(query_str, list(text_chunks), response_kwargs)
+        return answer
+
+    async def aget_response(
+        self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any
+    ) -> str | AsyncGenerator[str, None]:
+        """:meth:`get_response` with the engine work in a worker thread."""
+        answer, _ = await self._aanswer(query_str, list(text_chunks), response_kwargs)
+        return answer
+
+    def _open(
+        self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
+    ) -> AnswerStream:
+        """Map sources to cache refs and start the engine's answer."""
+        engine = self._samkv.engine
+        refs: list[CacheRef] = [
+            text_ref(engine, s, label=f"chunk {i}") if isinstance(s, str) else node_ref(engine, s)
+            for i, s in enumerate(sources)
+        ]
+        return self._samkv.stream_answer(
+            query_str,
+            refs,
+            method=self._method,
+            method_options=self._method_options,
+            on_foreign_cache=self._on_foreign_cache,
+            **kwargs,
+        )
+
+    def _text(
+        self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
+    ) -> tuple[str, MethodStats]:
+        stream = self._open(query_str, sources, kwargs)
+        return "".join(stream), stream.stats
+
+    def _answer(
+        self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
+    ) -> tuple[str | Generator[str, None, None], MethodStats]:
+        if not self._streaming:
+            return self._text(query_str, sources, kwargs)
+        opened, start = self._starter(query_str, sources, kwargs)
+        deltas = iter_in_thread(start)
+        # Run up to the first token now: the stats are complete from then on.
+        first = next(deltas, None)
+        return _prepend(first, deltas), opened[0].stats
+
+    async def _aanswer(
+        self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
+    ) -> tuple[str | AsyncGenerator[str, None], MethodStats]:
+        if not self._streaming:
+            return await asyncio.to_thread(self._text, query_str, sources, kwargs)
+        opened, start = self._starter(query_str, sources, kwargs)
+        deltas = aiter_in_thread(start)
+        first = await anext(deltas, None)
+        return _aprepend(first, deltas), opened[0].stats
+
+    def _starter(
+        self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
+    ) -> tuple[list[AnswerStream], Callable[[], Iterator[str]]]:
+        """A stream opener for a worker thread, and the list it leaves the stream in."""
+        opened: list[AnswerStream] = []
+
+        def start() -> Iterator[str]:
+            opened.append(self._open(query_str, sources, kwargs))
+            return iter(opened[0])
+
+        return opened, start
+
+    def _response_metadata(
+        self, sources: list[NodeWithScore], used: list[BaseNode], stats: MethodStats
+    ) -> dict[str, Any]:
+        metadata = self._get_metadata_for_response([n.node for n in sources]) or {}
+        report = stats.as_dict()
+        report["model"] = self._samkv.engine.model.name
+        report["kept_tokens_by_node"] = {
+            node.node_id: kept for node, kept in zip(used, stats.kept_tokens, strict=True)
+        }
+        metadata[STATS_KEY] = report
+        return metadata
+
+
+def _with_text(nodes: Sequence[NodeWithScore]) -> list[BaseNode]:
+    """The nodes that have text to answer from (image-only nodes have none)."""
+    return [n.node for n in nodes if node_text(n.node).strip()]
+
+
+def _prepend(first: str | None, rest: Iterator[str]) -> Generator[str, None, None]:
+    if first is not None:
+        yield first
+    yield from rest
+
+
+async def _aprepend(first: str | None, rest: AsyncIterator[str]) -> AsyncGenerator[str, None]:
+    if first is not None:
+        yield first
+    async for delta in rest:
+        yield delta

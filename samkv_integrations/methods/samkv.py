@@ -1,0 +1,200 @@
+"""SamKV: keep anchors and the blocks a personalized query picks, recompute the kept part."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn.functional import cosine_similarity
+
+from samkv_integrations.methods.base import BaseMethod, ContextCache, MethodInput
+from samkv_integrations.recompute import (
+    gather_aligned,
+    mean_queries,
+    recompute_behind_prefix,
+    segment_key_means,
+    split_by_document,
+)
+from samkv_integrations.timing import Stopwatch
+
+logger = logging.getLogger(__name__)
+
+_CHOICES = {"update": ("overwrite", "fusion"), "ranking": ("per_document", "global")}
+
+
+@dataclass
+class SamKVMethod(BaseMethod):
+    """Sparse attention across multiple-context KV caches (Cao et al., AAAI 2026).
+
+    Paper: https://arxiv.org/abs/2508.11661.
+
+    Anchors, each document's first ``n_init`` and last ``n_local`` tokens, are always kept
+    (a document shorter than anchors plus one block, whole); the middle is cut into blocks.
+    The question, prefilled over the prefix and all anchors at global positions, gives
+    ``Qq``, its mean query per head at each selection layer; document ``i`` is scored with
+    ``Qi = Qq + 1/(D-1) Σ_{j≠i} |cos(Qj, Qq)| Qj`` (``Qj``: document ``j``'s stored mean
+    query of its last tokens), averaged per KV group. Block score ``s_b = Σ_h <Qi_h, mean
+    key_h>``, anchor score ``s_anc`` alike; ``P_i = (max s_b - s_anc) / (max s_b - min s_b)``
+    if ``min < s_anc <= max`` else 0, averaged over layers. ``ranking="per_document"`` keeps
+    each layer's top ``floor(n_blocks · P_i)`` blocks, united over layers; ``"global"`` the
+    best blocks of all documents under ``budget`` (anchors counted), by ``s_b - s_anc`` over
+    each layer's score range, averaged over layers. Scores are pre-RoPE: the queries are
+    ``q_proj`` outputs, so keys are un-rotated per token before block means (post-RoPE
+    means would mix in each block's rotation).
+
+    The kept tokens, compacted in global order, are recomputed at every layer behind the
+    prefix, attending causally (global positions) to the kept tokens before them;
+    ``update="fusion"`` stores ``(1 - θ) · reused + θ · fresh`` (θ: ``fusion_theta``) as the
+    forward proceeds. Everything else leaves the decode cache.
+
+    Attributes:
+        n_init: Leading anchor tokens per document.
+        n_local: Trailing anchor tokens per document.
+        block_size: Tokens per block (a document's last block may be shorter).
+        selection_layers: Layers whose queries score blocks (negative: from the end;
+            ``None``: the last 4).
+        update: ``"overwrite"`` or ``"fusion"``.
+        fusion_theta: Weight of the fresh KV under fusion, in (0, 1].
+        ranking: ``"per_document"`` (adaptive ratio) or ``"global"`` (one budget).
+        budget: Kept fraction of context tokens under global ranking, in (0, 1].
+    """
+
+    name = "samkv"
+
+    n_init: int = 8
+    n_local: int = 8
+    block_size: int = 16
+    selection_layers: tuple[int, ...] | None = None
+    update: str = "overwrite"
+    fusion_theta: float = 0.9
+    ranking: str = "per_document"
+    budget: float = 0.15
+
+    def __post_init__(self) -> None:
+        for field, low in (("n_init", 0), ("n_local", 0), ("block_size", 1)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{field} must be an int >= {low}, got {value!r}")
+        for field, allowed in _CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        for field in ("fusion_theta", "budget"):
+            if not 0.0 < getattr(self, field) <= 1.0:
+                raise ValueError(f"{field} must be in (0, 1], got {getattr(self, field)}")
+        if self.selection_layers is not None:
+            layers = tuple(self.selection_layers)
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+                raise ValueError(f"selection_layers must be non-empty ints, got {layers!r}")
+            self.selection_layers = layers
+
+    @torch.inference_mode()
+    def build(self, inputs: MethodInput, watch: Stopwatch) -> ContextCache:
+        """Select and recompute a compact cache from ``[n_layers, n_kv_heads, n, head_dim]`` caches.
+
+        Returns a cache of ``[1, n_kv_heads, prefix_len + n_kept, head_dim]`` per layer;
+        ``details`` holds ``anchor_indices`` (per document, local indices) and
+        ``adaptive_ratio`` (per document ``P_i``).
+        """
+        model, docs, device = inputs.model, inputs.documents, inputs.model.device
+        lengths = [d.n_tokens for d in docs]
+        middle = [n - self.n_init - self.n_local for n in lengths]
+        n_blocks = [-(-m // self.block_size) if m >= self.block_size else 0 for m in middle]
+        anchors = [
+            [*range(self.n_init), *range(n - self.n_local, n)] if b else list(range(n))
+            for n, b in zip(lengths, n_blocks, strict=True)
+        ]
+        ratio = torch.zeros(len(lengths), device=device)
+        with watch.phase("select"):
+            n = torch.tensor(lengths, dtype=torch.long, device=device)
+            doc = torch.arange(len(n), device=device).repeat_interleave(n, output_size=sum(lengths))
+            local = torch.arange(len(doc), device=device) - (n.cumsum(0) - n)[doc]
+            keep = (torch.tensor(n_blocks, device=device)[doc] == 0) | (local < self.n_init)
+            keep |= local >= n[doc] - self.n_local
+            block = (local - self.n_init).div(self.block_size, rounding_mode="floor").clamp(min=0)
+            if any(n_blocks):
+                slot = doc * (max(n_blocks) + 1) + (block + 1) * ~keep
+                blocks, ratio = self._select(inputs, slot, n_blocks, anchors)
+                keep |= blocks[doc, block.clamp(max=max(n_blocks) - 1)]
+            kept = keep.nonzero().squeeze(1)
+            kept_local = split_by_document(kept, lengths)
+        with watch.phase("recompute"):
+            ids = torch.tensor([t for d in docs for t in d.token_ids], device=device)
+            positions, reused, theta = kept + inputs.prefix.length, None, 1.0
+            if self.update == "fusion" and len(kept):
+                reused = gather_aligned(model, docs, inputs.doc_starts, kept_local)
+                theta = self.fusion_theta
+            prefix = inputs.prefix
+            cache = recompute_behind_prefix(model, prefix, ids[kept], positions, reused, theta)
+        return ContextCache(
+            cache=cache,
+            positions=torch.cat([torch.arange(inputs.prefix.length, device=device), positions]),
+            next_position=inputs.context_end,
+            kept_indices=kept_local,
+            recomputed_tokens=int(kept.numel()),
+            details={"anchor_indices": anchors, "adaptive_ratio": ratio.tolist()},
+        )
+
+    def _select(
+        self, inputs: MethodInput, slot: torch.Tensor, n_blocks: list[int], anchors: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept blocks ``[D, max_blocks]`` and ratios ``[D]``, from each token's block slot."""
+        model, docs = inputs.model, inputs.documents
+        n_layers, n_kv_heads = docs[0].keys.shape[:2]
+        wanted = self.selection_layers or tuple(range(max(0, n_layers - 4), n_layers))
+        if any(not -n_layers <= i < n_layers for i in wanted):
+            raise ValueError(f"selection_layers {wanted} out of range for {n_layers} layers")
+        layers = sorted({i % n_layers for i in wanted})
+        local = [torch.tensor(a, dtype=torch.long, device=model.device) for a in anchors]
+        anchor_kv = gather_aligned(model, docs, inputs.doc_starts, local)
+        q_ids, start = inputs.question_ids, inputs.context_end
+        generic = mean_queries(model, inputs.prefix, anchor_kv, q_ids, start, layers)
+        own = torch.stack([d.query_means[layers].float() for d in docs])
+        queries = self.personalize(generic, own, n_kv_heads)
+        width = max(n_blocks) + 1
+        means, counts = segment_key_means(model, docs, layers, slot, len(docs) * width)
+        scores = torch.einsum("dshe,shdbe->dsb", queries, means.unflatten(2, (len(docs), width)))
+        anchor_score, block_scores = scores[..., 0], scores[..., 1:]
+        sizes = torch.tensor(n_blocks, device=scores.device)
+        valid = torch.arange(width - 1, device=scores.device) < sizes[:, None]
+        ratio = self.adaptive_ratio(block_scores, anchor_score, valid[:, None]).mean(1)
+        top = block_scores.masked_fill(~valid[:, None], -math.inf)
+        if self.ranking == "per_document":
+            rank = top.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+            return ((rank < (sizes * ratio).floor()[:, None, None]) & valid[:, None]).any(1), ratio
+        room = math.floor(self.budget * len(slot)) - sum(len(a) for a in anchors)
+        if room <= 0:
+            logger.info("samkv: anchors alone fill budget=%s; keeping anchors only", self.budget)
+        # Raw scores differ in scale between layers: each layer's margins over the anchors
+        # are divided by that layer's score range (over all documents) before averaging.
+        low = block_scores.masked_fill(~valid[:, None], math.inf).amin(dim=(0, 2))
+        spread = (top.amax(dim=(0, 2)) - low).clamp(min=1e-12)
+        margin = ((block_scores - anchor_score[..., None]) / spread[:, None]).mean(1)
+        order = margin.masked_fill(~valid, -math.inf).flatten().argsort(descending=True)
+        tokens = counts.view(len(docs), width)[:, 1:].flatten()[order]
+        fits = (tokens.cumsum(0) <= room) & valid.flatten()[order]
+        return torch.zeros_like(fits).scatter(0, order, fits).view(len(docs), width - 1), ratio
+
+    @staticmethod
+    def adaptive_ratio(
+        block_scores: torch.Tensor, anchor_score: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """``P = (max s_b - s_anc) / (max s_b - min s_b)`` if ``min < s_anc <= max``, else 0.
+
+        ``block_scores [..., n_blocks]`` (``valid`` marks those that exist), ``anchor_score [...]``.
+        """
+        hi = block_scores.masked_fill(~valid, -math.inf).amax(-1)
+        lo = block_scores.masked_fill(~valid, math.inf).amin(-1)
+        inside = (lo < anchor_score) & (anchor_score <= hi)
+        return torch.where(inside, (hi - anchor_score) / (hi - lo), 0.0)
+
+    @staticmethod
+    def personalize(generic: torch.Tensor, own: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+        """``Qi = Qq + 1/(D-1) Σ_{j≠i} |cos(Qj, Qq)| Qj`` per query head, averaged per KV group.
+
+        ``generic`` (Qq) ``[S, Hq, d]``, ``own`` (Qj) ``[D, S, Hq, d]``; -> ``[D, S, H_kv, d]``.
+        """
+        weighted = cosine_similarity(own, generic[None], dim=-1).abs()[..., None] * own
+        personal = generic + (weighted.sum(0) - weighted) / max(len(own) - 1, 1)
+        return personal.unflatten(2, (n_kv_heads, -1)).mean(3)

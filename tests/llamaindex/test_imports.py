@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import llama_index.llms.samkv
+
+EXPECTED_ALL = [
+    "MiniLMEmbedding",
+    "SamKVCacheBuilder",
+    "SamKVLLM",
+    "SamKVQueryEngine",
+    "SamKVSynthesizer",
+]
+
+SOURCE = Path(llama_index.llms.samkv.__file__).resolve().parent
+
+
+def test_all_is_pinned() -> None:
+    assert sorted(llama_index.llms.samkv.__all__) == EXPECTED_ALL
+    for name in EXPECTED_ALL:
+        assert getattr(llama_index.llms.samkv, name).__name__ == name
+
+
+def test_namespace_folders_have_no_init() -> None:
+    # PEP 420: an __init__.py in llama_index/ or llama_index/llms/ would shadow the real
+    # llama_index package for everyone who installs this one.
+    assert SOURCE.parts[-3:] == ("llama_index", "llms", "samkv")
+    assert not (SOURCE.parent / "__init__.py").exists()
+    assert not (SOURCE.parent.parent / "__init__.py").exists()
+    assert (SOURCE / "py.typed").is_file()
+
+
+def test_real_llama_index_core_is_not_shadowed() -> None:
+    core = importlib.import_module("llama_index.core")
+    assert Path(core.__file__).resolve().parent.parent != SOURCE.parent.parent
+    assert hasattr(core, "VectorStoreIndex")
+    chroma = importlib.import_module("llama_index.vector_stores.chroma")
+    assert hasattr(chroma, "ChromaVectorStore")

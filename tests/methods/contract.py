@@ -1,0 +1,159 @@
+"""The contract every method honours, as a base class its test file subclasses.
+
+A method's test class sets ``__test__ = True`` and provides fixtures:
+
+- ``method``: the method with the settings under test;
+- ``full_equivalent``: ``(method, n_documents)`` settings whose answer must equal full
+  recompute on the first ``n_documents`` documents;
+- ``max_kept_fraction`` (optional): an upper bound on the kept fraction, or ``None``.
+
+The inherited tests run on tiny random Llama and Qwen2 models (``tiny_model``), with three
+documents of different lengths, through the real engine and through ``MethodInput``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from samkv_integrations import KVCacheStore, SamKVEngine
+from samkv_integrations.engine import Answer
+from samkv_integrations.methods import BaseMethod, ContextCache, MethodInput
+from samkv_integrations.model import LoadedModel
+from samkv_integrations.records import CacheRef
+
+#: Three documents: about 250, 135 and 60 byte tokens once framed, so that blocks exist.
+DOCUMENTS = [
+    "The Eiffel Tower was completed in 1889 as the entrance arch to the World's Fair in "
+    "Paris. Gustave Eiffel's company designed and built it; at 330 metres it was the "
+    "tallest structure in the world until 1930, and it now draws millions of visitors.",
+    "Gustave Eiffel also engineered the internal frame of the Statue of Liberty, which "
+    "was dedicated in New York Harbor in 1886.",
+    "Paris is the capital city of France, on the Seine.",
+]
+QUESTION = "Which two structures did Eiffel's company work on?"
+
+
+@dataclass
+class Case:
+    """An engine with the documents indexed, and the method input they assemble into."""
+
+    engine: SamKVEngine
+    refs: list[CacheRef]
+    inputs: MethodInput
+
+    def answer(self, method: BaseMethod | str, n_documents: int = 3) -> Answer:
+        return self.engine.answer(QUESTION, self.refs[:n_documents], method, max_new_tokens=8)
+
+    @property
+    def context_tokens(self) -> int:
+        return sum(doc.n_tokens for doc in self.inputs.documents)
+
+
+class MethodContract:
+    """Properties every method must have; subclasses provide the ``method`` fixtures."""
+
+    __test__ = False
+
+    @pytest.fixture
+    def max_kept_fraction(self) -> float | None:
+        return None
+
+    @pytest.fixture
+    def case(self, tiny_model: LoadedModel, memory_store: KVCacheStore) -> Case:
+        engine = SamKVEngine(tiny_model, memory_store)
+        refs = engine.index(DOCUMENTS, progress=False)
+        docs = [engine.store.get(ref.key, fingerprint=engine.fingerprint) for ref in refs]
+        question_ids = engine.framer.question_ids(QUESTION)
+        return Case(engine, refs, MethodInput(tiny_model.model, engine.prefix, docs, question_ids))
+
+    def test_reported_kept_fraction_is_the_cache_length(
+        self, method: BaseMethod, case: Case
+    ) -> None:
+        context = method(case.inputs)
+        answer = case.answer(method)
+        in_cache = context.cache.get_seq_length() - case.inputs.prefix.length
+        assert answer.stats.context_tokens == case.context_tokens
+        assert answer.stats.kept_tokens == [len(k) for k in context.kept_indices]
+        assert answer.stats.kept_fraction == in_cache / case.context_tokens
+        assert answer.kept_indices == [k.tolist() for k in context.kept_indices]
+
+    def test_kept_indices_describe_the_cache(self, method: BaseMethod, case: Case) -> None:
+        context = method(case.inputs)
+        inputs = case.inputs
+        for kept, doc in zip(context.kept_indices, inputs.documents, strict=True):
+            assert kept.dtype == torch.long
+            assert bool((kept.diff() > 0).all()), "kept indices must be sorted and unique"
+            assert kept.numel() == 0 or 0 <= int(kept.min()) <= int(kept.max()) < doc.n_tokens
+        expected = torch.cat(
+            [
+                torch.arange(inputs.prefix.length),
+                *(
+                    start + kept.cpu()
+                    for start, kept in zip(inputs.doc_starts, context.kept_indices, strict=True)
+                ),
+            ]
+        )
+        assert torch.equal(context.positions.cpu(), expected)
+        assert context.cache.get_seq_length() == len(expected)
+        assert context.next_position == inputs.context_end
+
+    def test_every_layer_holds_the_same_entries(self, method: BaseMethod, case: Case) -> None:
+        context = method(case.inputs)
+        layers = context.cache.layers
+        assert len(layers) == len(case.inputs.prefix.keys)
+        shapes = {(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in layers}
+        assert len(shapes) == 1
+        keys_shape, _ = shapes.pop()
+        assert keys_shape[0] == 1
+        assert keys_shape[2] == context.cache.get_seq_length()
+        assert all(bool(torch.isfinite(layer.keys).all()) for layer in layers)
+
+    def test_kept_fraction_within_bound(
+        self, method: BaseMethod, case: Case, max_kept_fraction: float | None
+    ) -> None:
+        kept = case.answer(method).stats.kept_fraction
+        assert 0.0 < kept <= (1.0 if max_kept_fraction is None else max_kept_fraction)
+
+    def test_recomputed_fraction_is_consistent(self, method: BaseMethod, case: Case) -> None:
+        context = method(case.inputs)
+        stats = case.answer(method).stats
+        assert stats.recomputed_tokens == context.recomputed_tokens
+        assert 0.0 <= stats.recomputed_fraction <= 1.0
+        assert stats.recomputed_fraction == stats.recomputed_tokens / case.context_tokens
+
+    def test_full_equivalent_settings_answer_as_full(
+        self, full_equivalent: tuple[BaseMethod, int], case: Case
+    ) -> None:
+        method, n_documents = full_equivalent
+        full = case.answer("full", n_documents)
+        got = case.answer(method, n_documents)
+        assert full.first_token_logprobs is not None and got.first_token_logprobs is not None
+        torch.testing.assert_close(
+            got.first_token_logprobs, full.first_token_logprobs, atol=1e-4, rtol=0
+        )
+        assert got.token_ids == full.token_ids
+        assert got.text == full.text
+        assert got.stats.kept_fraction == 1.0
+
+    def test_no_documents_leave_the_prefix(self, method: BaseMethod, case: Case) -> None:
+        inputs = case.inputs
+        context = method(MethodInput(inputs.model, inputs.prefix, [], inputs.question_ids))
+        assert context.cache.get_seq_length() == inputs.prefix.length
+        assert context.kept_indices == []
+        assert context.next_position == inputs.prefix.length
+        assert context.recomputed_tokens == 0
+
+    def test_repeated_runs_are_deterministic(self, method: BaseMethod, case: Case) -> None:
+        first, second = case.answer(method), case.answer(method)
+        assert first.first_token_logprobs is not None and second.first_token_logprobs is not None
+        assert torch.equal(first.first_token_logprobs, second.first_token_logprobs)
+        assert first.token_ids == second.token_ids
+        assert first.kept_indices == second.kept_indices
+
+
+def cache_tensors(context: ContextCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``[n_kv_heads, n, head_dim]`` keys and values of a context cache."""
+    return [(layer.keys[0], layer.values[0]) for layer in context.cache.layers]

@@ -1,0 +1,111 @@
+"""The shared recompute path, against plain forward passes of the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from samkv_integrations.encode import encode_documents, encode_prefix
+from samkv_integrations.methods import FullMethod, MethodInput
+from samkv_integrations.model import LoadedModel
+from samkv_integrations.recompute import (
+    RecomputeCache,
+    assemble_cache,
+    check_model,
+    embed,
+    recompute,
+    recompute_behind_prefix,
+    split_by_document,
+)
+from samkv_integrations.shapes import random_model
+
+
+def _inputs(model: LoadedModel) -> MethodInput:
+    prefix = encode_prefix(model.model, list(range(30, 42)))
+    docs = encode_documents(
+        model.model, prefix, [list(range(50, 90)), list(range(100, 125))], "test", progress=False
+    )
+    return MethodInput(model.model, prefix, docs, list(range(140, 150)))
+
+
+def test_scatter_overwrites_or_blends_then_appends_again() -> None:
+    keys = [torch.zeros(1, 2, 5, 4)]
+    cache = RecomputeCache(keys, [torch.zeros(1, 2, 5, 4)])
+    index = torch.tensor([1, 3])
+    with cache.scatter(index, theta=0.25):
+        k, _ = cache.update(torch.ones(1, 2, 2, 4), torch.ones(1, 2, 2, 4), 0)
+    assert k.shape == (1, 2, 5, 4)
+    assert k[0, 0, :, 0].tolist() == [0.0, 0.25, 0.0, 0.25, 0.0]
+    with cache.scatter(index):
+        cache.update(torch.full((1, 2, 2, 4), 2.0), torch.full((1, 2, 2, 4), 2.0), 0)
+    assert cache.layers[0].keys[0, 0, :, 0].tolist() == [0.0, 2.0, 0.0, 2.0, 0.0]
+    with pytest.raises(RuntimeError), cache.scatter(index):
+        raise RuntimeError("boom")
+    k, _ = cache.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 0)
+    assert k.shape == (1, 2, 6, 4)
+    assert cache.get_seq_length() == 6
+
+
+def test_blend_appended_blends_the_last_entries_once() -> None:
+    empty = torch.zeros(1, 2, 0, 4)
+    cache = RecomputeCache([empty], [empty])
+    reused = (torch.full((1, 2, 2, 4), 4.0), torch.full((1, 2, 2, 4), 8.0))
+    with cache.blend_appended(reused, theta=0.25):
+        k, v = cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
+    assert k[0, 0, :, 0].tolist() == [0.0, 3.0, 3.0]
+    assert v[0, 1, :, 3].tolist() == [0.0, 6.0, 6.0]
+    k, _ = cache.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 0)
+    assert k[0, 0, :, 0].tolist() == [0.0, 3.0, 3.0, 1.0]
+
+
+def test_split_by_document() -> None:
+    parts = split_by_document(torch.tensor([0, 2, 5, 6, 9]), [3, 4, 0, 3])
+    assert [p.tolist() for p in parts] == [[0, 2], [2, 3], [], [2]]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_recomputing_every_context_token_equals_full(attention: str) -> None:
+    model = random_model("tiny-qwen2", device="cpu", seed=3)
+    model.model.config._attn_implementation = attention
+    inputs = _inputs(model)
+    full = FullMethod()(inputs)
+    segments = [(inputs.aligned_keys(i), d.values) for i, d in enumerate(inputs.documents)]
+    cache = assemble_cache(inputs.prefix, segments)
+    positions = torch.arange(inputs.context_end)
+    ids = torch.tensor([t for d in inputs.documents for t in d.token_ids])
+    context = torch.arange(inputs.prefix.length, inputs.context_end)
+    with torch.inference_mode():
+        hidden = recompute(
+            model.model, cache, positions, embed(model.model, ids), context, stop_layer=2
+        )
+        recompute(model.model, cache, positions, hidden, context, start_layer=2)
+    for got, want in zip(cache.layers, full.cache.layers, strict=True):
+        torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=1e-5)
+
+
+def test_recompute_behind_prefix_keeps_gapped_positions(tiny_llama: LoadedModel) -> None:
+    # Reference: the same tokens at the same gapped positions, prefilled behind the cached
+    # prefix. Read as packed sequences, the gaps would restart attention and differ.
+    model = tiny_llama.model
+    prefix = encode_prefix(model, list(range(30, 40)))
+    ids, positions = torch.tensor([50, 51, 52, 60, 61]), torch.tensor([10, 11, 12, 20, 21])
+    reference = prefix.cache(model)
+    with torch.inference_mode():
+        model(input_ids=ids[None], position_ids=positions[None], past_key_values=reference)
+        plain = recompute_behind_prefix(model, prefix, ids, positions)
+        reused = (torch.zeros(4, 2, 5, 16), torch.zeros(4, 2, 5, 16))
+        blended = recompute_behind_prefix(model, prefix, ids, positions, reused, theta=0.999999)
+    for want, got, blend in zip(reference.layers, plain.layers, blended.layers, strict=True):
+        torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(blend.keys, got.keys, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="reused"):
+        recompute_behind_prefix(model, prefix, ids, positions, theta=0.5)
+
+
+def test_check_model_refuses_attention_without_4d_masks() -> None:
+    model = random_model("tiny-llama", device="cpu", seed=0)
+    model.model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        check_model(model.model)
