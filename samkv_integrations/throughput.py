@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from samkv_integrations.encode import layer_tensors
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,17 +21,6 @@ def sync(device: torch.device) -> None:
     """Wait for the device (a no-op on CPU), so that host clocks time device work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's ``(keys, values)``, ``[batch, n_kv_heads, n, head_dim]``."""
-    pairs = []
-    for i, layer in enumerate(cache.layers):
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
-            raise ValueError(f"cache layer {i} holds no key/value tensors")
-        pairs.append((keys, values))
-    return pairs
 
 
 def cache_nbytes(cache: DynamicCache) -> int:
