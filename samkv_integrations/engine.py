@@ -9,12 +9,12 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from transformers import DynamicCache
 
+from samkv_integrations.answer import Answer, AnswerStream
 from samkv_integrations.decode import GenerationOptions, generate_deltas
 from samkv_integrations.encode import PrefixKV, encode_documents, encode_prefix
 from samkv_integrations.errors import (
@@ -32,54 +32,6 @@ from samkv_integrations.timing import Stopwatch
 logger = logging.getLogger(__name__)
 
 OnForeignCache = Literal["error", "recompute"]
-
-
-@dataclass(slots=True)
-class Answer:
-    """A generated answer and how it was produced.
-
-    Attributes:
-        text: The answer text.
-        stats: What the method kept and recomputed, and the time per phase.
-        token_ids: The generated token ids.
-        first_token_logprobs: ``[vocab]`` log-probabilities of the first answer token.
-        kept_indices: Per document, the local indices of the tokens kept for decoding.
-        details: Method-specific facts (e.g. SamKV's anchors), for display.
-    """
-
-    text: str
-    stats: MethodStats
-    token_ids: list[int] = field(default_factory=list)
-    first_token_logprobs: torch.Tensor | None = None
-    kept_indices: list[list[int]] = field(default_factory=list)
-    details: dict[str, object] = field(default_factory=dict)
-
-
-class AnswerStream:
-    """An answer being generated: iterate for text deltas.
-
-    ``stats``, ``kept_indices`` and ``first_token_logprobs`` are set once the first delta is
-    produced; ``text`` holds the whole answer once iteration ends.
-    """
-
-    def __init__(self, deltas: Iterator[str], answer: Answer) -> None:
-        self._deltas = deltas
-        self.answer = answer
-
-    def __iter__(self) -> Iterator[str]:
-        for delta in self._deltas:
-            self.answer.text += delta
-            yield delta
-
-    @property
-    def text(self) -> str:
-        """Text generated so far."""
-        return self.answer.text
-
-    @property
-    def stats(self) -> MethodStats:
-        """The method's stats (complete once the first delta has been produced)."""
-        return self.answer.stats
 
 
 class SamKVEngine:
