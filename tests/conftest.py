@@ -9,10 +9,33 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import torch
 
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.model import LoadedModel
 from samkv_integrations.shapes import random_model
+
+
+def talkative_model(shape: str = "tiny-llama", seed: int = 0) -> LoadedModel:
+    """A random-weight model whose greedy answers never end before ``max_new_tokens``.
+
+    Zeroing the output rows of the special tokens means greedy decoding never picks EOS, so
+    every answer has text to stream and compare.
+    """
+    loaded = random_model(shape, device="cpu", seed=seed)
+    with torch.no_grad():
+        loaded.model.get_output_embeddings().weight[loaded.tokenizer.all_special_ids] = 0.0
+    return LoadedModel.from_module(loaded.model, loaded.tokenizer, loaded.name)
+
+
+@pytest.fixture(scope="session")
+def talkative_llama() -> LoadedModel:
+    return talkative_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def talkative_qwen2() -> LoadedModel:
+    return talkative_model("tiny-qwen2")
 
 
 @pytest.fixture(scope="session")

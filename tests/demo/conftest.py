@@ -10,14 +10,12 @@ import uuid
 
 import chromadb
 import pytest
-import torch
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.demo.corpus import Passage
 from samkv_integrations.demo.pipeline import DemoIndex
 from samkv_integrations.model import LoadedModel
-from samkv_integrations.shapes import random_model
 
 KEYWORDS = ["lighthouse", "glacier", "orchestra", "volcano"]
 
@@ -55,18 +53,9 @@ class KeywordEmbedding(BaseEmbedding):
         return self._vector(text)
 
 
-@pytest.fixture(scope="session")
-def chatty_llama() -> LoadedModel:
-    """tiny-llama that never emits a special token, so every answer has text to stream."""
-    loaded = random_model("tiny-llama", device="cpu", seed=0)
-    with torch.no_grad():
-        loaded.model.get_output_embeddings().weight[loaded.tokenizer.all_special_ids] = 0.0
-    return LoadedModel.from_module(loaded.model, loaded.tokenizer, loaded.name)
-
-
 @pytest.fixture
-def demo_engine(chatty_llama: LoadedModel) -> SamKVEngine:
-    return SamKVEngine(chatty_llama, KVCacheStore(f"memory://samkv-demo-{uuid.uuid4().hex}"))
+def demo_engine(talkative_llama: LoadedModel) -> SamKVEngine:
+    return SamKVEngine(talkative_llama, KVCacheStore(f"memory://samkv-demo-{uuid.uuid4().hex}"))
 
 
 @pytest.fixture

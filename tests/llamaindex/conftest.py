@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import chromadb
 import pytest
-import torch
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.ingestion import IngestionPipeline
@@ -24,7 +23,6 @@ from llama_index.vector_stores.chroma import ChromaVectorStore
 from llama_index.llms.samkv import SamKVCacheBuilder, SamKVLLM
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.model import LoadedModel
-from samkv_integrations.shapes import random_model
 
 #: Three documents, each about one keyword of ``KEYWORDS``.
 KEYWORDS = ["apple", "river", "violin"]
@@ -56,24 +54,6 @@ class KeywordEmbedding(BaseEmbedding):
 
     def _get_text_embedding(self, text: str) -> Embedding:
         return self._vector(text)
-
-
-def talkative_model(shape: str, seed: int = 0) -> LoadedModel:
-    """A random-weight model whose greedy answers never end before ``max_new_tokens``."""
-    loaded = random_model(shape, device="cpu", seed=seed)
-    with torch.no_grad():
-        loaded.model.get_output_embeddings().weight[loaded.tokenizer.all_special_ids] = 0.0
-    return LoadedModel.from_module(loaded.model, loaded.tokenizer, loaded.name)
-
-
-@pytest.fixture(scope="session")
-def talkative_llama() -> LoadedModel:
-    return talkative_model("tiny-llama")
-
-
-@pytest.fixture(scope="session")
-def talkative_qwen2() -> LoadedModel:
-    return talkative_model("tiny-qwen2")
 
 
 @pytest.fixture
