@@ -15,9 +15,8 @@ appending them, and return the whole cache to attend over. Outside ``scatter`` i
 like any ``DynamicCache`` (under ``blend_appended``, blending the new entries with reused
 KV), so the question prefill and decoding run on it as is.
 
-Selection reads the same assembled caches: ``gather_aligned`` takes chosen tokens' reused
-KV at global positions, ``mean_queries`` runs tokens over a cache and averages their
-queries, and ``segment_key_means`` averages pre-RoPE keys over token segments.
+``gather_aligned`` takes chosen tokens' reused KV at global positions, for a method to
+assemble, blend or score.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from samkv_integrations.encode import PrefixKV, capture_queries
+from samkv_integrations.encode import PrefixKV
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import rotary_module, shift_keys
 
@@ -166,67 +165,6 @@ def gather_aligned(
         [doc.values[:, :, i] for doc, i in zip(documents, local, strict=True)], dim=2
     )
     return shift_keys(model, keys, delta), values
-
-
-def mean_queries(
-    model: PreTrainedModel,
-    prefix: PrefixKV,
-    context: tuple[torch.Tensor, torch.Tensor],
-    token_ids: list[int],
-    start: int,
-    layers: list[int],
-) -> torch.Tensor:
-    """Mean queries of ``token_ids`` run from position ``start`` over the prefix and ``context``.
-
-    ``context`` holds keys (at global positions) and values ``[n_layers, n_kv_heads, n,
-    head_dim]`` that follow the prefix; ``layers`` are the layers to read.
-
-    Returns:
-        ``[len(layers), n_q_heads, head_dim]`` float32, the mean pre-RoPE query (``q_proj``
-        output, as stored per document) of the tokens at each of ``layers``.
-    """
-    positions = torch.arange(start, start + len(token_ids), device=model.device)
-    with capture_queries(model) as captured:
-        model.get_decoder()(
-            input_ids=torch.tensor([token_ids], device=model.device),
-            position_ids=positions[None],
-            past_key_values=assemble_cache(prefix, [context]),
-            use_cache=True,
-        )
-    n_heads = model.config.get_text_config(decoder=True).num_attention_heads
-    means = [q[0].float().mean(0) for i, q in enumerate(captured) if q is not None and i in layers]
-    return torch.stack(means).unflatten(-1, (n_heads, -1))
-
-
-def segment_key_means(
-    model: PreTrainedModel,
-    documents: list[DocumentKV],
-    layers: list[int],
-    segment: torch.Tensor,
-    n_segments: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean pre-RoPE keys of token segments, over the documents' tokens laid end to end.
-
-    Cached keys are un-rotated per token to position 0 (left scaled by the rotary attention
-    factor, the same for every token), so that they compare with pre-RoPE queries.
-
-    Args:
-        model: The model (its rotary module un-rotates the keys).
-        documents: The documents' caches.
-        layers: The layers to read.
-        segment: ``[n_context]`` the segment of each token, in ``0 .. n_segments - 1``.
-        n_segments: Number of segments.
-
-    Returns:
-        Means ``[len(layers), n_kv_heads, n_segments, head_dim]`` (0 for an empty segment)
-        and token counts ``[n_segments]``.
-    """
-    keys = torch.cat([d.keys[layers] for d in documents], dim=2).float()
-    local = [torch.arange(d.prefix_len, d.prefix_len + d.n_tokens) for d in documents]
-    keys = shift_keys(model, keys, -torch.cat(local).to(keys.device))
-    sums = keys.new_zeros(*keys.shape[:2], n_segments, keys.shape[-1])
-    counts = torch.bincount(segment, minlength=n_segments)
-    return sums.index_add_(2, segment, keys) / counts.clamp(min=1)[:, None], counts
 
 
 def check_model(model: PreTrainedModel) -> None:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from samkv_integrations.block_scores import adaptive_ratio, personalize, selection_layer_indices
 from samkv_integrations.methods import SamKVMethod
 from samkv_integrations.recompute import gather_aligned
 
@@ -15,8 +16,8 @@ class TestSamKVMethod(MethodContract):
     __test__ = True
 
     @pytest.fixture(
-        params=[SamKVMethod(), SamKVMethod(ranking="global", update="fusion")],
-        ids=["per_document-overwrite", "global-fusion"],
+        params=[SamKVMethod(), SamKVMethod(ranking="per_document", update="overwrite")],
+        ids=["default", "per_document-overwrite"],
     )
     def method(self, request: pytest.FixtureRequest) -> SamKVMethod:
         return request.param
@@ -66,7 +67,7 @@ class TestSamKVMethod(MethodContract):
                     assert set(block) <= kept_set, f"block at {start} is only partly kept"
 
     def test_per_document_and_global_ranking_differ(self, case: Case) -> None:
-        per_doc = SamKVMethod()(case.inputs)
+        per_doc = SamKVMethod(ranking="per_document")(case.inputs)
         global_ = SamKVMethod(ranking="global")(case.inputs)
         assert [k.tolist() for k in per_doc.kept_indices] != [
             k.tolist() for k in global_.kept_indices
@@ -75,7 +76,7 @@ class TestSamKVMethod(MethodContract):
         assert len(ratios) == 3 and all(0.0 <= r < 1.0 for r in ratios)
 
     def test_fusion_with_theta_one_equals_overwrite(self, case: Case) -> None:
-        overwrite = SamKVMethod()(case.inputs)
+        overwrite = SamKVMethod(update="overwrite")(case.inputs)
         fusion = SamKVMethod(update="fusion", fusion_theta=1.0)(case.inputs)
         assert [k.tolist() for k in fusion.kept_indices] == [
             k.tolist() for k in overwrite.kept_indices
@@ -90,7 +91,7 @@ class TestSamKVMethod(MethodContract):
         # Layer 0's K/V depend only on each token and its position, so the fused layer 0
         # must be exactly the blend of the reused KV and overwrite's fresh KV.
         theta = 0.25
-        overwrite = SamKVMethod()(case.inputs)
+        overwrite = SamKVMethod(update="overwrite")(case.inputs)
         fusion = SamKVMethod(update="fusion", fusion_theta=theta)(case.inputs)
         inputs = case.inputs
         reused_k, reused_v = gather_aligned(
@@ -124,7 +125,7 @@ class TestSamKVMethod(MethodContract):
 def test_adaptive_ratio_formula() -> None:
     blocks = torch.tensor([[1.0, 3.0, 5.0, 2.0, 100.0]])
     valid = torch.tensor([[True, True, True, True, False]])
-    ratio = SamKVMethod.adaptive_ratio
+    ratio = adaptive_ratio
     # (max - s_anc) / (max - min) = (5 - 2) / (5 - 1); block 100 does not exist.
     assert ratio(blocks, torch.tensor([2.0]), valid).tolist() == [0.75]
     assert ratio(blocks, torch.tensor([4.0]), valid).tolist() == [0.25]
@@ -141,13 +142,21 @@ def test_personalized_query_formula() -> None:
     # One layer, two query heads sharing one KV head; head 1 mirrors head 0 times 3.
     generic = torch.stack([e1, 3 * e1])[None]
     own = torch.stack([torch.stack([q, 3 * q])[None] for q in (e1, e2, -2 * e1)])
-    personal = SamKVMethod.personalize(generic, own, n_kv_heads=1)
+    personal = personalize(generic, own, n_kv_heads=1)
     # |cos| with Qq: 1, 0, 1. Qi = Qq + (sum over j != i of |cos| Qj) / 2.
     expected = [e1 + (-2 * e1) / 2, e1 + (e1 - 2 * e1) / 2, e1 + e1 / 2]
     for i, q in enumerate(expected):
         torch.testing.assert_close(personal[i, 0, 0], (q + 3 * q) / 2)
-    single = SamKVMethod.personalize(generic, own[:1], n_kv_heads=2)
+    single = personalize(generic, own[:1], n_kv_heads=2)
     torch.testing.assert_close(single[0], generic)
+
+
+@pytest.mark.parametrize(
+    ("n_layers", "expected"), [(24, [8, 12, 16, 20]), (30, [10, 15, 20, 25]), (2, [1])]
+)
+def test_default_selection_layers_sit_at_fixed_depths(n_layers: int, expected: list[int]) -> None:
+    assert selection_layer_indices(n_layers, None) == expected
+    assert selection_layer_indices(n_layers, (-1, 0, -1)) == [0, n_layers - 1]
 
 
 @pytest.mark.parametrize(
