@@ -43,7 +43,8 @@ class RecomputeLayer(DynamicLayer):
         index: ``[n_sel]`` cache entries that the next updates write to, or ``None`` to append.
         reused: While appending, K/V ``[1, n_kv_heads, n, head_dim]`` to blend the last ``n``
             appended entries with, or ``None``.
-        theta: Weight of the new K/V: ``entry = (1 - theta) * old + theta * new``.
+        theta: Weight of the new K/V: ``entry = (1 - theta) * old + theta * new``; while
+            appending, one weight or ``[n, 1]`` per blended entry.
     """
 
     keys: torch.Tensor
@@ -55,7 +56,7 @@ class RecomputeLayer(DynamicLayer):
         self.keys, self.values = keys, values
         self.index: torch.Tensor | None = None
         self.reused: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.theta = 1.0
+        self.theta: float | torch.Tensor = 1.0
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -110,15 +111,16 @@ class RecomputeCache(DynamicCache):
 
     @contextmanager
     def blend_appended(
-        self, reused: tuple[torch.Tensor, torch.Tensor], theta: float
+        self, reused: tuple[torch.Tensor, torch.Tensor], theta: torch.Tensor
     ) -> Iterator[None]:
         """While active, appended states end with ``n`` entries blended with ``reused``.
 
-        ``reused`` holds keys and values ``[n_layers, n_kv_heads, n, head_dim]``.
+        ``reused`` holds keys and values ``[n_layers, n_kv_heads, n, head_dim]``; ``theta``
+        the ``[n]`` weights of the new entries.
         """
         try:
             for layer, k, v in zip(self.recompute_layers, *reused, strict=True):
-                layer.reused, layer.theta = (k[None], v[None]), theta
+                layer.reused, layer.theta = (k[None], v[None]), theta[:, None].to(k.dtype)
             yield
         finally:
             for layer in self.recompute_layers:
@@ -287,7 +289,7 @@ def recompute_behind_prefix(
     token_ids: torch.Tensor,
     positions: torch.Tensor,
     reused: tuple[torch.Tensor, torch.Tensor] | None = None,
-    theta: float = 1.0,
+    theta: torch.Tensor | None = None,
 ) -> DynamicCache:
     """A cache of the prefix and ``[n]`` tokens at increasing global ``positions``, computed afresh.
 
@@ -300,18 +302,18 @@ def recompute_behind_prefix(
         token_ids: ``[n]`` token ids, in global order.
         positions: ``[n]`` their global positions (gaps allowed).
         reused: The tokens' reused keys and values ``[n_layers, n_kv_heads, n, head_dim]``
-            (keys at ``positions``); required when ``theta < 1``.
-        theta: Weight of the fresh KV: each layer stores ``(1 - theta) · reused + theta · fresh``
-            before attention, so later tokens attend to the blend. 1.0 stores the fresh KV.
-            The hidden states carry on from the fresh computation.
+            (keys at ``positions``) to blend with, weighted by ``theta``.
+        theta: ``[n]`` weight of each token's fresh KV: each layer stores ``(1 - theta) ·
+            reused + theta · fresh`` before attention, so later tokens attend to the blend
+            (1 stores the fresh KV). The hidden states carry on from the fresh computation.
 
     Returns:
         The cache ``[1, n_kv_heads, prefix_len + n, head_dim]`` per layer.
     """
     if not token_ids.numel():
         return prefix.cache(model)
-    if theta < 1.0 and reused is None:
-        raise ValueError(f"reused: the tokens' reused KV is needed to blend with theta={theta}")
+    if (reused is None) != (theta is None):
+        raise ValueError("reused and theta: blending needs both the reused KV and its weights")
     # One causal prefill of prefix and tokens from an empty cache: index-causal equals
     # position-causal here, and with no past SDPA runs its flash kernel under is_causal
     # (behind a cached prefix it needs an explicit mask and a slower kernel); redoing the
@@ -323,7 +325,9 @@ def recompute_behind_prefix(
     prefix_ids = torch.tensor(prefix.token_ids, dtype=token_ids.dtype, device=token_ids.device)
     prefix_positions = torch.arange(prefix.length, device=positions.device)
     with (
-        cache.blend_appended(reused, theta) if reused is not None and theta < 1.0 else nullcontext()
+        cache.blend_appended(reused, theta)
+        if reused is not None and theta is not None
+        else nullcontext()
     ):
         model.get_decoder()(
             input_ids=torch.cat([prefix_ids, token_ids])[None],

@@ -50,12 +50,12 @@ def test_blend_appended_blends_the_last_entries_once() -> None:
     empty = torch.zeros(1, 2, 0, 4)
     cache = RecomputeCache([empty], [empty])
     reused = (torch.full((1, 2, 2, 4), 4.0), torch.full((1, 2, 2, 4), 8.0))
-    with cache.blend_appended(reused, theta=0.25):
+    with cache.blend_appended(reused, theta=torch.tensor([0.25, 1.0])):
         k, v = cache.update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4), 0)
-    assert k[0, 0, :, 0].tolist() == [0.0, 3.0, 3.0]
-    assert v[0, 1, :, 3].tolist() == [0.0, 6.0, 6.0]
+    assert k[0, 0, :, 0].tolist() == [0.0, 3.0, 0.0]
+    assert v[0, 1, :, 3].tolist() == [0.0, 6.0, 0.0]
     k, _ = cache.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 0)
-    assert k[0, 0, :, 0].tolist() == [0.0, 3.0, 3.0, 1.0]
+    assert k[0, 0, :, 0].tolist() == [0.0, 3.0, 0.0, 1.0]
 
 
 def test_split_by_document() -> None:
@@ -95,13 +95,16 @@ def test_recompute_behind_prefix_keeps_gapped_positions(tiny_llama: LoadedModel)
         model(input_ids=ids[None], position_ids=positions[None], past_key_values=reference)
         plain = recompute_behind_prefix(model, prefix, ids, positions)
         reused = (torch.zeros(4, 2, 5, 16), torch.zeros(4, 2, 5, 16))
-        blended = recompute_behind_prefix(model, prefix, ids, positions, reused, theta=0.999999)
+        theta = torch.full((5,), 0.999999)
+        blended = recompute_behind_prefix(model, prefix, ids, positions, reused, theta)
     for want, got, blend in zip(reference.layers, plain.layers, blended.layers, strict=True):
         torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(blend.keys, got.keys, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="reused"):
-        recompute_behind_prefix(model, prefix, ids, positions, theta=0.5)
+        recompute_behind_prefix(model, prefix, ids, positions, theta=theta)
+    with pytest.raises(ValueError, match="theta"):
+        recompute_behind_prefix(model, prefix, ids, positions, reused)
 
 
 def test_check_model_refuses_attention_without_4d_masks() -> None:

@@ -48,7 +48,10 @@ class SamKVMethod(BaseMethod):
     The kept tokens, compacted in global order, are recomputed at every layer behind the
     prefix, attending causally (global positions) to the kept tokens before them;
     ``update="fusion"`` stores ``(1 - θ) · reused + θ · fresh`` (θ: ``fusion_theta``) as the
-    forward proceeds. Everything else leaves the decode cache.
+    forward proceeds, for kept tokens that follow a dropped token of their document. The
+    others are overwritten: their reused KV saw nothing the fresh KV misses, so a document
+    kept whole (shorter than anchors plus a block, as short nodes are) is computed as full
+    recompute computes it. Everything else leaves the decode cache.
 
     The defaults of the open choices were measured, by mean first-token KL from ``full``
     on the first 20 HotpotQA dev questions (``--chunk-tokens 512``, Qwen2.5-Coder-0.5B;
@@ -133,10 +136,10 @@ class SamKVMethod(BaseMethod):
             kept_local = split_by_document(kept, lengths)
         with watch.phase("recompute"):
             ids = torch.tensor([t for d in docs for t in d.token_ids], device=device)
-            positions, reused, theta = kept + inputs.prefix.length, None, 1.0
+            positions, reused, theta = kept + inputs.prefix.length, None, None
             if self.update == "fusion" and len(kept):
                 reused = gather_aligned(model, docs, inputs.doc_starts, kept_local)
-                theta = self.fusion_theta
+                theta = self._fusion_weights(kept_local)
             prefix = inputs.prefix
             cache = recompute_behind_prefix(model, prefix, ids[kept], positions, reused, theta)
         return ContextCache(
@@ -147,6 +150,15 @@ class SamKVMethod(BaseMethod):
             recomputed_tokens=int(kept.numel()),
             details={"anchor_indices": anchors, "adaptive_ratio": ratio.tolist()},
         )
+
+    def _fusion_weights(self, kept_local: list[torch.Tensor]) -> torch.Tensor:
+        """``[n_kept]`` weights of the fresh KV: ``fusion_theta`` after a dropped token, else 1.
+
+        A reused entry was computed over its whole document up to it; it knows more than
+        the fresh one only if a token of its document before it was dropped.
+        """
+        after_drop = [k > torch.arange(len(k), device=k.device) for k in kept_local]
+        return torch.where(torch.cat(after_drop), self.fusion_theta, 1.0)
 
     def _select(
         self, inputs: MethodInput, slot: torch.Tensor, n_blocks: list[int], anchors: list[list[int]]

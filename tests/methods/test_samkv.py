@@ -46,6 +46,18 @@ class TestSamKVMethod(MethodContract):
         ):
             assert set(anchors) <= set(kept.tolist())
 
+    def test_documents_too_short_for_a_block_answer_as_full(self, case: Case) -> None:
+        # Short nodes (a sentence or two) are common in RAG: kept whole, they must give full
+        # recompute's answer under the default update, with no stale KV blended in.
+        method = SamKVMethod(block_size=1024)
+        full, got = case.answer("full"), case.answer(method)
+        assert got.stats.kept_fraction == 1.0
+        assert full.first_token_logprobs is not None and got.first_token_logprobs is not None
+        torch.testing.assert_close(
+            got.first_token_logprobs, full.first_token_logprobs, atol=1e-4, rtol=0
+        )
+        assert got.token_ids == full.token_ids
+
     @pytest.mark.parametrize("budget", [0.3, 0.6])
     def test_global_ranking_fills_the_budget_with_whole_blocks(
         self, case: Case, budget: float
@@ -110,6 +122,32 @@ class TestSamKVMethod(MethodContract):
         )
         last_fused, last_fresh = cache_tensors(fusion)[-1][0], cache_tensors(overwrite)[-1][0]
         assert not torch.allclose(last_fused, last_fresh, atol=1e-4)
+
+    def test_fusion_blends_only_tokens_after_a_drop(self, case: Case) -> None:
+        # With theta near 0 a blended entry is its reused KV; an entry left fresh differs
+        # from its reused KV once earlier documents are in view.
+        inputs = case.inputs
+        fusion = SamKVMethod(update="fusion", fusion_theta=1e-6)(inputs)
+        reused_k, _ = gather_aligned(
+            inputs.model, inputs.documents, inputs.doc_starts, fusion.kept_indices
+        )
+        after_drop = torch.tensor(
+            [
+                bool(set(range(t)) - set(kept.tolist()))
+                for kept in fusion.kept_indices
+                for t in kept.tolist()
+            ]
+        )
+        assert after_drop.any() and not after_drop.all()
+        fused = cache_tensors(fusion)[-1][0][:, inputs.prefix.length :]
+        torch.testing.assert_close(
+            fused[:, after_drop], reused_k[-1][:, after_drop], atol=1e-4, rtol=1e-4
+        )
+        second_doc_start = len(fusion.kept_indices[0])
+        assert not after_drop[second_doc_start]
+        assert not torch.allclose(
+            fused[:, second_doc_start], reused_k[-1][:, second_doc_start], atol=1e-3
+        )
 
     def test_negative_selection_layers_count_from_the_end(self, case: Case) -> None:
         n_layers = len(case.inputs.prefix.keys)
