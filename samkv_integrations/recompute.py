@@ -43,8 +43,8 @@ class RecomputeLayer(DynamicLayer):
         index: ``[n_sel]`` cache entries that the next updates write to, or ``None`` to append.
         reused: While appending, K/V ``[1, n_kv_heads, n, head_dim]`` to blend the last ``n``
             appended entries with, or ``None``.
-        theta: Weight of the new K/V: ``entry = (1 - theta) * old + theta * new``; while
-            appending, one weight or ``[n, 1]`` per blended entry.
+        theta: Weight of the new K/V: ``entry = (1 - theta) * old + theta * new``; one
+            weight while scattering, ``[n, 1]`` (one per blended entry) while appending.
     """
 
     keys: torch.Tensor

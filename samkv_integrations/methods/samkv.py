@@ -141,8 +141,9 @@ class SamKVMethod(BaseMethod):
             ids = torch.tensor([t for d in docs for t in d.token_ids], device=device)
             positions, reused, theta = kept + inputs.prefix.length, None, None
             if self.update == "fusion" and len(kept):
-                reused = gather_aligned(model, docs, inputs.doc_starts, kept_local)
                 theta = self._fusion_weights(kept_local)
+            if theta is not None:
+                reused = gather_aligned(model, docs, inputs.doc_starts, kept_local)
             prefix = inputs.prefix
             cache = recompute_behind_prefix(model, prefix, ids[kept], positions, reused, theta)
         return ContextCache(
@@ -154,14 +155,17 @@ class SamKVMethod(BaseMethod):
             details={"anchor_indices": anchors, "adaptive_ratio": ratio.tolist()},
         )
 
-    def _fusion_weights(self, kept_local: list[torch.Tensor]) -> torch.Tensor:
+    def _fusion_weights(self, kept_local: list[torch.Tensor]) -> torch.Tensor | None:
         """``[n_kept]`` weights of the fresh KV: ``fusion_theta`` after a dropped token, else 1.
 
         A reused entry was computed over its whole document up to it; it knows more than
-        the fresh one only if a token of its document before it was dropped.
+        the fresh one only if a token of its document before it was dropped. ``None`` when
+        no kept token follows a drop: there is nothing to blend, nor reused KV to gather.
         """
-        after_drop = [k > torch.arange(len(k), device=k.device) for k in kept_local]
-        return torch.where(torch.cat(after_drop), self.fusion_theta, 1.0)
+        after_drop = torch.cat([k > torch.arange(len(k), device=k.device) for k in kept_local])
+        if not after_drop.any():
+            return None
+        return torch.where(after_drop, self.fusion_theta, 1.0)
 
     def _select(
         self, inputs: MethodInput, slot: torch.Tensor, n_blocks: list[int], anchors: list[list[int]]
