@@ -104,7 +104,7 @@ def main() -> None:
     if args.prefill:
         from transformers import AutoModelForCausalLM, DynamicCache
 
-        from samkv_integrations.shapes import shape_config
+        from samkv_integrations.models.shapes import shape_config
 
         torch.manual_seed(0)
         with torch.device(dev):

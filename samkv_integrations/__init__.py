@@ -8,7 +8,7 @@ from samkv_integrations.errors import (
     CacheMissError,
 )
 from samkv_integrations.methods import METHODS, BaseMethod, get_method
-from samkv_integrations.model import LoadedModel, load_model
+from samkv_integrations.models import LoadedModel, load_model
 from samkv_integrations.records import CacheRef, MethodStats
 from samkv_integrations.store import KVCacheStore
 

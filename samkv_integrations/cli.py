@@ -1,7 +1,9 @@
-"""The ``samkv`` command line: index, ask, eval, bench, demo, serve.
+"""The ``samkv`` command line: index, ask, eval, bench, and the commands apps contribute.
 
 Each heavy subcommand lives in its own module and is imported only when it runs, so
-``samkv --help`` stays fast.
+``samkv --help`` stays fast. Apps outside the library (the Chroma demo's ``demo`` and
+``serve``) contribute subcommands through the ``samkv.commands`` entry-point group, so the
+library never imports them.
 """
 
 from __future__ import annotations
@@ -11,20 +13,33 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from samkv_integrations.methods import DEFAULT_METHOD, METHODS
 
-#: Subcommands defined elsewhere: name -> module with ``add_arguments(parser)`` and ``run(args)``.
-_DELEGATED = {
+#: Entry-point group through which other packages add subcommands.
+COMMANDS_GROUP = "samkv.commands"
+
+#: The library's own delegated subcommands: name -> (module, summary); each module has
+#: ``add_arguments(parser)`` and ``run(args)``.
+_BUILTIN = {
     "eval": ("samkv_integrations.eval.cli", "Measure methods' accuracy against full recompute."),
-    "bench": ("samkv_integrations.bench", "Measure TTFT, memory and throughput per method."),
-    "demo": (
-        "samkv_integrations.demo.cli",
-        "Ingest a corpus into Chroma and answer sample questions.",
-    ),
-    "serve": ("samkv_integrations.demo.server", "Serve the demo web page on 127.0.0.1."),
+    "bench": ("samkv_integrations.bench.cli", "Measure TTFT, memory and throughput per method."),
 }
+
+
+def delegated_commands() -> dict[str, tuple[str, str]]:
+    """Built-in delegated subcommands plus those registered under ``samkv.commands``.
+
+    A plugin's summary is the first line of its module docstring, read when it runs.
+    """
+    commands = {
+        entry.name: (entry.value, f"contributed by {entry.value}; see its --help")
+        for entry in entry_points(group=COMMANDS_GROUP)
+    }
+    commands.update(_BUILTIN)
+    return commands
 
 
 def _read_documents(paths: Sequence[str]) -> list[str]:
@@ -96,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("files", nargs="+", help="text files, one document each")
     ask.set_defaults(handler=_ask)
 
-    for name, (module, summary) in _DELEGATED.items():
+    for name, (module, summary) in delegated_commands().items():
         sub = commands.add_parser(name, help=summary, description=summary, add_help=False)
         sub.set_defaults(delegate=module)
     return parser
@@ -108,9 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # A delegated subcommand's own arguments are split off before parsing, and parsed by
     # its module's parser (so `samkv --help` imports nothing heavy).
+    delegated = delegated_commands()
     at = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     rest: list[str] = []
-    if at < len(argv) and argv[at] in _DELEGATED:
+    if at < len(argv) and argv[at] in delegated:
         argv, rest = argv[: at + 1], argv[at + 1 :]
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -119,9 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if hasattr(args, "delegate"):
         module = importlib.import_module(args.delegate)
-        sub = argparse.ArgumentParser(
-            prog=f"samkv {args.command}", description=_DELEGATED[args.command][1]
-        )
+        summary = (module.__doc__ or delegated[args.command][1]).strip().splitlines()[0]
+        sub = argparse.ArgumentParser(prog=f"samkv {args.command}", description=summary)
         module.add_arguments(sub)
         return int(module.run(sub.parse_args(rest)) or 0)
     return int(args.handler(args))

@@ -24,7 +24,7 @@ from samkv_integrations.errors import (
 )
 from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer
 from samkv_integrations.methods import DEFAULT_METHOD, BaseMethod, MethodInput, get_method
-from samkv_integrations.model import LoadedModel, load_model, samkv_home
+from samkv_integrations.models import LoadedModel, load_model, samkv_home
 from samkv_integrations.records import CacheRef, DocumentKV, MethodStats
 from samkv_integrations.store import KVCacheStore, cache_key
 from samkv_integrations.timing import Stopwatch

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from samkv_integrations.bench import main as bench_main
-from samkv_integrations.bench_report import parse_options, ratios
-from samkv_integrations.bench_workloads import Workload, random_documents, vocabulary_ids
+from samkv_integrations.bench.cli import main as bench_main
+from samkv_integrations.bench.report import parse_options, ratios
+from samkv_integrations.bench.throughput import cache_nbytes, decode_rate
+from samkv_integrations.bench.workloads import Workload, random_documents, vocabulary_ids
 from samkv_integrations.methods import METHODS
-from samkv_integrations.model import LoadedModel
-from samkv_integrations.throughput import cache_nbytes, decode_rate
+from samkv_integrations.models import LoadedModel
 
 # Methods that may drop tokens from the decode cache, with options that make them drop some
 # on 32-token documents (anchors of 4 + 4 leave three blocks of 8 to choose from).

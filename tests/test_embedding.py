@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from samkv_integrations.embedding import MiniLMEmbedder, ensure_minilm
+from samkv_integrations.models.minilm import MiniLMEmbedder, ensure_minilm
 
 pytestmark = pytest.mark.real_model
 

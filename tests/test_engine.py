@@ -15,7 +15,7 @@ from samkv_integrations import (
     KVCacheStore,
     SamKVEngine,
 )
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
 
 DOCS = ["Alpha is the first letter.", "Omega is the last letter of the Greek alphabet."]
 

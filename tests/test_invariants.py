@@ -9,9 +9,9 @@ from transformers import DynamicCache
 from samkv_integrations import CacheMismatchError, SamKVEngine
 from samkv_integrations.decode import eos_token_ids
 from samkv_integrations.encode import encode_documents
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
+from samkv_integrations.models.shapes import random_model
 from samkv_integrations.rope import shift_keys
-from samkv_integrations.shapes import random_model
 
 DOCS = [
     "The Eiffel Tower is in Paris. It was finished in 1889 for the World's Fair.",

@@ -17,13 +17,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from samkv_integrations.model import (
-    LoadedModel,
-    fingerprint_model,
-    load_model,
-    samkv_home,
-    weights_identity_of_module,
-)
+from samkv_integrations.models import LoadedModel, load_model, samkv_home
+from samkv_integrations.models.loaded import fingerprint_model, weights_identity_of_module
 
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 

@@ -7,8 +7,7 @@ import torch
 
 from samkv_integrations.encode import encode_documents, encode_prefix
 from samkv_integrations.methods import FullMethod, MethodInput
-from samkv_integrations.model import LoadedModel
-from samkv_integrations.recompute import (
+from samkv_integrations.methods.recompute import (
     RecomputeCache,
     assemble_cache,
     check_model,
@@ -17,7 +16,8 @@ from samkv_integrations.recompute import (
     recompute_behind_prefix,
     split_by_document,
 )
-from samkv_integrations.shapes import random_model
+from samkv_integrations.models import LoadedModel
+from samkv_integrations.models.shapes import random_model
 
 
 def _inputs(model: LoadedModel) -> MethodInput:

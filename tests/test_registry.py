@@ -16,9 +16,9 @@ import pytest
 import torch
 from tokenizers import pre_tokenizers
 
-from samkv_integrations import registry
-from samkv_integrations.model import load_model
-from samkv_integrations.registry import (
+from samkv_integrations.models import registry
+from samkv_integrations.models.loading import load_model
+from samkv_integrations.models.registry import (
     RegistryModel,
     assemble,
     ensure_model,

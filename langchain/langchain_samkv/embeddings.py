@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from langchain_core.embeddings import Embeddings
 
-from samkv_integrations.embedding import MiniLMEmbedder
+from samkv_integrations.models.minilm import MiniLMEmbedder
 
 
 class MiniLMEmbeddings(Embeddings):

@@ -3,7 +3,7 @@
 from samkv_integrations.eval.data import Paragraph, Question, pack_paragraphs, read_questions
 from samkv_integrations.eval.harness import EvalConfig, RunPlan, execute_run, plan_run, run_eval
 from samkv_integrations.eval.metrics import best_em, best_f1, first_token_kl, normalize_answer
-from samkv_integrations.eval.specs import MethodSpec, parse_methods
+from samkv_integrations.methods.specs import MethodSpec, parse_methods
 
 __all__ = [
     "EvalConfig",

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from samkv_integrations.eval.harness import EvalConfig, execute_run, plan_run
-from samkv_integrations.eval.specs import default_methods
-from samkv_integrations.registry import DEFAULT_MODEL
+from samkv_integrations.methods.specs import default_methods
+from samkv_integrations.models.registry import DEFAULT_MODEL
 
 _EPILOG = """\
 data formats (detected per file):

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from samkv_integrations.eval.data import Question, file_sha256, pack_paragraphs, read_questions
 from samkv_integrations.eval.metrics import score_answer, summarize
-from samkv_integrations.eval.specs import MethodSpec, default_methods, parse_methods
-from samkv_integrations.registry import DEFAULT_MODEL
+from samkv_integrations.methods.specs import MethodSpec, default_methods, parse_methods
+from samkv_integrations.models.registry import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from samkv_integrations.engine import Answer, SamKVEngine

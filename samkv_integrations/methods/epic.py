@@ -13,7 +13,7 @@ from samkv_integrations.methods.base import (
     all_kept,
     full_positions,
 )
-from samkv_integrations.recompute import assemble_cache, embed, recompute
+from samkv_integrations.methods.recompute import assemble_cache, embed, recompute
 from samkv_integrations.timing import Stopwatch
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from samkv_integrations.block_scores import (
+from samkv_integrations.methods.base import BaseMethod, ContextCache, MethodInput
+from samkv_integrations.methods.block_scores import (
     adaptive_ratio,
     fill_budget,
     mean_queries,
@@ -16,8 +17,11 @@ from samkv_integrations.block_scores import (
     segment_key_means,
     selection_layer_indices,
 )
-from samkv_integrations.methods.base import BaseMethod, ContextCache, MethodInput
-from samkv_integrations.recompute import gather_aligned, recompute_behind_prefix, split_by_document
+from samkv_integrations.methods.recompute import (
+    gather_aligned,
+    recompute_behind_prefix,
+    split_by_document,
+)
 from samkv_integrations.timing import Stopwatch
 
 logger = logging.getLogger(__name__)
@@ -50,8 +54,8 @@ class SamKVMethod(BaseMethod):
     ``update="fusion"`` stores ``(1 - θ) · reused + θ · fresh`` (θ: ``fusion_theta``) as the
     forward proceeds, for kept tokens that follow a dropped token of their document. The
     others are overwritten: their reused KV saw nothing the fresh KV misses, so a document
-    kept whole (shorter than anchors plus a block, as short nodes are) is computed as full
-    recompute computes it. Everything else leaves the decode cache.
+    kept whole (as short nodes are) comes out as full recompute computes it. Everything else
+    leaves the decode cache.
 
     The defaults of the open choices were measured, by mean first-token KL from ``full``
     on the first 20 HotpotQA dev questions (``--chunk-tokens 512``, Qwen2.5-Coder-0.5B;
@@ -60,12 +64,9 @@ class SamKVMethod(BaseMethod):
     (KL 0.51 vs 0.46 mean, 0.15 vs 0.20 median). ``update="fusion"`` and selection layers
     at 1/3, 1/2, 2/3 and 5/6 of the depth, rather than overwrite and the last four layers:
     at 14% kept, KL 0.49 with both against 0.84 with neither (0.79 and 0.51 with one).
-    On 50 whole answers fusion on every kept token beat overwrite (F1 0.101 vs 0.089, KL
-    0.736 vs 0.762); fusion only after a drop, as here, scored F1 0.084, KL 0.738: within
-    noise of both, and the only one of the three that equals full when nothing is dropped.
-    Other layer sets (4/8/…/20, every third from 6, the last eight) measured worse and
-    8-token blocks no better; the personalized query beat the bare question query (0.51
-    vs 0.65).
+    On 50 whole answers fusion after a drop, as here, scored F1 0.084, KL 0.738: within noise
+    of fusion on every token and of overwrite, and the only one of the three that equals
+    full when nothing is dropped. The rest of what was tried: ``benchmarks/ACCURACY.md``.
 
     Attributes:
         n_init: Leading anchor tokens per document.

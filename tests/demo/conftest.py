@@ -11,11 +11,11 @@ import uuid
 import chromadb
 import pytest
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
+from samkv_chroma_demo.corpus import Passage
+from samkv_chroma_demo.pipeline import DemoIndex
 
 from samkv_integrations import KVCacheStore, SamKVEngine
-from samkv_integrations.demo.corpus import Passage
-from samkv_integrations.demo.pipeline import DemoIndex
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
 
 KEYWORDS = ["lighthouse", "glacier", "orchestra", "volcano"]
 

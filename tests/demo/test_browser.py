@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-
-from samkv_integrations.demo.pipeline import DemoIndex
-from samkv_integrations.demo.server import create_app
+from samkv_chroma_demo.pipeline import DemoIndex
+from samkv_chroma_demo.server import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"

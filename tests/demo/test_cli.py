@@ -4,8 +4,7 @@ import argparse
 from pathlib import Path
 
 import pytest
-
-from samkv_integrations.demo.cli import add_arguments, run
+from samkv_chroma_demo.cli import add_arguments, run
 
 
 def parse(*argv: str) -> argparse.Namespace:

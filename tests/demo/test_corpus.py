@@ -3,8 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from samkv_integrations.demo.corpus import (
+from samkv_chroma_demo.corpus import (
     Passage,
     build_bundled,
     bundled_passages,
@@ -13,7 +12,7 @@ from samkv_integrations.demo.corpus import (
     sample_questions,
 )
 
-DATA = Path(__file__).parents[2] / "samkv_integrations" / "demo" / "data"
+DATA = Path(__file__).parents[2] / "examples" / "chroma_demo" / "data"
 
 
 def test_bundled_corpus_is_a_few_hundred_unique_paragraphs() -> None:

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from samkv_chroma_demo.pipeline import DemoIndex, token_pieces
+from samkv_chroma_demo.server import MAX_QUESTION_CHARS, create_app
 
-from samkv_integrations.demo.pipeline import DemoIndex, token_pieces
-from samkv_integrations.demo.server import MAX_QUESTION_CHARS, create_app
 from tests.demo.conftest import PASSAGES
 
 QUESTION = "What is special about the glacier?"

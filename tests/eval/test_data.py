@@ -9,7 +9,7 @@ import pytest
 
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.eval.data import Paragraph, pack_paragraphs, read_questions
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
 
 HOTPOTQA = Path("/work/shared/data/hotpotqa_dev_300.jsonl")
 

@@ -13,9 +13,9 @@ import pytest
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.eval import cli
 from samkv_integrations.eval.harness import EvalConfig, plan_run, run_eval
-from samkv_integrations.eval.specs import parse_methods
 from samkv_integrations.methods import METHODS, ReuseMethod
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.methods.specs import parse_methods
+from samkv_integrations.models import LoadedModel
 
 REQUIRED = (
     "f1",

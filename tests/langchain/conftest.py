@@ -23,8 +23,8 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 
 from samkv_integrations import KVCacheStore, SamKVEngine
-from samkv_integrations.model import LoadedModel
-from samkv_integrations.shapes import random_model
+from samkv_integrations.models import LoadedModel
+from samkv_integrations.models.shapes import random_model
 
 
 def talkative_model(shape: str = "tiny-llama", seed: int = 0) -> LoadedModel:

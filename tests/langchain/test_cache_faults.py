@@ -18,7 +18,7 @@ from langchain_core.documents import Document
 
 from langchain_samkv import ChatSamKV, SamKVCacheBuilder, create_samkv_rag_chain, document_message
 from samkv_integrations import CacheMismatchError, KVCacheStore, SamKVEngine
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
 
 TEXTS = ["Paris is the capital of France.", "Mount Fuji is the highest mountain in Japan."]
 QUESTION = "How high is Mount Fuji?"

@@ -24,7 +24,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_samkv import ChatSamKV, SamKVCacheBuilder, document_block, document_message
 from samkv_integrations.methods import DEFAULT_METHOD
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
 
 
 class _Capabilities:

@@ -22,7 +22,7 @@ from llama_index.vector_stores.chroma import ChromaVectorStore
 
 from llama_index.llms.samkv import SamKVCacheBuilder, SamKVLLM
 from samkv_integrations import KVCacheStore, SamKVEngine
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
 
 #: Three documents, each about one keyword of ``KEYWORDS``.
 KEYWORDS = ["apple", "river", "violin"]

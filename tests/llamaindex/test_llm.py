@@ -12,7 +12,7 @@ from llama_index.core.chat_engine import SimpleChatEngine
 
 from llama_index.llms.samkv import SamKVLLM
 from samkv_integrations import KVCacheStore, SamKVEngine
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
 
 PROMPT = "Name a colour."
 

@@ -22,7 +22,7 @@ from llama_index.vector_stores.chroma import ChromaVectorStore
 from llama_index.llms.samkv import SamKVCacheBuilder, SamKVLLM, SamKVQueryEngine, SamKVSynthesizer
 from samkv_integrations import CacheMismatchError, KVCacheStore, SamKVEngine
 from samkv_integrations.methods import DEFAULT_METHOD, METHODS
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
 from samkv_integrations.records import METADATA_KEYS, ref_from_metadata
 from samkv_integrations.store import cache_key
 

@@ -21,7 +21,7 @@ import torch
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.engine import Answer
 from samkv_integrations.methods import BaseMethod, ContextCache, MethodInput
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
 from samkv_integrations.records import CacheRef
 
 #: Three documents: about 250, 135 and 60 byte tokens once framed, so that blocks exist.

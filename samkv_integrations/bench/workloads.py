@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from samkv_integrations.engine import SamKVEngine
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models import LoadedModel
 from samkv_integrations.store import KVCacheStore
 
 

@@ -21,10 +21,10 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.indices.vector_store import VectorStoreIndex
 from llama_index.core.schema import BaseNode, MetadataMode, TextNode
 from llama_index.vector_stores.chroma import ChromaVectorStore
+from samkv_chroma_demo.corpus import Passage, corpus_digest
 
 from llama_index.llms.samkv import SamKVCacheBuilder, SamKVLLM, SamKVQueryEngine
 from llama_index.llms.samkv.cache_builder import node_ref
-from samkv_integrations.demo.corpus import Passage, corpus_digest
 from samkv_integrations.engine import AnswerStream, SamKVEngine
 from samkv_integrations.records import CacheRef
 from samkv_integrations.store import cache_key

@@ -67,7 +67,7 @@ class SampleQuestion:
 
 
 def _data_text(name: str) -> str:
-    return resources.files("samkv_integrations.demo").joinpath("data", name).read_text("utf-8")
+    return resources.files("samkv_chroma_demo").joinpath("data", name).read_text("utf-8")
 
 
 def bundled_passages() -> list[Passage]:

@@ -15,7 +15,7 @@ from torch.nn.functional import cosine_similarity
 from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV, capture_queries
-from samkv_integrations.recompute import assemble_cache
+from samkv_integrations.methods.recompute import assemble_cache
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import shift_keys
 

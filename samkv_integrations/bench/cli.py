@@ -23,24 +23,14 @@ from typing import Any
 
 import torch
 
-from samkv_integrations.bench_report import (
+from samkv_integrations.bench.report import (
     environment,
     median_runs,
     parse_options,
     print_report,
     ratios,
 )
-from samkv_integrations.bench_workloads import (
-    TokenEngine,
-    Workload,
-    random_documents,
-    vocabulary_ids,
-)
-from samkv_integrations.engine import SamKVEngine
-from samkv_integrations.methods import METHODS, BaseMethod, ContextCache, MethodInput, get_method
-from samkv_integrations.model import LoadedModel, load_model
-from samkv_integrations.store import KVCacheStore
-from samkv_integrations.throughput import (
+from samkv_integrations.bench.throughput import (
     attention_backends,
     cache_nbytes,
     decode_rate,
@@ -49,6 +39,16 @@ from samkv_integrations.throughput import (
     release_memory,
     sync,
 )
+from samkv_integrations.bench.workloads import (
+    TokenEngine,
+    Workload,
+    random_documents,
+    vocabulary_ids,
+)
+from samkv_integrations.engine import SamKVEngine
+from samkv_integrations.methods import METHODS, BaseMethod, ContextCache, MethodInput, get_method
+from samkv_integrations.models import LoadedModel, load_model
+from samkv_integrations.store import KVCacheStore
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _bench_method(
 
 def _model(args: argparse.Namespace) -> LoadedModel:
     if args.shape is not None:
-        from samkv_integrations.shapes import random_model
+        from samkv_integrations.models.shapes import random_model
 
         dtype = getattr(torch, args.dtype) if args.dtype else None
         return random_model(args.shape, device=args.device, dtype=dtype, seed=args.seed)
@@ -346,9 +346,9 @@ def _bench_if_fits(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m samkv_integrations.bench``."""
+    """``python -m samkv_integrations.bench.cli``."""
     parser = argparse.ArgumentParser(
-        prog="python -m samkv_integrations.bench", description=__doc__.splitlines()[0]
+        prog="python -m samkv_integrations.bench.cli", description=__doc__.splitlines()[0]
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     add_arguments(parser)

@@ -19,7 +19,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from samkv_integrations.model import LoadedModel
+from samkv_integrations.models.loaded import LoadedModel
 
 _CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -28,9 +28,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
+from samkv_chroma_demo.memory import MemoryProbe
+from samkv_chroma_demo.pipeline import DemoIndex, RetrievedChunk, token_pieces
 
-from samkv_integrations.demo.memory import MemoryProbe
-from samkv_integrations.demo.pipeline import DemoIndex, RetrievedChunk, token_pieces
 from samkv_integrations.engine import Answer, SamKVEngine
 from samkv_integrations.methods import METHODS
 
@@ -233,11 +233,7 @@ def create_app(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
     app = FastAPI(title="samkv demo", docs_url=None, redoc_url=None, openapi_url=None)
-    page = (
-        resources.files("samkv_integrations.demo")
-        .joinpath("static", "index.html")
-        .read_text("utf-8")
-    )
+    page = resources.files("samkv_chroma_demo").joinpath("static", "index.html").read_text("utf-8")
     engine = index.engine
 
     @app.exception_handler(RequestValidationError)
@@ -301,7 +297,7 @@ def create_app(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``samkv serve``."""
-    from samkv_integrations.demo.cli import add_setup_arguments
+    from samkv_chroma_demo.cli import add_setup_arguments
 
     add_setup_arguments(parser)
     parser.add_argument(
@@ -330,8 +326,7 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     """Prepare the index (as ``samkv demo`` does) and serve the page until interrupted."""
     import uvicorn
-
-    from samkv_integrations.demo.cli import open_demo
+    from samkv_chroma_demo.cli import open_demo
 
     host = args.host or "127.0.0.1"
     if not _is_loopback(host):
