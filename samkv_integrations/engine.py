@@ -102,8 +102,11 @@ class SamKVEngine:
             self._prefix = encode_prefix(self.model.model, self.framer.prefix_ids())
         return self._prefix
 
-    def document_ids(self, text: str, *, index: int = 0) -> list[int]:
-        """Frame and tokenize one document, rejecting empty or over-long ones."""
+    def document_ids(self, text: str, *, index: str | int = 0) -> list[int]:
+        """Frame and tokenize one document, rejecting empty or over-long ones.
+
+        ``index`` names the document in error messages.
+        """
         try:
             ids = self.framer.document_ids(text)
         except ValueError as e:
@@ -116,9 +119,50 @@ class SamKVEngine:
             )
         return ids
 
+    def cache_ref(self, text: str, *, label: str | int = 0) -> CacheRef:
+        """The reference under which this engine stores (or would store) the cache of ``text``.
+
+        Nothing is encoded: this is how an adapter addresses a document's cache, and a ref
+        whose cache is missing is encoded on first use (and counted in the answer's stats).
+
+        Raises:
+            ValueError: The text is empty or too long for the model; the message names ``label``.
+        """
+        ids = self.document_ids(text, index=label)
+        return CacheRef(cache_key(self.fingerprint, ids), len(ids), self.fingerprint, text=text)
+
+    def prompt_tokens(self, question: str, documents: Sequence[str | CacheRef] = ()) -> int:
+        """Tokens of the prompt ``question`` over ``documents`` would prefill under ``full``."""
+        n_docs = sum(
+            doc.n_tokens if isinstance(doc, CacheRef) else len(self.document_ids(doc, index=i))
+            for i, doc in enumerate(documents)
+        )
+        return len(self.framer.prefix_ids()) + n_docs + len(self.framer.question_ids(question))
+
     def index(self, texts: Sequence[str], *, progress: bool = True) -> list[CacheRef]:
         """Compute and store each text's KV cache; texts already in the store are not recomputed."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not one string")
         ids = [self.document_ids(text, index=i) for i, text in enumerate(texts)]
+        return self._index_ids(ids, list(texts), progress)
+
+    def index_token_ids(
+        self, documents: Sequence[Sequence[int]], *, progress: bool = True
+    ) -> list[CacheRef]:
+        """Like ``index``, for documents given as framed token ids (as ``document_ids`` makes).
+
+        The refs carry no text, so a missing cache cannot be re-encoded from them.
+        """
+        ids = [list(doc) for doc in documents]
+        limit = self.model.max_context - len(self.framer.prefix_ids())
+        for i, doc in enumerate(ids):
+            if not doc or len(doc) >= limit:
+                raise ValueError(f"document {i}: {len(doc)} token ids; need 1 to {limit - 1}")
+        return self._index_ids(ids, [None] * len(ids), progress)
+
+    def _index_ids(
+        self, ids: list[list[int]], texts: Sequence[str | None], progress: bool
+    ) -> list[CacheRef]:
         keys = [cache_key(self.fingerprint, doc_ids) for doc_ids in ids]
         missing = [i for i, key in enumerate(keys) if not self.store.contains(key)]
         if missing:
@@ -133,9 +177,7 @@ class SamKVEngine:
                 )
             for doc in docs:
                 self.store.put(doc.to("cpu"))
-        logger.info(
-            "indexed %d documents (%d already stored)", len(texts), len(texts) - len(missing)
-        )
+        logger.info("indexed %d documents (%d already stored)", len(ids), len(ids) - len(missing))
         return [
             CacheRef(key=key, n_tokens=len(doc_ids), model=self.fingerprint, text=text)
             for key, doc_ids, text in zip(keys, ids, texts, strict=True)

@@ -8,6 +8,7 @@ from samkv_integrations.methods.epic import EpicMethod
 from samkv_integrations.methods.full import FullMethod
 from samkv_integrations.methods.reuse import ReuseMethod
 from samkv_integrations.methods.samkv import SamKVMethod
+from samkv_integrations.methods.specs import MethodSpec, parse_spec
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -18,9 +19,11 @@ __all__ = [
     "EpicMethod",
     "FullMethod",
     "MethodInput",
+    "MethodSpec",
     "ReuseMethod",
     "SamKVMethod",
     "get_method",
+    "parse_spec",
 ]
 
 #: Registered methods by name.
@@ -33,11 +36,22 @@ DEFAULT_METHOD = "samkv"
 
 
 def get_method(method: str | BaseMethod, **options: Any) -> BaseMethod:
-    """Return a method instance from its name (with hyperparameters) or pass one through."""
+    """A method instance from a spec (``name[+option=value...]``), or one passed through.
+
+    Keyword options are added to the spec's; a bad name, option or value raises
+    ``ValueError`` naming it, so callers resolve methods once, when they are constructed.
+    """
     if isinstance(method, BaseMethod):
         if options:
-            raise ValueError("method options are only accepted with a method name")
+            raise ValueError("method options are only accepted with a method spec")
         return method
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[method](**options)
+    if not isinstance(method, str):
+        raise TypeError(
+            f"method must be a spec string or a BaseMethod, got {type(method).__name__}"
+        )
+    spec = parse_spec(method)
+    merged = {**spec.options, **options}
+    try:
+        return METHODS[spec.name](**merged)
+    except TypeError as e:
+        raise ValueError(f"method {method!r}: {e}") from e

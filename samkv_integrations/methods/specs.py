@@ -10,9 +10,19 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DEFAULT_METHODS", "REFERENCE", "MethodSpec", "default_methods", "parse_methods"]
+if TYPE_CHECKING:
+    from samkv_integrations.methods.base import BaseMethod
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "REFERENCE",
+    "MethodSpec",
+    "default_methods",
+    "parse_methods",
+    "parse_spec",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +46,12 @@ class MethodSpec:
     name: str
     options: dict[str, Any]
 
+    def build(self) -> BaseMethod:
+        """A new method instance with these options."""
+        from samkv_integrations.methods import METHODS
+
+        return METHODS[self.name](**self.options)
+
 
 def _parse_value(raw: str) -> Any:
     if raw.lower() in ("true", "false"):
@@ -53,7 +69,12 @@ def _parse_value(raw: str) -> Any:
     return raw
 
 
-def _parse_one(label: str) -> MethodSpec:
+def parse_spec(label: str) -> MethodSpec:
+    """Parse and validate one spec, ``name[+option=value...]``, without loading any model.
+
+    Raises:
+        ValueError: An unknown method or option, or an invalid value; the message names it.
+    """
     from samkv_integrations.methods import METHODS
 
     name, *pairs = label.split("+")
@@ -104,7 +125,7 @@ def parse_methods(methods: str | Sequence[str]) -> list[MethodSpec]:
     labels = [part.strip() for item in items for part in item.split(",") if part.strip()]
     if not labels:
         raise ValueError("methods: no method given")
-    specs = [_parse_one(label) for label in labels]
+    specs = [parse_spec(label) for label in labels]
     repeated = sorted({s.label for s in specs if labels.count(s.label) > 1})
     if repeated:
         raise ValueError(f"methods: repeated {', '.join(repeated)}")

@@ -28,7 +28,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.llms.llm import default_completion_to_prompt, generic_messages_to_prompt
 
-from llama_index.llms.samkv._bridge import aiter_in_thread, iter_in_thread
+from samkv_integrations.bridge import aiter_in_thread, iter_in_thread
 from samkv_integrations.engine import AnswerStream, SamKVEngine
 from samkv_integrations.methods import DEFAULT_METHOD, METHODS
 from samkv_integrations.records import CacheRef

@@ -37,9 +37,9 @@ from llama_index.core.prompts.mixin import PromptDictType
 from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTextType
 from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 
-from llama_index.llms.samkv._bridge import aiter_in_thread, iter_in_thread
 from llama_index.llms.samkv.base import OnForeignCache, SamKVLLM
 from llama_index.llms.samkv.cache_builder import node_ref, node_text, text_ref
+from samkv_integrations.bridge import aiter_in_thread, iter_in_thread
 from samkv_integrations.engine import AnswerStream
 from samkv_integrations.methods import METHODS
 from samkv_integrations.records import CacheRef, MethodStats
