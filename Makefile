@@ -35,7 +35,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) browser lint
+test: $(STAMP) browser lint typecheck
 	$(PY) -m pytest -q
 	@test -z "$$(git status --porcelain 2>/dev/null)" || { echo "tests left the tree dirty:"; git status --porcelain; exit 1; }
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from samkv_integrations.methods.base import DecodeState
 from samkv_integrations.records import MethodStats
 
 
@@ -29,6 +30,36 @@ class Answer:
     first_token_logprobs: torch.Tensor | None = None
     kept_indices: list[list[int]] = field(default_factory=list)
     details: dict[str, object] = field(default_factory=dict)
+
+    def describe(
+        self,
+        method: str,
+        state: DecodeState,
+        *,
+        context_tokens: int,
+        load_seconds: float,
+        recomputed_documents: int,
+    ) -> None:
+        """Fill in stats, kept indices, details and first-token log-probs from ``state``.
+
+        Args:
+            method: The method's name.
+            state: The state decoding starts from (after the method's after-question stage).
+            context_tokens: Document tokens in the assembled layout.
+            load_seconds: Seconds spent loading the documents' caches.
+            recomputed_documents: Documents encoded on the spot.
+        """
+        self.stats = MethodStats(
+            method=method,
+            context_tokens=context_tokens,
+            kept_tokens=[len(k) for k in state.kept_indices],
+            recomputed_tokens=state.recomputed_tokens,
+            seconds={"load": load_seconds, **state.seconds},
+            recomputed_documents=recomputed_documents,
+        )
+        self.first_token_logprobs = torch.log_softmax(state.first_logits.float(), -1).cpu()
+        self.kept_indices = [k.tolist() for k in state.kept_indices]
+        self.details = state.details
 
 
 class AnswerStream:

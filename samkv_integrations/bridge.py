@@ -1,10 +1,25 @@
-"""Run an engine stream in a worker thread of its own, consumed from any thread or event loop.
+"""Run a blocking stream in a worker thread of its own, consumed from any thread or event loop.
 
-The engine's generators hold the engine's re-entrant lock while they run, and a
-re-entrant lock must be released by the thread that took it. Consumers often advance a
-stream from changing threads (Starlette's ``iterate_in_threadpool``, thread pools), so one
-engine stream is always iterated, start to finish (or to ``close``), by one worker thread,
-which hands the items over through a queue.
+This is the one bridge the adapters and the demo server use between the engine's blocking
+iterators and their consumers. The engine itself does not need it for thread safety: it
+takes its lock and inference mode for each step and releases both before each ``yield``
+(``SamKVEngine._locked_steps``), so an ``AnswerStream`` may be advanced from a different
+thread each time. One worker thread still iterates each stream, start to finish (or to an
+early stop), because:
+
+* Everything the stream does blocks: tokenizing, loading caches, the method, prefill and
+  every decode step, and an adapter's first call may load the weights. An async consumer
+  must keep all of it off the event loop, and one dedicated thread (rather than a
+  thread-pool hop per item, or the loop's default executor held for a whole answer)
+  keeps the items in order.
+* The iterator runs in one copy of the caller's context, so what lives in context
+  variables (LlamaIndex's instrumentation spans, LangChain's callbacks and tracing)
+  follows the work, whichever thread the consumer reads from.
+* The consumer never advances or closes the generator itself: a consumer that hops
+  threads (Starlette's ``iterate_in_threadpool``) or leaves early cannot race the worker,
+  and the worker closes the iterator in its own thread, after its current item.
+
+The worker runs ahead of the consumer by whatever the queue holds.
 """
 
 from __future__ import annotations
@@ -25,9 +40,10 @@ Send = Callable[[str, object], None]
 
 def _pump(make_iterator: Callable[[], Iterator[T]], send: Send, stop: threading.Event) -> None:
     """Iterate ``make_iterator()`` in the calling thread, sending each item, error or the end."""
+    # BaseException too: whatever ends the worker must reach the consumer, or it waits forever.
     try:
         iterator = make_iterator()
-    except Exception as e:
+    except BaseException as e:
         send(_ERROR, e)
         return
     try:
@@ -35,7 +51,7 @@ def _pump(make_iterator: Callable[[], Iterator[T]], send: Send, stop: threading.
             if stop.is_set():
                 break
             send(_ITEM, item)
-    except Exception as e:
+    except BaseException as e:
         send(_ERROR, e)
         return
     finally:
@@ -43,6 +59,17 @@ def _pump(make_iterator: Callable[[], Iterator[T]], send: Send, stop: threading.
         if close is not None:
             close()
     send(_DONE, None)
+
+
+def _start(make_iterator: Callable[[], Iterator[T]], send: Send, stop: threading.Event) -> None:
+    """Start the worker thread, in a copy of the caller's context variables."""
+    context = contextvars.copy_context()
+    threading.Thread(
+        target=context.run,
+        args=(_pump, make_iterator, send, stop),
+        name="samkv-stream",
+        daemon=True,
+    ).start()
 
 
 def iter_in_thread(make_iterator: Callable[[], Iterator[T]]) -> Iterator[T]:
@@ -59,21 +86,14 @@ def iter_in_thread(make_iterator: Callable[[], Iterator[T]]) -> Iterator[T]:
     """
     channel: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
     stop = threading.Event()
-    context = contextvars.copy_context()
-    worker = threading.Thread(
-        target=context.run,
-        args=(_pump, make_iterator, lambda kind, value: channel.put((kind, value)), stop),
-        name="samkv-stream",
-        daemon=True,
-    )
-    worker.start()
+    _start(make_iterator, lambda kind, value: channel.put((kind, value)), stop)
     try:
         while True:
             kind, value = channel.get()
             if kind == _DONE:
                 return
             if kind == _ERROR:
-                raise cast(Exception, value)
+                raise cast(BaseException, value)
             yield cast(T, value)
     finally:
         stop.set()
@@ -83,29 +103,38 @@ async def aiter_in_thread(make_iterator: Callable[[], Iterator[T]]) -> AsyncIter
     """Iterate ``make_iterator()`` in a worker thread, yielding its items on the event loop.
 
     Args:
-        make_iterator: Called in the worker thread; everything it does (tokenizing,
-            prefill, decoding) stays off the event loop.
+        make_iterator: Called in the worker thread (with the caller's context variables);
+            everything it does stays off the event loop.
 
     Yields:
-        As :func:`iter_in_thread`; on early exit, waits for the worker to stop.
+        As :func:`iter_in_thread`. On an early exit (``break``, ``aclose``, cancellation)
+        it waits, without blocking the loop, until the worker has closed the iterator. If
+        the loop closes first, the worker stops after its current item.
     """
     loop = asyncio.get_running_loop()
     channel: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
     stop = threading.Event()
 
     def send(kind: str, value: object) -> None:
-        loop.call_soon_threadsafe(channel.put_nowait, (kind, value))
+        try:
+            loop.call_soon_threadsafe(channel.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            stop.set()
 
-    # to_thread copies the context, so instrumentation spans follow the work.
-    worker = asyncio.ensure_future(asyncio.to_thread(_pump, make_iterator, send, stop))
+    _start(make_iterator, send, stop)
+    finished = False
     try:
         while True:
             kind, value = await channel.get()
+            if kind != _ITEM:
+                finished = True
             if kind == _DONE:
-                break
+                return
             if kind == _ERROR:
-                raise cast(Exception, value)
+                raise cast(BaseException, value)
             yield cast(T, value)
     finally:
         stop.set()
-        await worker
+        while not finished:
+            kind, _ = await channel.get()
+            finished = kind != _ITEM

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from samkv_integrations.methods import DEFAULT_METHOD, METHODS
+from samkv_integrations.methods import DEFAULT_METHOD
 
 #: Entry-point group through which other packages add subcommands.
 COMMANDS_GROUP = "samkv.commands"
@@ -52,18 +52,65 @@ def _read_documents(paths: Sequence[str]) -> list[str]:
     return texts
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def add_engine_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    model_default: str | None = None,
+    store_help: str = "KV cache store directory or fsspec URL (default: $SAMKV_HOME/kvcache)",
+    model_group: argparse._MutuallyExclusiveGroup | None = None,
+) -> None:
+    """Add ``--model``, ``--device`` and ``--store``, the engine options every command shares.
+
+    Args:
+        parser: The command's parser.
+        model_default: The command's default model (``None``: the embedded SmolLM2-135M).
+        store_help: The help of ``--store``, for a command whose default store differs.
+        model_group: A mutually exclusive group of ``parser`` to put ``--model`` in (e.g.
+            beside the bench's ``--shape``).
+    """
+    default = model_default or "embedded SmolLM2-135M"
+    (model_group or parser).add_argument(
         "--model",
-        default=None,
-        help="registry name, local path, .gguf file or hub id (default: embedded SmolLM2)",
+        default=model_default,
+        help=f"registry name, local path, .gguf file, hub id or random:<shape> (default: {default})",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
-        "--store",
-        default=None,
-        help="KV cache store directory or fsspec URL (default: $SAMKV_HOME/kvcache)",
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)"
     )
+    parser.add_argument("--store", default=None, help=store_help)
+
+
+def _spec_error(e: ValueError) -> argparse.ArgumentTypeError:
+    # argparse names the argument ("argument --method: ..."): the spec's message follows.
+    return argparse.ArgumentTypeError(str(e).removeprefix("methods: "))
+
+
+def method_spec(text: str) -> str:
+    """Argparse ``type=`` for one method spec, ``name[+option=value...]``.
+
+    Returns the spec unchanged once it is valid, so that a bad method, option or value is
+    an argparse error (exit status 2, naming the option) before any model loads.
+    """
+    from samkv_integrations.methods.specs import parse_spec
+
+    try:
+        return parse_spec(text.strip()).label
+    except ValueError as e:
+        raise _spec_error(e) from None
+
+
+def method_specs(text: str) -> str:
+    """Argparse ``type=`` for comma-separated method specs, validated like ``method_spec``.
+
+    Returns the text unchanged; ``parse_methods`` turns it into specs where it runs.
+    """
+    from samkv_integrations.methods.specs import parse_methods
+
+    try:
+        parse_methods(text, reference=False)
+    except ValueError as e:
+        raise _spec_error(e) from None
+    return text
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -86,7 +133,7 @@ def _ask(args: argparse.Namespace) -> int:
         print(delta, end="", flush=True)
     stats = stream.stats
     print(
-        f"\n[{stats.method}] TTFT {stats.ttft_s * 1000:.0f} ms, kept {stats.kept_fraction:.0%} "
+        f"\n[{args.method}] TTFT {stats.ttft_s * 1000:.0f} ms, kept {stats.kept_fraction:.0%} "
         f"of {stats.context_tokens} context tokens, recomputed {stats.recomputed_fraction:.0%}"
     )
     return 0
@@ -99,13 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     index = commands.add_parser("index", help="Compute and store KV caches of text files.")
-    _add_model_arguments(index)
+    add_engine_arguments(index)
     index.add_argument("files", nargs="+", help="text files, one document each")
     index.set_defaults(handler=_index)
 
     ask = commands.add_parser("ask", help="Answer a question from text files through their caches.")
-    _add_model_arguments(ask)
-    ask.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
+    add_engine_arguments(ask)
+    ask.add_argument(
+        "--method",
+        type=method_spec,
+        default=DEFAULT_METHOD,
+        metavar="SPEC",
+        help="method spec name[+option=value...], e.g. samkv+budget=0.2 (default: %(default)s)",
+    )
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("question")
     ask.add_argument("files", nargs="+", help="text files, one document each")

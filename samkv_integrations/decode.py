@@ -1,7 +1,9 @@
 """Token generation on a cache whose positions may have gaps, as a stream of text deltas.
 
 Streaming and non-streaming answers come from this one generator: a non-streamed answer
-is the concatenation of the deltas, so the two can never disagree.
+is the concatenation of the deltas, so the two can never disagree. Token picking, stop
+strings, EOS and detokenizing live here, once; what runs one token through the model is a
+``Decoder``, which a method may replace (decode-time retrieval or correction).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from samkv_integrations.models.compat import with_cache
 
 
 @dataclass(slots=True)
@@ -42,6 +46,37 @@ class GenerationOptions:
             self.stop = (self.stop,)
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+
+
+class Decoder:
+    """Runs one answer token through the model on the decode cache: the plain default.
+
+    A method that decodes differently subclasses it and returns an instance from
+    ``BaseMethod.decoder``. One instance serves one answer, so it may keep per-answer state.
+    """
+
+    def step(
+        self, model: PreTrainedModel, cache: DynamicCache, token: int, position: int
+    ) -> torch.Tensor:
+        """Feed one token and return the logits for the next one.
+
+        Args:
+            model: The model.
+            cache: The decode cache (``[1, n_kv_heads, cache_len, head_dim]`` per layer); the
+                token's KV is appended to it in place.
+            token: The token id just generated.
+            position: Its global position (positions may have gaps before it).
+
+        Returns:
+            ``[vocab]`` logits for the token after it.
+        """
+        out = model(
+            input_ids=torch.tensor([[token]], device=model.device),
+            position_ids=torch.tensor([[position]], device=model.device),
+            **with_cache(model, cache),
+            use_cache=True,
+        )
+        return out.logits[0, -1]
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -82,6 +117,7 @@ def generate_deltas(
     next_position: int,
     options: GenerationOptions,
     generated_ids: list[int] | None = None,
+    decoder: Decoder | None = None,
 ) -> Iterator[str]:
     """Generate from a filled cache, yielding text deltas.
 
@@ -94,11 +130,13 @@ def generate_deltas(
             gaps before it; cache indices and positions are independent).
         options: Sampling and stopping.
         generated_ids: If given, receives the generated token ids.
+        decoder: What runs each generated token through the model (default: ``Decoder()``).
 
     Yields:
         Pieces of text whose concatenation is the answer.
     """
     eos = eos_token_ids(model, tokenizer)
+    step_once = (decoder or Decoder()).step
     generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
     ids: list[int] = [] if generated_ids is None else generated_ids
     holdback = max((len(s) for s in options.stop), default=1) - 1
@@ -126,13 +164,7 @@ def generate_deltas(
             emitted = safe
         if step + 1 == options.max_new_tokens:
             break
-        out = model(
-            input_ids=torch.tensor([[token]], device=model.device),
-            position_ids=torch.tensor([[position]], device=model.device),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = out.logits[0, -1]
+        logits = step_once(model, cache, token, position)
         position += 1
     if len(text) > emitted:
         yield text[emitted:]

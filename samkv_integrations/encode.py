@@ -1,17 +1,22 @@
-"""Per-document prefill behind the shared prefix: what indexing computes once per chunk."""
+"""Per-document prefill behind the shared prefix: what indexing computes once per chunk.
+
+What is kept of it, K/V and the stored extras, is laid out in ``cache_format``.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
-from samkv_integrations.records import QUERY_WINDOW, DocumentKV
+from samkv_integrations.cache_format import EXTRAS, DocumentPrefill, declared_extras
+from samkv_integrations.models.compat import with_cache
+from samkv_integrations.records import DocumentKV
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +102,7 @@ def encode_prefix(model: PreTrainedModel, token_ids: list[int]) -> PrefixKV:
     """Prefill the shared prefix once."""
     ids = torch.tensor([token_ids], device=model.device)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, **with_cache(model, cache), use_cache=True)
     layers = layer_tensors(cache)
     return PrefixKV(
         token_ids=list(token_ids),
@@ -115,6 +120,7 @@ def encode_documents(
     *,
     batch_tokens: int = 8192,
     progress: bool = True,
+    extras: Sequence[str] | None = None,
 ) -> list[DocumentKV]:
     """Prefill each document alone behind the shared prefix, batching similar lengths.
 
@@ -129,10 +135,16 @@ def encode_documents(
         fingerprint: The model fingerprint to record on each cache.
         batch_tokens: Upper bound on padded tokens per batch.
         progress: Show a tqdm bar.
+        extras: Names of the stored extras to compute (``cache_format.EXTRAS``), e.g. those
+            the registered methods declare; ``None``: every known extra.
 
     Returns:
         One ``DocumentKV`` per document, in input order, on the model's device.
+
+    Raises:
+        ValueError: An extra's name is unknown.
     """
+    names = declared_extras([EXTRAS if extras is None else extras])
     order = sorted(range(len(documents)), key=lambda i: len(documents[i]))
     results: list[DocumentKV | None] = [None] * len(documents)
     n_heads = model.config.num_attention_heads
@@ -150,11 +162,14 @@ def encode_documents(
             ids[row, : len(documents[i])] = torch.tensor(documents[i], device=model.device)
         positions = torch.arange(prefix.length, prefix.length + longest, device=model.device)
         cache = prefix.cache(model, batch_size=len(batch))
-        with capture_queries(model) as queries:
+        capture: AbstractContextManager[list[torch.Tensor | None]] = (
+            capture_queries(model) if names else nullcontext([])
+        )
+        with capture as queries:
             model(
                 input_ids=ids,
                 position_ids=positions[None, :].expand(len(batch), -1),
-                past_key_values=cache,
+                **with_cache(model, cache),
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -163,21 +178,18 @@ def encode_documents(
         values = torch.stack([v[:, :, prefix.length :] for _, v in layers], dim=1)
         for row, i in enumerate(batch):
             n = len(documents[i])
-            window = slice(max(0, n - QUERY_WINDOW), n)
-            query_means = torch.stack(
-                [
-                    q[row, window].view(-1, n_heads, head_dim).float().mean(0)
-                    for q in queries
-                    if q is not None
-                ]
-            ).to(keys.dtype)
-            results[i] = DocumentKV(
-                token_ids=list(documents[i]),
+            prefill = DocumentPrefill(
                 keys=keys[row, :, :, :n].contiguous(),
                 values=values[row, :, :, :n].contiguous(),
-                query_means=query_means,
+                queries=[q[row, :n].view(n, n_heads, head_dim) for q in queries if q is not None],
+            )
+            results[i] = DocumentKV(
+                token_ids=list(documents[i]),
+                keys=prefill.keys,
+                values=prefill.values,
                 fingerprint=fingerprint,
                 prefix_len=prefix.length,
+                extras={name: EXTRAS[name].compute(prefill) for name in names},
             )
         bar.update(len(batch))
         start = end

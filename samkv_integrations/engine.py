@@ -7,31 +7,39 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from samkv_integrations.answer import Answer, AnswerStream
-from samkv_integrations.decode import GenerationOptions, generate_deltas
+from samkv_integrations.cache_format import declared_extras
+from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import PrefixKV, encode_documents, encode_prefix
-from samkv_integrations.errors import (
-    CacheCorruptedError,
-    CacheMismatchError,
-    CacheMissError,
-)
 from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer
-from samkv_integrations.methods import DEFAULT_METHOD, BaseMethod, MethodInput, get_method
+from samkv_integrations.methods import (
+    DEFAULT_METHOD,
+    METHODS,
+    BaseMethod,
+    DecodeState,
+    MethodInput,
+    get_method,
+)
 from samkv_integrations.models import LoadedModel, load_model, samkv_home
+from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import CacheRef, DocumentKV, MethodStats
+from samkv_integrations.resolve import KnownIds, OnForeignCache, RefLoader
 from samkv_integrations.store import KVCacheStore, cache_key
 from samkv_integrations.timing import Stopwatch
 
 logger = logging.getLogger(__name__)
 
-OnForeignCache = Literal["error", "recompute"]
+#: Called with the state decoding starts from (after the method's after-question stage).
+Observer = Callable[[DecodeState], None]
+
+#: Documents indexed from token ids whose ids the engine remembers (an LRU, by key).
+KNOWN_IDS = 4096
 
 
 class SamKVEngine:
@@ -59,6 +67,7 @@ class SamKVEngine:
         self.batch_tokens = batch_tokens
         self._prefix: PrefixKV | None = None
         self._fingerprint: str | None = None
+        self._known_ids = KnownIds(KNOWN_IDS)
         # One request at a time per model: generation mutates per-request caches only,
         # but interleaving requests would make every TTFT meaningless.
         self._lock = threading.RLock()
@@ -151,14 +160,18 @@ class SamKVEngine:
     ) -> list[CacheRef]:
         """Like ``index``, for documents given as framed token ids (as ``document_ids`` makes).
 
-        The refs carry no text, so a missing cache cannot be re-encoded from them.
+        The refs carry no text, so a missing cache cannot be re-encoded from them. The engine
+        remembers the ids of the last ``KNOWN_IDS`` such documents, so that a method that
+        reads no stored KV (``full``) prefills them without loading their caches.
         """
         ids = [list(doc) for doc in documents]
         limit = self.model.max_context - len(self.framer.prefix_ids())
         for i, doc in enumerate(ids):
             if not doc or len(doc) >= limit:
                 raise ValueError(f"document {i}: {len(doc)} token ids; need 1 to {limit - 1}")
-        return self._index_ids(ids, [None] * len(ids), progress)
+        refs = self._index_ids(ids, [None] * len(ids), progress)
+        self._known_ids.remember({ref.key: doc for ref, doc in zip(refs, ids, strict=True)})
+        return refs
 
     def _index_ids(
         self, ids: list[list[int]], texts: Sequence[str | None], progress: bool
@@ -174,6 +187,7 @@ class SamKVEngine:
                     self.fingerprint,
                     batch_tokens=self.batch_tokens,
                     progress=progress,
+                    extras=declared_extras(m.stored_extras for m in METHODS.values()),
                 )
             for doc in docs:
                 self.store.put(doc.to("cpu"))
@@ -194,8 +208,8 @@ class SamKVEngine:
 
         Keyword arguments are ``GenerationOptions`` fields (``max_new_tokens``,
         ``temperature``, ``top_p``, ``seed``, ``stop``), ``on_foreign_cache`` ("error" or
-        "recompute": what to do with a cache another model wrote), and ``method_options``
-        (hyperparameters for a method given by name).
+        "recompute": what to do with a cache another model wrote), ``method_options``
+        (hyperparameters for a method given by name) and ``observe`` (see ``stream``).
         """
         stream = self.stream(question, refs, method, **kwargs)
         for _ in stream:
@@ -210,9 +224,17 @@ class SamKVEngine:
         *,
         on_foreign_cache: OnForeignCache = "error",
         method_options: dict[str, Any] | None = None,
+        observe: Observer | None = None,
         **generation: Any,
     ) -> AnswerStream:
-        """Like ``answer``, but returns an ``AnswerStream`` of text deltas."""
+        """Like ``answer``, but returns an ``AnswerStream`` of text deltas.
+
+        ``observe``, if given, is called once with the ``DecodeState`` decoding starts from:
+        the method's cache with the question prefilled (``[1, n_kv_heads, cache_len,
+        head_dim]`` per layer), its positions and kept indices. Decoding then extends that
+        cache in place, so with ``max_new_tokens=1`` it is the decode cache once the answer
+        is done.
+        """
         chosen = get_method(method, **(method_options or {}))
         options = GenerationOptions(**generation)
         question_ids = self.framer.question_ids(question)
@@ -221,9 +243,10 @@ class SamKVEngine:
                 f"on_foreign_cache must be 'error' or 'recompute', got {on_foreign_cache!r}"
             )
         answer = Answer(text="", stats=MethodStats(chosen.name, 0, []))
-        return AnswerStream(
-            self._run(question_ids, list(refs), chosen, options, on_foreign_cache, answer), answer
+        run = self._run(
+            question_ids, list(refs), chosen, options, on_foreign_cache, answer, observe
         )
+        return AnswerStream(run, answer)
 
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a plain chat (``role``/``content`` dicts), ending with the generation prompt."""
@@ -249,11 +272,7 @@ class SamKVEngine:
         options = GenerationOptions(**generation)
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
-        if len(prompt_ids) + options.max_new_tokens > self.model.max_context:
-            raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens={options.max_new_tokens} "
-                f"exceeds the model's context of {self.model.max_context} tokens"
-            )
+        self._check_fits(len(prompt_ids), options.max_new_tokens)
         answer = Answer(text="", stats=MethodStats("prompt", 0, []))
         return AnswerStream(self._run_prompt(list(prompt_ids), options, answer), answer)
 
@@ -265,13 +284,7 @@ class SamKVEngine:
             watch = Stopwatch(model.device)
             cache = DynamicCache(config=model.config)
             with watch.phase("question"):
-                out = model(
-                    input_ids=torch.tensor([prompt_ids], device=model.device),
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                first_logits = out.logits[0, -1]
+                first_logits = self._prefill(prompt_ids, cache, 0)
             answer.stats = MethodStats("prompt", 0, [], seconds=dict(watch.seconds))
             answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
         deltas = generate_deltas(
@@ -282,6 +295,7 @@ class SamKVEngine:
             len(prompt_ids),
             options,
             answer.token_ids,
+            Decoder(),
         )
         yield from self._locked_steps(deltas)
 
@@ -307,134 +321,74 @@ class SamKVEngine:
         options: GenerationOptions,
         on_foreign_cache: OnForeignCache,
         answer: Answer,
+        observe: Observer | None,
     ) -> Iterator[str]:
         model = self.model.model
         with self._lock, torch.inference_mode():
             watch = Stopwatch(model.device)
             with watch.phase("load"):
                 docs, recomputed = self._load(refs, method.reads_cache, on_foreign_cache)
-            self._check_fits(docs, question_ids, options.max_new_tokens)
-            context = method(MethodInput(model, self.prefix, docs, question_ids))
+            inputs = MethodInput(model, self.prefix, docs, question_ids)
+            self._check_fits(inputs.context_end + len(question_ids), options.max_new_tokens)
+            context = method(inputs)
             with watch.phase("question"):
-                positions = (
-                    torch.arange(len(question_ids), device=model.device) + context.next_position
+                first_logits = self._prefill(question_ids, context.cache, context.next_position)
+            state = method.run_after_question(
+                DecodeState.after_prefill(
+                    inputs, context, first_logits, {"question": watch.seconds["question"]}
                 )
-                out = model(
-                    input_ids=torch.tensor([question_ids], device=model.device),
-                    position_ids=positions[None],
-                    past_key_values=context.cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                first_logits = out.logits[0, -1]
-            answer.stats = MethodStats(
-                method=method.name,
+            )
+            answer.describe(
+                method.name,
+                state,
                 context_tokens=sum(doc.n_tokens for doc in docs),
-                kept_tokens=[len(k) for k in context.kept_indices],
-                recomputed_tokens=context.recomputed_tokens,
-                seconds={
-                    "load": watch.seconds["load"],
-                    **context.seconds,
-                    "question": watch.seconds["question"],
-                },
+                load_seconds=watch.seconds["load"],
                 recomputed_documents=recomputed,
             )
-            answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
-            answer.kept_indices = [k.tolist() for k in context.kept_indices]
-            answer.details = context.details
+            del inputs, context, docs  # decoding needs the documents' KV no more
+            if observe is not None:
+                observe(state)
         deltas = generate_deltas(
             model,
             self.model.tokenizer,
-            context.cache,
-            first_logits,
-            context.next_position + len(question_ids),
+            state.cache,
+            state.first_logits,
+            state.next_position,
             options,
             answer.token_ids,
+            method.decoder(state),
         )
         yield from self._locked_steps(deltas)
 
-    def _check_fits(
-        self, docs: list[DocumentKV], question_ids: list[int], max_new_tokens: int
-    ) -> None:
-        total = (
-            self.prefix.length + sum(d.n_tokens for d in docs) + len(question_ids) + max_new_tokens
+    def _prefill(self, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
+        """Prefill ``ids`` at global positions ``start ..`` into ``cache``; ``[vocab]`` next logits."""
+        model = self.model.model
+        out = model(
+            input_ids=torch.tensor([ids], device=model.device),
+            position_ids=(torch.arange(len(ids), device=model.device) + start)[None],
+            **with_cache(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
         )
-        if total > self.model.max_context:
+        return out.logits[0, -1]
+
+    def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.model.max_context:
             raise ValueError(
-                f"prompt of {total - max_new_tokens} tokens plus max_new_tokens={max_new_tokens} "
+                f"prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} "
                 f"exceeds the model's context of {self.model.max_context} tokens"
             )
 
     def _load(
         self, refs: list[CacheRef], reads_cache: bool, on_foreign_cache: OnForeignCache
     ) -> tuple[list[DocumentKV], int]:
-        """Load each ref's cache to the model's device; encode the ones that cannot be used."""
-        docs: list[DocumentKV | None] = [None] * len(refs)
-        to_encode: list[int] = []
-        wanted = [i for i, ref in enumerate(refs) if reads_cache or ref.text is None]
-        # File reads, checksums and parsing release the GIL: documents load in parallel.
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(wanted)))) as pool:
-            fetched = dict(
-                zip(wanted, pool.map(self._fetch, [refs[i] for i in wanted]), strict=True)
-            )
-        for i, ref in enumerate(refs):
-            if i not in fetched:
-                empty = torch.empty(0, device=self.model.device)
-                doc_ids = self.document_ids(ref.text or "", index=i)
-                docs[i] = DocumentKV(
-                    doc_ids, empty, empty, empty, self.fingerprint, self.prefix.length
-                )
-                continue
-            try:
-                result = fetched[i]
-                if isinstance(result, Exception):
-                    raise result
-                docs[i] = result
-            except (CacheMissError, CacheCorruptedError, CacheMismatchError) as e:
-                foreign = isinstance(e, CacheMismatchError)
-                if ref.text is None or (foreign and on_foreign_cache == "error"):
-                    hint = (
-                        " (pass on_foreign_cache='recompute' to re-encode it from its text)"
-                        if foreign and ref.text is not None
-                        else " (the ref carries no text to re-encode it from)"
-                    )
-                    raise type(e)(f"{e}{hint}") from e
-                own_key = cache_key(self.fingerprint, self.document_ids(ref.text, index=i))
-                if foreign and self.store.contains(own_key):
-                    # Re-encoded on an earlier call: this engine's own cache of the text.
-                    docs[i] = self.store.get(
-                        own_key, fingerprint=self.fingerprint, device=self.model.device
-                    )
-                    continue
-                logger.warning("re-encoding document %d from its text: %s", i, e)
-                if isinstance(e, CacheCorruptedError):
-                    self.store.delete(ref.key)
-                to_encode.append(i)
-        if to_encode:
-            ids = [self.document_ids(refs[i].text or "", index=i) for i in to_encode]
-            fresh = encode_documents(
-                self.model.model, self.prefix, ids, self.fingerprint, progress=False
-            )
-            for i, doc in zip(to_encode, fresh, strict=True):
-                self.store.put(doc.to("cpu"))
-                docs[i] = doc
-        return [self._on_device(doc) for doc in docs if doc is not None], len(to_encode)
-
-    def _fetch(
-        self, ref: CacheRef
-    ) -> DocumentKV | CacheMissError | CacheCorruptedError | CacheMismatchError:
-        """One ref's cache on the model's device, or the error that makes it unusable."""
-        try:
-            if ref.model != self.fingerprint:
-                raise CacheMismatchError(
-                    f"cache {ref.key} was written by model {ref.model[:12]}, this engine runs "
-                    f"model {self.fingerprint[:12]} ({self.model.name} behind its prompt prefix)"
-                )
-            return self.store.get(ref.key, fingerprint=self.fingerprint, device=self.model.device)
-        except (CacheMissError, CacheCorruptedError, CacheMismatchError) as e:
-            return e
-
-    def _on_device(self, doc: DocumentKV) -> DocumentKV:
-        if not doc.keys.numel():
-            return doc
-        return doc.to(self.model.device, self.model.dtype)
+        """Each ref's KV on the model's device, and how many were encoded on the spot."""
+        loader = RefLoader(
+            self.model,
+            self.store,
+            self.fingerprint,
+            self.prefix,
+            self.document_ids,
+            self._known_ids,
+        )
+        return loader.load(refs, reads_cache, on_foreign_cache)

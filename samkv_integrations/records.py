@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-#: Version of the stored cache layout. Part of every store key: bump it when what is
-#: stored, or how it is computed, changes, so that old caches miss instead of misleading.
-#: 1: K/V only. 2: adds the per-document mean query of its last tokens (SamKV).
-FORMAT_VERSION = 2
-
-#: How many of a document's last tokens the stored mean query averages over.
-QUERY_WINDOW = 8
+from samkv_integrations.cache_format import FORMAT_VERSION
+from samkv_integrations.errors import CacheMissError
 
 
 @dataclass(slots=True)
@@ -25,18 +20,18 @@ class DocumentKV:
         keys: ``[n_layers, n_kv_heads, n_tokens, head_dim]``, post-RoPE at the local
             positions ``prefix_len .. prefix_len + n_tokens - 1``.
         values: ``[n_layers, n_kv_heads, n_tokens, head_dim]``.
-        query_means: ``[n_layers, n_q_heads, head_dim]``, the mean pre-RoPE query of the
-            document's last ``QUERY_WINDOW`` tokens at every layer.
         fingerprint: The model fingerprint of the model that computed it.
         prefix_len: Length of the shared prefix it was computed behind.
+        extras: The stored extras methods declared (``BaseMethod.stored_extras``), by
+            name; ``cache_format.EXTRAS`` gives each one's shape and computation.
     """
 
     token_ids: list[int]
     keys: torch.Tensor
     values: torch.Tensor
-    query_means: torch.Tensor
     fingerprint: str
     prefix_len: int
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -45,21 +40,45 @@ class DocumentKV:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the tensors."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.query_means))
+        """Bytes held by the tensors, extras included."""
+        tensors = (self.keys, self.values, *self.extras.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def query_means(self) -> torch.Tensor:
+        """The ``query_means`` extra ``[n_layers, n_q_heads, head_dim]`` that SamKV reads.
+
+        The mean pre-RoPE query of the document's last ``cache_format.QUERY_WINDOW`` tokens.
+
+        Raises:
+            CacheMissError: The cache holds no ``query_means``.
+        """
+        try:
+            return self.extras["query_means"]
+        except KeyError:
+            raise CacheMissError(
+                f"this document's cache holds no query_means (it holds {sorted(self.extras)}); "
+                "a method that reads it declares it in stored_extras"
+            ) from None
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> DocumentKV:
+        """A copy of the record with ``fn`` applied to every tensor, extras included."""
+        return DocumentKV(
+            token_ids=list(self.token_ids),
+            keys=fn(self.keys),
+            values=fn(self.values),
+            fingerprint=self.fingerprint,
+            prefix_len=self.prefix_len,
+            extras={name: fn(t) for name, t in self.extras.items()},
+        )
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DocumentKV:
         """Return a copy with the tensors moved (and optionally cast)."""
         # Only host-to-device copies may be asynchronous: a device-to-host copy into
         # pinned memory would hand back a tensor the caller may read before it is filled.
         non_blocking = torch.device(device).type != "cpu"
-        return DocumentKV(
-            token_ids=self.token_ids,
-            keys=self.keys.to(device=device, dtype=dtype, non_blocking=non_blocking),
-            values=self.values.to(device=device, dtype=dtype, non_blocking=non_blocking),
-            query_means=self.query_means.to(device=device, dtype=dtype, non_blocking=non_blocking),
-            fingerprint=self.fingerprint,
-            prefix_len=self.prefix_len,
+        return self.map_tensors(
+            lambda t: t.to(device=device, dtype=dtype, non_blocking=non_blocking)
         )
 
 

@@ -1,59 +1,47 @@
-"""Content-addressed, model-fingerprinted store of per-document KV caches.
+"""Where and how per-document KV caches are kept: fsspec storage, a memory tier, atomic writes.
 
 An entry is two files under ``<root>/<key[:2]>/``: ``<key>.safetensors`` holds the tensors
-(``keys``, ``values``, ``query_means``) and ``<key>.json`` the metadata, including the
-sha256 of the exact tensor bytes. The JSON is written last, so its presence commits the
-entry. Nothing is ever unpickled.
+and ``<key>.json`` the metadata. What they hold, how the key is derived and how an entry is
+verified is :mod:`samkv_integrations.cache_format`'s. The JSON is written last, so its
+presence commits the entry. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import re
-import struct
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
+from samkv_integrations.cache_format import (
+    FORMAT_VERSION,
+    cache_key,
+    check_entry,
+    check_reader,
+    describe,
+    pack,
+    read_meta,
+    read_tensors,
+)
 from samkv_integrations.errors import CacheCorruptedError, CacheMismatchError, CacheMissError
-from samkv_integrations.records import FORMAT_VERSION, DocumentKV
+from samkv_integrations.records import DocumentKV
+
+__all__ = ["FORMAT_VERSION", "KVCacheStore", "StoreStats", "cache_key"]
 
 logger = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-_TENSORS = ("keys", "values", "query_means")
-_META_TYPES = dict(format=int, fingerprint=str, token_ids=list, prefix_len=int, tensors_sha256=str)
-
-
-def cache_key(
-    fingerprint: str, token_ids: Sequence[int], format_version: int = FORMAT_VERSION
-) -> str:
-    """The sha256 hex key over the length-prefixed fingerprint, format and int64 token ids.
-
-    Raises:
-        ValueError: If a token id or the format version is not a 64-bit integer.
-    """
-    fp = fingerprint.encode("utf-8")
-    try:
-        head = struct.pack("<q", len(fp)) + fp + struct.pack("<qq", format_version, len(token_ids))
-        ids = struct.pack(f"<{len(token_ids)}q", *token_ids)
-    except struct.error as e:
-        raise ValueError(f"token_ids and format_version must be int64 values: {e}") from e
-    return hashlib.sha256(b"samkv-kv\0" + head + ids).hexdigest()
 
 
 @dataclass(slots=True)
@@ -95,7 +83,8 @@ class KVCacheStore:
         >>> from samkv_integrations.records import DocumentKV
         >>> store = KVCacheStore("memory://doctest-store", memory_bytes=1 << 20)
         >>> kv = torch.zeros(2, 2, 3, 4)  # [layers, kv heads, tokens, head_dim]
-        >>> doc = DocumentKV([1, 2, 3], kv, kv, torch.zeros(2, 4, 4), "my-model", prefix_len=5)
+        >>> extras = {"query_means": torch.zeros(2, 4, 4)}  # [layers, q heads, head_dim]
+        >>> doc = DocumentKV([1, 2, 3], kv, kv, "my-model", prefix_len=5, extras=extras)
         >>> key = store.put(doc)
         >>> store.get(key, fingerprint="my-model").token_ids
         [1, 2, 3]
@@ -139,7 +128,7 @@ class KVCacheStore:
         return self._url
 
     def put(self, doc: DocumentKV) -> str:
-        """Store a document cache; an existing valid entry under its key is kept as is.
+        """Store a document cache; a valid stored entry holding its extras is kept as is.
 
         Args:
             doc: The cache. Tensors may live on any device; they are saved from CPU.
@@ -148,37 +137,26 @@ class KVCacheStore:
             The entry's key, ``cache_key(doc.fingerprint, doc.token_ids)``.
 
         Raises:
-            ValueError: If the tensor shapes do not match the record's contract.
+            ValueError: If a tensor's shape does not fit the others and the token count,
+                an extra is unknown, or ``prefix_len`` is negative; the message names it.
+            OSError: If storage cannot be written.
         """
         key = cache_key(doc.fingerprint, doc.token_ids)
-        shape = tuple(doc.keys.shape)
-        if len(shape) != 4 or shape[2] != doc.n_tokens or tuple(doc.values.shape) != shape:
-            raise ValueError(
-                f"keys and values must be [layers, heads, {doc.n_tokens} tokens, head_dim], got "
-                f"keys {shape} and values {tuple(doc.values.shape)}"
-            )
-        if torch.cuda.is_available() and any(getattr(doc, n).is_pinned() for n in _TENSORS):
+        given = {"keys": doc.keys, "values": doc.values, **doc.extras}
+        if torch.cuda.is_available() and any(t.is_pinned() for t in given.values()):
             torch.cuda.synchronize()  # a non-blocking device-to-host copy may be in flight
         # Private copies: safetensors refuses tensors that share storage (keys and values
         # sliced from one buffer), and the memory tier must not alias the caller's tensors.
-        t = {n: getattr(doc, n).detach().to("cpu", copy=True).contiguous() for n in _TENSORS}
-        ids = [int(i) for i in doc.token_ids]
-        kept = DocumentKV(
-            ids, t["keys"], t["values"], t["query_means"], doc.fingerprint, doc.prefix_len
-        )
-        if self._valid_on_storage(key):
+        kept = doc.map_tensors(lambda t: t.detach().to("cpu", copy=True).contiguous())
+        kept.token_ids = [int(i) for i in doc.token_ids]
+        tensors = {"keys": kept.keys, "values": kept.values, **kept.extras}
+        check_entry(kept.n_tokens, kept.prefix_len, tensors)
+        stored = self._stored(key, kept.prefix_len, needs=kept.extras)
+        if stored is not None:
             logger.debug("put %s: already stored in %s", key, self._url)
+            kept = stored
         else:
-            data = save_safetensors(t)
-            meta = {
-                "format": FORMAT_VERSION,
-                "fingerprint": doc.fingerprint,
-                "token_ids": kept.token_ids,
-                "prefix_len": kept.prefix_len,
-                "tensors_sha256": hashlib.sha256(data).hexdigest(),
-                "nbytes": kept.nbytes,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
+            data, meta = pack(kept.fingerprint, kept.token_ids, kept.prefix_len, tensors)
             self._fs.makedirs(f"{self._root}/{key[:2]}", exist_ok=True)
             self._write_atomic(self._path(key, "safetensors"), data)
             self._write_atomic(self._path(key, "json"), json.dumps(meta).encode("utf-8"))
@@ -194,6 +172,8 @@ class KVCacheStore:
         *,
         fingerprint: str | None = None,
         token_ids: Sequence[int] | None = None,
+        prefix_len: int | None = None,
+        extras: Collection[str] = (),
         device: torch.device | str | None = None,
     ) -> DocumentKV:
         """Load a document cache, checking it before returning it.
@@ -202,6 +182,8 @@ class KVCacheStore:
             key: The entry's key.
             fingerprint: If given, the fingerprint of the model that will use the cache.
             token_ids: If given, the token ids the caller expects the cache to hold.
+            prefix_len: If given, the caller's shared prefix length.
+            extras: Names of the stored extras the caller needs.
             device: If given, the tensors are returned on it, as fresh copies (from pinned
                 host memory, asynchronously, when the memory tier holds the entry pinned).
 
@@ -209,8 +191,9 @@ class KVCacheStore:
             The cache, on CPU (pinned if ``pin_memory`` was set and CUDA is available).
 
         Raises:
-            CacheMissError: No entry is stored under ``key``.
-            CacheCorruptedError: The entry fails its checksum or cannot be parsed.
+            CacheMissError: No entry is stored under ``key``, or it lacks a needed extra.
+            CacheCorruptedError: The entry cannot be read, fails a checksum or shape check,
+                or has another ``prefix_len`` than the caller's.
             CacheMismatchError: The entry was written by another model or format version,
                 or holds other token ids than ``token_ids``.
         """
@@ -219,17 +202,29 @@ class KVCacheStore:
             cached = self._lru.get(key)
             if cached is not None:
                 self._lru.move_to_end(key)
-        if cached is not None:
-            stored = {"fingerprint": cached.fingerprint, "token_ids": cached.token_ids}
-            self._check_request(key, {"format": FORMAT_VERSION, **stored}, fingerprint, token_ids)
-            with self._lock:
-                self._stats.hits += 1
-                self._stats.memory_hits += 1
-            return self._output(cached, copy=True, device=device)
+
+        def check(stored: dict[str, Any]) -> None:
+            check_reader(
+                self._where(key),
+                stored,
+                fingerprint=fingerprint,
+                token_ids=token_ids,
+                prefix_len=prefix_len,
+                extras=extras,
+            )
+
         try:
-            meta = self._parse_meta(key, self._read(key, "json"))
-            self._check_request(key, meta, fingerprint, token_ids)
-            doc = self._parse_tensors(key, meta)
+            if cached is not None:
+                check(
+                    describe(cached.fingerprint, cached.token_ids, cached.prefix_len, cached.extras)
+                )
+                with self._lock:
+                    self._stats.hits += 1
+                    self._stats.memory_hits += 1
+                return self._output(cached, copy=True, device=device)
+            meta = read_meta(self._read(key, "json"), key, self._where(key))
+            check(meta)
+            doc = self._load(key, meta)
         except CacheMissError:
             with self._lock:
                 self._stats.misses += 1
@@ -245,7 +240,7 @@ class KVCacheStore:
         with self._lock:
             if key in self._lru:
                 return True
-        return bool(self._fs.exists(self._path(key, "json")))
+        return bool(self._fs.isfile(self._path(key, "json")))
 
     def delete(self, key: str) -> bool:
         """Remove an entry from storage and memory.
@@ -274,8 +269,16 @@ class KVCacheStore:
     def _path(self, key: str, suffix: str) -> str:
         return f"{self._root}/{key[:2]}/{key}.{suffix}"
 
+    def _where(self, key: str) -> str:
+        return f"KV cache {key} in {self._url}"
+
     def _read(self, key: str, suffix: str) -> bytes:
-        """Read one file of an entry; CacheMissError (not counted) if it is absent."""
+        """Read one file of an entry.
+
+        Raises:
+            CacheMissError: It is absent (not counted as a miss here).
+            CacheCorruptedError: It cannot be read (a permission error, a directory).
+        """
         try:
             if not self._local:
                 return bytes(self._fs.cat_file(self._path(key, suffix)))
@@ -283,6 +286,8 @@ class KVCacheStore:
                 return f.read()
         except FileNotFoundError as e:
             raise CacheMissError(f"no KV cache {key} ({suffix}) in the store {self._url}") from e
+        except OSError as e:
+            raise CacheCorruptedError(f"{self._where(key)}: cannot read its {suffix} ({e})") from e
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         folder, name = path.rsplit("/", 1)
@@ -302,78 +307,48 @@ class KVCacheStore:
             raise
 
     def _rm(self, path: str) -> bool:
+        """Remove one file; False if absent or if it cannot be removed (logged)."""
         try:
             self._fs.rm_file(path)
         except FileNotFoundError:
             return False
+        except OSError as e:
+            logger.warning("cannot remove %s from the KV cache store: %s", path, e)
+            return False
         return True
 
-    def _valid_on_storage(self, key: str) -> bool:
-        """Whether a committed entry under ``key`` reads back whole; uncommit it if not."""
+    def _stored(self, key: str, prefix_len: int, needs: Collection[str]) -> DocumentKV | None:
+        """The committed entry under ``key``, if it reads back whole, fits and holds ``needs``.
+
+        Otherwise the entry, about to be rewritten, is uncommitted.
+        """
         try:
-            self._parse_tensors(key, self._parse_meta(key, self._read(key, "json")))
-            return True
-        except CacheMissError:
-            pass
-        except CacheCorruptedError as e:
+            meta = read_meta(self._read(key, "json"), key, self._where(key))
+            check_reader(self._where(key), meta, prefix_len=prefix_len, extras=needs)
+            return self._load(key, meta)
+        except CacheMissError as e:
+            logger.debug("put %s: %s", key, e)  # absent, or lacking an extra
+        except (CacheCorruptedError, CacheMismatchError) as e:
             logger.warning("%s; rewriting it", e)
         self._rm(self._path(key, "json"))
-        return False
+        return None
 
-    def _parse_meta(self, key: str, raw: bytes) -> dict[str, Any]:
-        where = f"KV cache {key} in {self._url}"
-        try:
-            meta = json.loads(raw)
-            bad = [f for f, t in _META_TYPES.items() if not isinstance(meta.get(f), t)]
-            if bad or not all(type(t) is int for t in meta["token_ids"]):
-                raise TypeError(f"bad or missing fields {bad or ['token_ids']}")
-            rehashed = cache_key(meta["fingerprint"], meta["token_ids"], meta["format"])
-        except (ValueError, TypeError, AttributeError) as e:
-            raise CacheCorruptedError(f"{where}: unreadable metadata JSON ({e})") from e
-        if rehashed != key:
-            raise CacheCorruptedError(f"{where}: its metadata does not hash back to the key")
-        return meta
-
-    @staticmethod
-    def _check_request(
-        key: str, stored: dict[str, Any], fingerprint: str | None, ids: Sequence[int] | None
-    ) -> None:
-        """Raise CacheMismatchError unless ``stored`` is usable as the caller asks."""
-        if stored["format"] != FORMAT_VERSION:
-            msg = f"has store format {stored['format']}, this version reads {FORMAT_VERSION}"
-        elif fingerprint is not None and fingerprint != stored["fingerprint"]:
-            fp = stored["fingerprint"]
-            msg = f"was written by model {fp!r}, this engine runs model {fingerprint!r}"
-        elif ids is not None and [int(t) for t in ids] != list(stored["token_ids"]):
-            msg = f"holds other token ids ({len(stored['token_ids'])}) than asked ({len(ids)})"
-        else:
-            return
-        raise CacheMismatchError(f"KV cache {key} {msg}")
-
-    def _parse_tensors(self, key: str, meta: dict[str, Any]) -> DocumentKV:
-        """Read an entry's tensors, check them against its metadata and load them."""
+    def _load(self, key: str, meta: dict[str, Any]) -> DocumentKV:
+        """Read an entry's tensors, verify them against its metadata and load them."""
         data = self._read(key, "safetensors")
         with self._lock:
             self._stats.bytes_read += len(data)
-        where = f"KV cache {key} in {self._url}"
-        if hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
-            raise CacheCorruptedError(f"{where}: tensors checksum mismatch")
-        try:
-            t = load_safetensors(data)
-            k, v, q = t["keys"], t["values"], t["query_means"]
-        except Exception as e:  # safetensors raises its own error types
-            raise CacheCorruptedError(f"{where}: unparsable safetensors ({e})") from e
-        if k.dim() != 4 or k.shape[2] != len(meta["token_ids"]):
-            raise CacheCorruptedError(f"{where}: keys shape does not match token_ids")
-        return DocumentKV(meta["token_ids"], k, v, q, meta["fingerprint"], meta["prefix_len"])
+        t = read_tensors(data, meta, self._where(key))
+        extras = {name: t[name] for name in t if name not in ("keys", "values")}
+        fp, prefix_len = meta["fingerprint"], meta["prefix_len"]
+        return DocumentKV(meta["token_ids"], t["keys"], t["values"], fp, prefix_len, extras)
 
     def _remember(self, key: str, doc: DocumentKV) -> None:
         if self._memory_bytes == 0 or doc.nbytes > self._memory_bytes:
             return
         if self._pin and torch.cuda.is_available() and not doc.keys.is_pinned():
             # Pinned once on entry: every later hit copies to the GPU at full PCIe speed.
-            k, v, q = (t.pin_memory() for t in (doc.keys, doc.values, doc.query_means))
-            doc = DocumentKV(doc.token_ids, k, v, q, doc.fingerprint, doc.prefix_len)
+            doc = doc.map_tensors(torch.Tensor.pin_memory)
         with self._lock:
             old = self._lru.pop(key, None)
             used = self._stats.memory_bytes_used + doc.nbytes - (old.nbytes if old else 0)
@@ -386,10 +361,8 @@ class KVCacheStore:
         self, doc: DocumentKV, *, copy: bool, device: torch.device | str | None = None
     ) -> DocumentKV:
         """Tensors for the caller: copies when the memory tier holds the originals."""
-        tensors = (doc.keys, doc.values, doc.query_means)
         if device is not None and torch.device(device).type != "cpu":
-            k, v, q = (t.to(device, non_blocking=t.is_pinned()) for t in tensors)
-        else:
-            pin = self._pin and torch.cuda.is_available()
-            k, v, q = (t.pin_memory() if pin else t.clone() if copy else t for t in tensors)
-        return DocumentKV(list(doc.token_ids), k, v, q, doc.fingerprint, doc.prefix_len)
+            return doc.map_tensors(lambda t: t.to(device, non_blocking=t.is_pinned()))
+        if self._pin and torch.cuda.is_available():
+            return doc.map_tensors(torch.Tensor.pin_memory)
+        return doc.map_tensors(torch.Tensor.clone if copy else lambda t: t)

@@ -9,26 +9,27 @@ import pytest
 import torch
 
 from samkv_integrations.bench.cli import main as bench_main
-from samkv_integrations.bench.report import parse_options, ratios
+from samkv_integrations.bench.report import ratios
 from samkv_integrations.bench.throughput import cache_nbytes, decode_rate
 from samkv_integrations.bench.workloads import Workload, random_documents, vocabulary_ids
 from samkv_integrations.methods import METHODS
 from samkv_integrations.models import LoadedModel
+from samkv_integrations.models.compat import with_cache
 
-# Methods that may drop tokens from the decode cache, with options that make them drop some
-# on 32-token documents (anchors of 4 + 4 leave three blocks of 8 to choose from).
-DROPPING = {"samkv": ["samkv.n_init=4", "samkv.n_local=4", "samkv.block_size=8",
-                      "samkv.ranking=global", "samkv.budget=0.4"]}  # fmt: skip
+# Methods that may drop tokens from the decode cache, as specs whose options make them drop
+# some on 32-token documents (anchors of 4 + 4 leave three blocks of 8 to choose from).
+DROPPING = {"samkv": "samkv+n_init=4+n_local=4+block_size=8+ranking=global+budget=0.4"}
+#: Every registered method, those that drop tokens by their spec: the report's keys.
+SPECS = [DROPPING.get(name, name) for name in METHODS]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    options = [f"--option={o}" for name, opts in DROPPING.items() if name in METHODS for o in opts]
     code = bench_main(
         ["--shape", "tiny-llama", "--device", "cpu", "--workloads", "2x32",
-         "--methods", ",".join(METHODS), "--repeats", "1", "--warmup", "0",
-         "--decode-steps", "2", "--max-batch", "2", "--output", str(out), *options]
+         "--methods", ",".join(SPECS), "--repeats", "1", "--warmup", "0",
+         "--decode-steps", "2", "--max-batch", "2", "--output", str(out)]
     )  # fmt: skip
     assert code == 0
     return json.loads(out.read_text())
@@ -41,7 +42,7 @@ def test_report_structure(report: dict[str, Any]) -> None:
     assert report["command"] and report["settings"]["workloads"] == "2x32"
     (work,) = report["workloads"]
     assert (work["workload"], work["documents"], work["context_tokens"]) == ("2x32", 2, 64)
-    assert set(work["methods"]) == set(METHODS)
+    assert list(work["methods"]) == SPECS  # keyed by spec, in the order given
     for name, result in work["methods"].items():
         assert "error" not in result, f"{name}: {result.get('error')}"
         assert len(result["runs"]) == 1
@@ -67,10 +68,10 @@ def test_kv_bytes_follow_the_kept_tokens(report: dict[str, Any]) -> None:
     methods = work["methods"]
     assert methods["reuse"]["kv_bytes"] == methods["full"]["kv_bytes"]
     assert methods["reuse"]["kept_fraction"] == 1.0
-    for name in DROPPING:
-        if name in methods:
-            assert methods[name]["kept_fraction"] < 1.0
-            assert methods[name]["kv_bytes"] < methods["full"]["kv_bytes"]
+    for spec in DROPPING.values():
+        if spec in methods:
+            assert methods[spec]["kept_fraction"] < 1.0
+            assert methods[spec]["kv_bytes"] < methods["full"]["kv_bytes"]
 
 
 def test_ratios_without_full_are_empty() -> None:
@@ -100,11 +101,37 @@ def test_bad_workloads_name_the_field(text: str) -> None:
         Workload.parse(text)
 
 
-def test_method_options_parse_json_values() -> None:
-    parsed = parse_options(["samkv.budget=0.15", "samkv.ranking=global"], ["samkv"])
-    assert parsed == {"samkv": {"budget": 0.15, "ranking": "global"}}
+def test_spec_options_reach_the_method(report: dict[str, Any]) -> None:
+    (work,) = report["workloads"]
+    # budget=0.4 under global ranking: the kept fraction holds to it (the default keeps more).
+    assert work["methods"][DROPPING["samkv"]]["kept_fraction"] <= 0.4 + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        ("full,samkv+budgt=0.15", "unknown option 'budgt' of 'samkv'"),
+        ("full,samkv+budget=2", "budget"),
+        ("full,nope", "unknown method 'nope'"),
+        ("full,full", "repeated full"),
+    ],
+)
+def test_bad_specs_fail_at_parse_time(
+    methods: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A model that cannot load: the spec error must come first, from argument parsing.
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(["--model", "/no/such/model", "--methods", methods])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --methods: " in err and message in err
+    assert "Traceback" not in err
+
+
+def test_old_option_flag_is_gone(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        parse_options(["nosuch.budget=1"], ["samkv"])
+        bench_main(["--option", "samkv.budget=0.15"])
+    assert "unrecognized arguments: --option" in capsys.readouterr().err
 
 
 def test_batched_decode_leaves_the_request_cache_alone(tiny_llama: LoadedModel) -> None:
@@ -113,7 +140,7 @@ def test_batched_decode_leaves_the_request_cache_alone(tiny_llama: LoadedModel) 
     model = tiny_llama.model
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=torch.arange(1, 11)[None], past_key_values=cache, use_cache=True)
+        model(input_ids=torch.arange(1, 11)[None], **with_cache(model, cache), use_cache=True)
     before = cache_nbytes(cache)
     assert before == 2 * 4 * 2 * 10 * 16 * 4  # k+v, layers, kv heads, tokens, head_dim, fp32
     assert decode_rate(model, cache, position=10, batch=3, steps=2) > 0

@@ -15,6 +15,7 @@ from samkv_integrations import (
     KVCacheStore,
     SamKVEngine,
 )
+from samkv_integrations.methods import DecodeState
 from samkv_integrations.models import LoadedModel
 
 DOCS = ["Alpha is the first letter.", "Omega is the last letter of the Greek alphabet."]
@@ -226,3 +227,39 @@ def test_a_stream_can_be_advanced_from_a_new_thread_each_step(tiny_engine: SamKV
     acquired = tiny_engine._lock.acquire(timeout=1)
     assert acquired
     tiny_engine._lock.release()
+
+
+def test_observe_sees_the_state_decoding_starts_from(tiny_engine: SamKVEngine) -> None:
+    refs = tiny_engine.index(DOCS, progress=False)
+    seen: list[DecodeState] = []
+    answer = tiny_engine.answer(
+        "Which?", refs, method="reuse", max_new_tokens=1, observe=seen.append
+    )
+    (state,) = seen  # called once, before decoding
+    question = tiny_engine.framer.question_ids("Which?")
+    context = sum(ref.n_tokens for ref in refs)
+    length = tiny_engine.prefix.length + context + len(question)
+    assert state.cache.get_seq_length() == len(state.positions) == length
+    assert state.next_position == length
+    assert state.question_ids == question
+    assert answer.first_token_logprobs is not None
+    assert torch.equal(answer.first_token_logprobs, torch.log_softmax(state.first_logits, -1))
+    assert answer.kept_indices == [k.tolist() for k in state.kept_indices]
+
+
+def test_token_id_refs_answer_as_text_refs_and_full_reads_no_cache(
+    tiny_engine: SamKVEngine,
+) -> None:
+    text_refs = tiny_engine.index(DOCS, progress=False)
+    id_refs = tiny_engine.index_token_ids(
+        [tiny_engine.document_ids(text) for text in DOCS], progress=False
+    )
+    assert [r.key for r in id_refs] == [r.key for r in text_refs]
+    assert all(r.text is None for r in id_refs)
+    for method in ("full", "reuse"):
+        by_text = tiny_engine.answer("Which?", text_refs, method=method, max_new_tokens=4)
+        by_ids = tiny_engine.answer("Which?", id_refs, method=method, max_new_tokens=4)
+        assert by_ids.token_ids == by_text.token_ids
+    hits = tiny_engine.store.stats().hits
+    tiny_engine.answer("Which?", id_refs, method="full", max_new_tokens=2)
+    assert tiny_engine.store.stats().hits == hits  # full prefills the remembered ids

@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from samkv_integrations import CacheMismatchError, SamKVEngine
+from samkv_integrations import CacheMismatchError, KVCacheStore, SamKVEngine
 from samkv_integrations.decode import eos_token_ids
 from samkv_integrations.encode import encode_documents
 from samkv_integrations.models import LoadedModel
+from samkv_integrations.models.compat import with_cache
 from samkv_integrations.models.shapes import random_model
 from samkv_integrations.rope import shift_keys
 
@@ -25,7 +26,9 @@ def _prefill_keys(model: LoadedModel, ids: list[int], start: int) -> list[torch.
     cache = DynamicCache(config=model.model.config)
     positions = torch.arange(start, start + len(ids))[None]
     with torch.inference_mode():
-        model.model(input_ids=torch.tensor([ids]), position_ids=positions, past_key_values=cache)
+        model.model(
+            input_ids=torch.tensor([ids]), position_ids=positions, **with_cache(model.model, cache)
+        )
     return [layer.keys[0] for layer in cache.layers]
 
 
@@ -51,6 +54,25 @@ def test_full_equals_plain_generate(tiny_engine: SamKVEngine) -> None:
     expected = generated[: next((i for i, t in enumerate(generated) if t in eos), len(generated))]
     assert answer.token_ids == expected
     assert len(expected) > 0
+
+
+def test_plain_prompt_equals_plain_generate(talkative_llama: LoadedModel) -> None:
+    # The plain decoder (``decode.Decoder``) that every method gets by default, on a model
+    # that never picks EOS, so that all twelve decode steps run.
+    engine = SamKVEngine(talkative_llama, KVCacheStore("memory://plain-prompt"))
+    ids = engine.chat_ids([{"role": "user", "content": "Where is the Eiffel Tower?"}])
+    stream = engine.stream_prompt(ids, max_new_tokens=12)
+    text = "".join(stream)
+    model = talkative_llama.model
+    expected = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=talkative_llama.tokenizer.pad_token_id,
+    )[0, len(ids) :].tolist()
+    assert stream.answer.token_ids == expected and len(expected) == 12
+    assert text == talkative_llama.tokenizer.decode(expected, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2", "tiny-llama3-rope"])

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -17,7 +22,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from samkv_integrations.models import LoadedModel, load_model, samkv_home
+from samkv_integrations.models import LoadedModel, digests, load_model, samkv_home
 from samkv_integrations.models.loaded import fingerprint_model, weights_identity_of_module
 
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -35,19 +40,19 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_model(arch: str = "llama", seed: int = 0) -> PreTrainedModel:
+def make_model(arch: str = "llama", seed: int = 0, **overrides: int) -> PreTrainedModel:
     config_cls, model_cls = ARCHS[arch]
+    shape = {"intermediate_size": 128, "num_hidden_layers": 2, **overrides}
     config = config_cls(
         vocab_size=300,
         hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        **shape,
     )
     torch.manual_seed(seed)
     return model_cls(config).eval()
@@ -57,6 +62,13 @@ def save(model: PreTrainedModel, path: Path) -> Path:
     model.save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    # Weight digests are cached under $SAMKV_HOME: never the user's own.
+    monkeypatch.setenv("SAMKV_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
 
 
 @pytest.fixture(params=sorted(ARCHS))
@@ -157,3 +169,139 @@ def test_samkv_home_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("SAMKV_HOME", str(tmp_path / "cache" / "samkv"))
     home = samkv_home()
     assert home == tmp_path / "cache" / "samkv" and home.is_dir()
+
+
+MIB = 1 << 20
+
+
+def age(path: Path, seconds: int = 60) -> None:
+    """Date ``path`` back: a digest taken right after a write is not trusted (racy mtime)."""
+    past = path.stat().st_mtime_ns - seconds * 10**9
+    os.utime(path, ns=(past, past))
+
+
+def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    calls: list[Path] = []
+    real = digests._hash_file
+
+    def spy(path: Path, size: int) -> str:
+        calls.append(path)
+        return real(path, size)
+
+    monkeypatch.setattr(digests, "_hash_file", spy)
+    return calls
+
+
+def add_to_layer(weights: Path, prefix: str, delta: float) -> tuple[int, int]:
+    """Add ``delta`` to every float32 of the tensors named ``prefix*``, rewriting them in place.
+
+    Returns the byte range of the file that changed.
+    """
+    with open(weights, "r+b") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        ranges = [
+            (8 + length + info["data_offsets"][0], 8 + length + info["data_offsets"][1])
+            for name, info in header.items()
+            if name.startswith(prefix)
+        ]
+        assert ranges and all(header[n]["dtype"] == "F32" for n in header if n.startswith(prefix))
+        for start, end in ranges:
+            fh.seek(start)
+            values = np.frombuffer(fh.read(end - start), dtype="<f4") + np.float32(delta)
+            fh.seek(start)
+            fh.write(values.astype("<f4").tobytes())
+    return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+
+def test_fingerprint_changes_when_a_middle_layer_is_rewritten(tmp_path: Path) -> None:
+    # Issue 14: +0.5 on a whole middle layer kept the fingerprint (it sampled the first and
+    # last MiB of each file), so the changed model was served the original's caches.
+    built = make_model(intermediate_size=2048, num_hidden_layers=4)
+    path = save(built, tmp_path / "m")
+    weights = path / "model.safetensors"
+    age(weights)
+    before = load_model(path)
+    size = weights.stat().st_size
+    start, end = add_to_layer(weights, "model.layers.2.", 0.5)
+    assert start >= MIB and end <= size - MIB, "the change must lie outside the sampled MiBs"
+    assert weights.stat().st_size == size
+
+    after = load_model(path)
+    assert after.fingerprint != before.fingerprint
+    torch.testing.assert_close(
+        after.model.model.layers[2].mlp.down_proj.weight,
+        built.model.layers[2].mlp.down_proj.weight + 0.5,
+    )
+
+
+def test_loading_twice_hashes_once(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = save(make_model(), tmp_path / "m")
+    weights = path / "model.safetensors"
+    age(weights)
+    calls = count_hashes(monkeypatch)
+    first = load_model(path)
+    second = load_model(path)
+    assert first.fingerprint == second.fingerprint
+    assert calls == [weights.resolve()]
+    entry = json.loads((home / digests.CACHE_FILE).read_text())["files"][str(weights.resolve())]
+    assert entry["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        b"\xff\xfe{ not json",
+        b"[]",
+        b'{"format": "samkv-weight-digests-v0", "files": {}}',
+        b"",
+    ],
+    ids=["garbage", "list", "foreign-format", "empty"],
+)
+def test_corrupt_digest_cache_is_rebuilt(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch, corrupt: bytes
+) -> None:
+    path = save(make_model(), tmp_path / "m")
+    age(path / "model.safetensors")
+    expected = load_model(path).fingerprint
+    cache = home / digests.CACHE_FILE
+    cache.write_bytes(corrupt)
+    calls = count_hashes(monkeypatch)
+    assert load_model(path).fingerprint == expected
+    assert len(calls) == 1
+    assert str((path / "model.safetensors").resolve()) in json.loads(cache.read_text())["files"]
+    assert load_model(path).fingerprint == expected
+    assert len(calls) == 1
+
+
+def test_malformed_or_stale_digest_entries_are_not_trusted(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = save(make_model(), tmp_path / "m")
+    weights = path / "model.safetensors"
+    age(weights)
+    expected = load_model(path).fingerprint
+    cache = home / digests.CACHE_FILE
+    data = json.loads(cache.read_text())
+    entry = data["files"][str(weights.resolve())]
+    calls = count_hashes(monkeypatch)
+    for bad in ({**entry, "sha256": "not-a-digest"}, {**entry, "size": entry["size"] + 1}):
+        cache.write_text(json.dumps({**data, "files": {str(weights.resolve()): bad}}))
+        assert load_model(path).fingerprint == expected
+    assert len(calls) == 2
+
+
+def test_touching_mtime_rehashes_to_the_same_fingerprint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = save(make_model(), tmp_path / "m")
+    weights = path / "model.safetensors"
+    age(weights, seconds=120)
+    first = load_model(path)
+    age(weights, seconds=-60)
+    calls = count_hashes(monkeypatch)
+    second = load_model(path)
+    assert calls == [weights.resolve()]
+    assert second.fingerprint == first.fingerprint

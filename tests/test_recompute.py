@@ -17,6 +17,7 @@ from samkv_integrations.methods.recompute import (
     split_by_document,
 )
 from samkv_integrations.models import LoadedModel
+from samkv_integrations.models.compat import with_cache
 from samkv_integrations.models.shapes import random_model
 
 
@@ -92,7 +93,7 @@ def test_recompute_behind_prefix_keeps_gapped_positions(tiny_llama: LoadedModel)
     ids, positions = torch.tensor([50, 51, 52, 60, 61]), torch.tensor([10, 11, 12, 20, 21])
     reference = prefix.cache(model)
     with torch.inference_mode():
-        model(input_ids=ids[None], position_ids=positions[None], past_key_values=reference)
+        model(input_ids=ids[None], position_ids=positions[None], **with_cache(model, reference))
         plain = recompute_behind_prefix(model, prefix, ids, positions)
         reused = (torch.zeros(4, 2, 5, 16), torch.zeros(4, 2, 5, 16))
         theta = torch.full((5,), 0.999999)

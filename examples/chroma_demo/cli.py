@@ -24,8 +24,8 @@ from samkv_chroma_demo.corpus import (
     sample_questions,
 )
 
+from samkv_integrations.cli import add_engine_arguments, method_spec
 from samkv_integrations.errors import CacheError
-from samkv_integrations.methods import METHODS
 
 __all__ = ["DemoSession", "add_arguments", "add_setup_arguments", "open_demo", "run"]
 
@@ -51,17 +51,7 @@ class DemoSession:
 
 def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, store, corpus and Chroma options ``demo`` and ``serve`` share."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="registry name, local path or hub id (default: embedded SmolLM2-135M)",
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument(
-        "--store",
-        default=None,
-        help="KV cache store directory or fsspec URL (default: $SAMKV_HOME/kvcache)",
-    )
+    add_engine_arguments(parser)
     parser.add_argument(
         "--corpus",
         default=None,
@@ -103,9 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--method",
+        type=method_spec,
         default="samkv",
-        choices=sorted(METHODS),
-        help="method shown next to full recompute (default samkv)",
+        metavar="SPEC",
+        help="method spec name[+option=value...] shown next to full recompute, "
+        "e.g. samkv+budget=0.2 (default: %(default)s)",
     )
     parser.add_argument(
         "--max-new-tokens", type=int, default=48, help="answer length limit (default 48)"

@@ -41,11 +41,10 @@ class MemoryProbe:
     def report(self, answer: Answer, question: str) -> dict[str, Any]:
         """``kv_tokens``, ``kv_bytes`` and, on CUDA, ``peak_bytes``, each with how it was measured."""
         engine = self.engine
+        # The prompt without documents (prefix and question), the kept document tokens
+        # and the generated ones.
         tokens = (
-            engine.prefix.length
-            + sum(answer.stats.kept_tokens)
-            + len(engine.framer.question_ids(question))
-            + len(answer.token_ids)
+            engine.prompt_tokens(question) + sum(answer.stats.kept_tokens) + len(answer.token_ids)
         )
         out: dict[str, Any] = {
             "kv_tokens": tokens,

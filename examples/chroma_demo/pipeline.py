@@ -27,7 +27,6 @@ from llama_index.llms.samkv import SamKVCacheBuilder, SamKVLLM, SamKVQueryEngine
 from llama_index.llms.samkv.cache_builder import node_ref
 from samkv_integrations.engine import AnswerStream, SamKVEngine
 from samkv_integrations.records import CacheRef
-from samkv_integrations.store import cache_key
 
 if TYPE_CHECKING:
     from chromadb.api import ClientAPI
@@ -195,9 +194,7 @@ class DemoIndex:
             self.collection = self.client.get_or_create_collection(
                 self.name, embedding_function=None
             )
-        keys = [
-            cache_key(self.engine.fingerprint, self.engine.document_ids(p.text)) for p in passages
-        ]
+        keys = [self.engine.cache_ref(p.text, label=p.id).key for p in passages]
         stored = sum(self.engine.store.contains(key) for key in keys)
         nodes: list[BaseNode] = [
             TextNode(
@@ -287,7 +284,7 @@ class DemoIndex:
         )
 
     def query_engine(self, method: str, *, top_k: int, max_new_tokens: int) -> SamKVQueryEngine:
-        """The LlamaIndex query engine over this collection."""
+        """The LlamaIndex query engine over this collection (``method`` is a spec)."""
         return SamKVQueryEngine.from_index(
             self.index(),
             SamKVLLM(engine=self.engine, max_new_tokens=max_new_tokens),
@@ -298,13 +295,14 @@ class DemoIndex:
     def langchain_chain(
         self, embeddings: Embeddings, method: str, *, top_k: int, max_new_tokens: int
     ) -> Runnable[str, dict[str, Any]]:
-        """The LangChain RAG chain over this collection (``{"answer", "documents"}``)."""
+        """The LangChain RAG chain over this collection (``{"answer", "documents"}``).
+
+        ``method`` is a spec, ``name[+option=value...]``.
+        """
         from langchain_chroma import Chroma
 
         from langchain_samkv import ChatSamKV, create_samkv_rag_chain
 
         store = Chroma(client=self.client, collection_name=self.name, embedding_function=embeddings)
-        chat = ChatSamKV.from_engine(self.engine, max_tokens=max_new_tokens)
-        return create_samkv_rag_chain(
-            store.as_retriever(search_kwargs={"k": top_k}), chat, method=method
-        )
+        chat = ChatSamKV.from_engine(self.engine, max_tokens=max_new_tokens, method=method)
+        return create_samkv_rag_chain(store.as_retriever(search_kwargs={"k": top_k}), chat)

@@ -3,26 +3,24 @@
 One HTML page (``static/index.html``, no build step) and a JSON/SSE API:
 
 * ``GET /api/info``: model, corpus, methods, sample questions.
-* ``POST /api/ask``: ``{"question", "method", "budget", "compare", "top_k"}``; answers as a
-  ``text/event-stream`` of ``chunks`` (the retrieved chunks' token pieces), then per method
-  ``start``, ``stats`` (TTFT, kept fraction, kept and anchor token indices), ``delta``
-  (answer text) and ``done`` (memory), and finally ``end``. Bad input is a 422 JSON
+* ``POST /api/ask``: ``{"question", "method", "budget", "compare", "top_k"}``, where
+  ``method`` is a spec, ``name[+option=value...]``; answers as a ``text/event-stream`` of
+  ``chunks`` (the retrieved chunks' token pieces), then per method ``start``, ``stats``
+  (TTFT, kept fraction, kept and anchor token indices), ``delta`` (answer text) and
+  ``done`` (memory), and finally ``end``. Bad input is a 422 JSON
   ``{"error": ...}`` before any streaming; a failure while streaming is an ``error`` event.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import json
 import logging
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import closing
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,8 +29,10 @@ from pydantic import BaseModel, Field, field_validator
 from samkv_chroma_demo.memory import MemoryProbe
 from samkv_chroma_demo.pipeline import DemoIndex, RetrievedChunk, token_pieces
 
+from samkv_integrations.bridge import aiter_in_thread
+from samkv_integrations.cli import method_spec
 from samkv_integrations.engine import Answer, SamKVEngine
-from samkv_integrations.methods import METHODS
+from samkv_integrations.methods import METHODS, parse_spec
 
 __all__ = [
     "MAX_QUESTION_CHARS",
@@ -52,7 +52,6 @@ _BUDGETS: dict[str, Callable[[float], dict[str, Any]]] = {
     "samkv": lambda b: {"ranking": "global", "budget": b},
     "cacheblend": lambda b: {"recompute_ratio": b},
 }
-T = TypeVar("T")
 
 
 class AskRequest(BaseModel):
@@ -78,11 +77,7 @@ class AskRequest(BaseModel):
     @field_validator("method")
     @classmethod
     def _method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(
-                f"unknown method {value!r}; choose one of {', '.join(sorted(METHODS))}"
-            )
-        return value
+        return _spec_label(value)
 
     @field_validator("budget")
     @classmethod
@@ -92,19 +87,30 @@ class AskRequest(BaseModel):
         return value
 
 
+def _spec_label(spec: str) -> str:
+    """``spec`` (``name[+option=value...]``) once valid; the error names what is wrong."""
+    try:
+        return parse_spec(spec.strip()).label
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix("methods: ")) from None
+
+
 def method_options(method: str, budget: float | None) -> dict[str, Any]:
-    """The hyperparameters a budget means for ``method`` (none without a budget).
+    """The hyperparameters a budget means for the method spec ``method`` (none without one).
+
+    They override the spec's own options of the same name.
 
     Raises:
         ValueError: ``method`` has no budget to set.
     """
     if budget is None:
         return {}
-    if method not in _BUDGETS:
+    name = parse_spec(method).name
+    if name not in _BUDGETS:
         raise ValueError(
             f"budget: method {method!r} takes no budget (only {', '.join(sorted(_BUDGETS))})"
         )
-    return _BUDGETS[method](budget)
+    return _BUDGETS[name](budget)
 
 
 def _chunk_payload(engine: SamKVEngine, chunk: RetrievedChunk) -> dict[str, Any]:
@@ -130,7 +136,7 @@ def _stats_payload(lane: str, answer: Answer) -> dict[str, Any]:
 def answer_events(
     index: DemoIndex, ask: AskRequest, max_new_tokens: int
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The events of one question, in order (blocking; run it in one thread)."""
+    """The events of one question, in order (blocking: the app runs it in a worker thread)."""
     options = method_options(ask.method, ask.budget)
     chunks = index.retrieve(ask.question, ask.top_k)
     engine = index.engine
@@ -161,43 +167,6 @@ def answer_events(
         )
 
 
-async def _in_one_thread(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-    """Iterate ``make()`` start to end in one worker thread (the engine's lock is per thread)."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    stop = threading.Event()
-
-    def post(kind: str, value: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-        except RuntimeError:  # the loop closed: the client is gone
-            stop.set()
-
-    def work() -> None:
-        try:
-            with closing(make()) as items:  # type: ignore[type-var]
-                for item in items:
-                    if stop.is_set():
-                        return
-                    post("item", item)
-        except Exception as e:
-            post("error", e)
-            return
-        post("end", None)
-
-    threading.Thread(target=work, name="samkv-answer", daemon=True).start()
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-
-
 def _sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -225,11 +194,18 @@ def create_app(
 ) -> FastAPI:
     """The web app over ``index`` (any engine, any Chroma client, any embedding model).
 
+    ``default_method`` is a method spec (``name[+option=value...]``); the page offers it
+    beside the registered methods.
+
     Raises:
-        ValueError: ``default_method`` is unknown or ``max_new_tokens`` below 1.
+        ValueError: ``default_method`` is not a valid spec or ``max_new_tokens`` below 1.
     """
-    if default_method not in METHODS:
-        raise ValueError(f"default_method: unknown method {default_method!r}")
+    try:
+        default_method = _spec_label(default_method)
+    except ValueError as e:
+        raise ValueError(f"default_method: {e}") from None
+    methods = sorted(METHODS) + ([] if default_method in METHODS else [default_method])
+    budget_methods = [m for m in methods if parse_spec(m).name in _BUDGETS]
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be at least 1, got {max_new_tokens}")
     app = FastAPI(title="samkv demo", docs_url=None, redoc_url=None, openapi_url=None)
@@ -260,9 +236,9 @@ def create_app(
             "corpus": corpus_label,
             "collection": index.name,
             "chunks": index.count(),
-            "methods": sorted(METHODS),
+            "methods": methods,
             "default_method": default_method,
-            "budget_methods": sorted(_BUDGETS),
+            "budget_methods": budget_methods,
             "samples": list(samples),
             "max_question_chars": MAX_QUESTION_CHARS,
         }
@@ -276,7 +252,7 @@ def create_app(
 
         async def events() -> AsyncIterator[str]:
             try:
-                async for event, data in _in_one_thread(
+                async for event, data in aiter_in_thread(
                     lambda: answer_events(index, ask, max_new_tokens)
                 ):
                     yield _sse(event, data)
@@ -307,7 +283,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument(
-        "--method", default="samkv", choices=sorted(METHODS), help="method preselected on the page"
+        "--method",
+        type=method_spec,
+        default="samkv",
+        metavar="SPEC",
+        help="method spec name[+option=value...] preselected on the page, e.g. samkv+budget=0.2 "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--max-new-tokens", type=int, default=64, help="answer length limit (default 64)"

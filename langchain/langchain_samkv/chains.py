@@ -13,7 +13,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
 
 from langchain_samkv.chat_models import ChatSamKV
-from samkv_integrations.methods import METHODS
+from samkv_integrations.methods import BaseMethod, get_method
 from samkv_integrations.records import METADATA_KEYS
 
 
@@ -48,7 +48,7 @@ def create_samkv_rag_chain(
     retriever: BaseRetriever | Runnable[str, list[Document]],
     llm: ChatSamKV,
     *,
-    method: str | None = None,
+    method: str | BaseMethod | None = None,
 ) -> Runnable[str, dict[str, Any]]:
     """Build an LCEL chain: question -> retriever -> ``llm`` over the retrieved documents' caches.
 
@@ -57,7 +57,9 @@ def create_samkv_rag_chain(
             whose metadata carries the ``samkv_*`` keys written by ``SamKVCacheBuilder``;
             Documents without them are encoded on the spot (and reported as recomputed).
         llm: The chat model that answers.
-        method: The method to answer with (``None``: ``llm.method``, by default ``samkv``).
+        method: The method to answer with: a spec, ``name[+option=value...]`` such as
+            ``"samkv+budget=0.2"``, or a ``BaseMethod`` (``None``: ``llm.method``, by default
+            ``samkv``). It is resolved here, so a bad one fails before any question.
 
     Returns:
         A runnable from a question string to ``{"answer": str, "documents": list[Document]}``.
@@ -74,11 +76,7 @@ def create_samkv_rag_chain(
     """
     if not isinstance(llm, ChatSamKV):
         raise ValueError(f"llm: expected a ChatSamKV, got {type(llm).__name__}")
-    if method is not None and method not in METHODS:
-        raise ValueError(
-            f"method: unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}"
-        )
-    model: Runnable[Any, Any] = llm if method is None else llm.bind(method=method)
+    model: Runnable[Any, Any] = llm if method is None else llm.bind(method=get_method(method))
     answer = (
         RunnableLambda(_messages_from_inputs, name="document_message") | model | StrOutputParser()
     )

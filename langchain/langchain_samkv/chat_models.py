@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
+import dataclasses
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
-from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessageChunk, BaseMessage, ChatMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
-from pydantic import ConfigDict, Field, InstanceOf, PrivateAttr, field_validator
+from pydantic import ConfigDict, Field, InstanceOf, PrivateAttr, field_serializer, field_validator
 
 from samkv_integrations import KVCacheStore, LoadedModel, SamKVEngine
-from samkv_integrations.decode import GenerationOptions
-from samkv_integrations.methods import DEFAULT_METHOD, METHODS
+from samkv_integrations.bridge import aiter_in_thread
+from samkv_integrations.lazy_engine import LazyEngine
+from samkv_integrations.methods import DEFAULT_METHOD, BaseMethod, get_method
 from samkv_integrations.records import CacheRef, ref_from_metadata
-from samkv_integrations.store import cache_key
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +34,6 @@ _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
 _CALL_OPTIONS = frozenset(
     {
         "method",
-        "method_options",
         "max_new_tokens",
         "max_tokens",
         "temperature",
@@ -45,8 +42,6 @@ _CALL_OPTIONS = frozenset(
         "on_foreign_cache",
     }
 )
-_T = TypeVar("_T")
-_DONE = object()
 
 
 @dataclass(slots=True)
@@ -60,20 +55,20 @@ class _Request:
 
 @dataclass(slots=True)
 class _CallOptions:
-    """One call's settings, after per-call overrides."""
+    """One call's settings, after per-call overrides.
 
-    method: str
-    method_options: dict[str, Any]
+    ``generation`` holds the engine's generation keywords (``max_new_tokens``,
+    ``temperature``, ``top_p``, ``seed``, ``stop``); the engine validates them.
+    """
+
+    method: BaseMethod
     on_foreign_cache: Literal["error", "recompute"]
-    generation: GenerationOptions
+    generation: dict[str, Any]
 
 
-def _check_method(value: str) -> str:
-    if value not in METHODS:
-        raise ValueError(
-            f"method: unknown method {value!r}; choose one of {', '.join(sorted(METHODS))}"
-        )
-    return value
+def _options_of(method: BaseMethod) -> dict[str, Any]:
+    """A method's hyperparameters (its dataclass fields), as plain data."""
+    return {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
 
 
 def _text_of(message: BaseMessage) -> str:
@@ -101,7 +96,7 @@ def _parse(messages: Sequence[BaseMessage]) -> _Request:
                 "ChatSamKV does not support tool calling yet: tool calls and tool messages "
                 "cannot be sent to it"
             )
-        role = message.role if message.type == "chat" else _ROLES.get(message.type)  # type: ignore[attr-defined]
+        role = message.role if isinstance(message, ChatMessage) else _ROLES.get(message.type)
         if role is None:
             raise ValueError(f"messages: unsupported message type {message.type!r}")
         text = _text_of(message)
@@ -138,55 +133,7 @@ def _document_ref(engine: SamKVEngine, block: dict[str, Any], index: int) -> Cac
         return ref
     # No cache key: address the cache this engine would write, so the engine loads it
     # if it exists and otherwise encodes the text and reports it as recomputed.
-    ids = engine.document_ids(text, index=index)
-    return CacheRef(cache_key(engine.fingerprint, ids), len(ids), engine.fingerprint, text=text)
-
-
-async def _iterate_in_thread(make: Callable[[], Iterator[_T]]) -> AsyncIterator[_T]:
-    """Run a blocking iterator in its own thread and hand its items to the event loop.
-
-    The whole iterator lives in one thread because the engine holds its (thread-owned)
-    lock across items. Stopping early (the consumer leaves) closes it in that thread.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
-    stop = threading.Event()
-
-    def post(item: object, error: BaseException | None = None) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (item, error))
-        except RuntimeError:  # the loop closed: nobody is listening any more
-            stop.set()
-
-    def produce() -> None:
-        try:
-            iterator = make()
-            try:
-                for item in iterator:
-                    post(item)
-                    if stop.is_set():
-                        break
-            finally:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            post(_DONE, e)
-            return
-        post(_DONE)
-
-    context = contextvars.copy_context()
-    threading.Thread(target=context.run, args=(produce,), name="samkv-chat", daemon=True).start()
-    try:
-        while True:
-            item, error = await queue.get()
-            if error is not None:
-                raise error
-            if item is _DONE:
-                return
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
+    return engine.cache_ref(text, label=index)
 
 
 class ChatSamKV(BaseChatModel):
@@ -220,10 +167,9 @@ class ChatSamKV(BaseChatModel):
     """KV cache store: directory or fsspec URL (``None``: ``$SAMKV_HOME/kvcache``), or a store."""
     device: str | None = None
     """Torch device for a model loaded by name (default: CUDA when available)."""
-    method: str = DEFAULT_METHOD
-    """How to answer from document caches: a name in ``samkv_integrations.methods.METHODS``."""
-    method_options: dict[str, Any] = Field(default_factory=dict)
-    """Hyperparameters of ``method``."""
+    method: InstanceOf[BaseMethod] = Field(default_factory=lambda: get_method(DEFAULT_METHOD))
+    """How to answer from document caches: a spec, ``name[+option=value...]`` such as
+    ``"samkv+budget=0.2"``, or a ``BaseMethod``; resolved at construction."""
     max_new_tokens: int = Field(default=256, ge=1, alias="max_tokens")
     """Upper bound on generated tokens (``max_tokens`` is accepted as well)."""
     temperature: float = Field(default=0.0, ge=0.0)
@@ -241,29 +187,33 @@ class ChatSamKV(BaseChatModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    _engine: SamKVEngine | None = PrivateAttr(default=None)
-    _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _engine: LazyEngine = PrivateAttr()
 
-    @field_validator("method")
+    def model_post_init(self, context: Any, /) -> None:
+        """Prepare the engine, to be built on first use."""
+        super().model_post_init(context)
+        self._engine = LazyEngine(self.model, self.store, self.device)
+
+    @field_validator("method", mode="before")
     @classmethod
-    def _known_method(cls, value: str) -> str:
-        return _check_method(value)
+    def _resolve_method(cls, value: str | BaseMethod) -> BaseMethod:
+        return get_method(value)
+
+    @field_serializer("method")
+    def _serialize_method(self, method: BaseMethod) -> dict[str, Any]:
+        return {"name": method.name, "options": _options_of(method)}
 
     @classmethod
     def from_engine(cls, engine: SamKVEngine, **kwargs: Any) -> ChatSamKV:
         """A chat model on an existing engine (shares its model, store and lock)."""
         chat = cls(model=engine.model.name, store=engine.store.url, **kwargs)
-        chat._engine = engine
+        chat._engine = LazyEngine.of(engine)
         return chat
 
     @property
     def engine(self) -> SamKVEngine:
         """The engine, loading the model on first use (thread-safe)."""
-        if self._engine is None:
-            with self._engine_lock:
-                if self._engine is None:
-                    self._engine = SamKVEngine.from_pretrained(self.model, self.store, self.device)
-        return self._engine
+        return self._engine.get()
 
     @property
     def _model_label(self) -> str:
@@ -279,8 +229,8 @@ class ChatSamKV(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {
             "model": self._model_label,
-            "method": self.method,
-            "method_options": dict(self.method_options),
+            "method": self.method.name,
+            "method_options": _options_of(self.method),
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -328,16 +278,15 @@ class ChatSamKV(BaseChatModel):
             )
         max_new_tokens = kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens))
         return _CallOptions(
-            method=_check_method(kwargs.get("method", self.method)),
-            method_options=kwargs.get("method_options", self.method_options),
+            method=get_method(kwargs["method"]) if "method" in kwargs else self.method,
             on_foreign_cache=kwargs.get("on_foreign_cache", self.on_foreign_cache),
-            generation=GenerationOptions(
-                max_new_tokens=max_new_tokens,
-                temperature=kwargs.get("temperature", self.temperature),
-                top_p=kwargs.get("top_p", self.top_p),
-                seed=kwargs.get("seed", self.seed),
-                stop=tuple(stop if stop is not None else self.stop or ()),
-            ),
+            generation={
+                "max_new_tokens": max_new_tokens,
+                "temperature": kwargs.get("temperature", self.temperature),
+                "top_p": kwargs.get("top_p", self.top_p),
+                "seed": kwargs.get("seed", self.seed),
+                "stop": tuple(stop if stop is not None else self.stop or ()),
+            },
         )
 
     def _chunks(
@@ -350,28 +299,28 @@ class ChatSamKV(BaseChatModel):
         engine = self.engine
         if request.question is not None:
             refs = [_document_ref(engine, block, i) for i, block in enumerate(request.documents)]
-            logger.debug("answering over %d documents with %s", len(refs), options.method)
+            logger.debug("answering over %d documents with %s", len(refs), options.method.name)
             stream = engine.stream(
                 request.question,
                 refs,
                 options.method,
                 on_foreign_cache=options.on_foreign_cache,
-                method_options=options.method_options,
-                **asdict(generation),
+                **generation,
             )
-            framer = engine.framer
-            prompt_tokens = len(framer.prefix_ids()) + len(framer.question_ids(request.question))
+            # The documents are counted as loaded (a re-encoded foreign cache in this
+            # model's tokens): the answer's context_tokens, added below.
+            prompt_tokens = engine.prompt_tokens(request.question)
         else:
             # Plain chat: a full prefill of the turns under the model's chat template.
             prompt_ids = engine.chat_ids(request.turns)
-            stream = engine.stream_prompt(prompt_ids, **asdict(generation))
+            stream = engine.stream_prompt(prompt_ids, **generation)
             prompt_tokens = len(prompt_ids)
         for delta in stream:
             yield ChatGenerationChunk(message=AIMessageChunk(content=delta))
         answer = stream.answer
         input_tokens = prompt_tokens + answer.stats.context_tokens
         output_tokens = len(answer.token_ids)
-        finished = "length" if output_tokens >= generation.max_new_tokens else "stop"
+        finished = "length" if output_tokens >= generation["max_new_tokens"] else "stop"
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content="",
@@ -410,7 +359,7 @@ class ChatSamKV(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         # Model loading, prefill and decoding all block: they run in a thread of their own.
-        async for chunk in _iterate_in_thread(lambda: self._chunks(messages, stop, kwargs)):
+        async for chunk in aiter_in_thread(lambda: self._chunks(messages, stop, kwargs)):
             if run_manager is not None and chunk.text:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk

@@ -10,7 +10,6 @@ memory; they say nothing about accuracy.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import shutil
@@ -26,7 +25,6 @@ import torch
 from samkv_integrations.bench.report import (
     environment,
     median_runs,
-    parse_options,
     print_report,
     ratios,
 )
@@ -39,14 +37,11 @@ from samkv_integrations.bench.throughput import (
     release_memory,
     sync,
 )
-from samkv_integrations.bench.workloads import (
-    TokenEngine,
-    Workload,
-    random_documents,
-    vocabulary_ids,
-)
+from samkv_integrations.bench.workloads import Workload, random_documents, vocabulary_ids
+from samkv_integrations.cli import add_engine_arguments, method_specs
 from samkv_integrations.engine import SamKVEngine
-from samkv_integrations.methods import METHODS, BaseMethod, ContextCache, MethodInput, get_method
+from samkv_integrations.methods import METHODS, BaseMethod, DecodeState, get_method
+from samkv_integrations.methods.specs import parse_methods
 from samkv_integrations.models import LoadedModel, load_model
 from samkv_integrations.store import KVCacheStore
 
@@ -56,38 +51,23 @@ DEFAULT_WORKLOADS = "8x512,8x1024,8x2048,16x2048"
 QUESTION = "Which two documents mention the same city, and what year do both of them give?"
 
 
-def recording(method: BaseMethod, sink: list[ContextCache]) -> BaseMethod:
-    """A copy of ``method`` that appends each context cache it builds to ``sink``.
-
-    The engine extends that cache in place with the question, so after ``answer`` (with
-    one new token) it is the cache decoding runs on.
-    """
-    cls = type(method)
-
-    def call(self: BaseMethod, inputs: MethodInput) -> ContextCache:
-        result = cls.__call__(self, inputs)
-        sink.append(result)
-        return result
-
-    recorded = type(f"Recording{cls.__name__}", (cls,), {"__call__": call})
-    fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
-    instance: BaseMethod = recorded(**fields)
-    return instance
-
-
 def measure_answer(
     engine: SamKVEngine, refs: list[Any], method: BaseMethod
-) -> tuple[dict[str, Any], ContextCache]:
-    """Answer once with one new token; return the measurement and the decode cache."""
+) -> tuple[dict[str, Any], DecodeState]:
+    """Answer once with one new token; return the measurement and the decode state.
+
+    With one new token, decoding runs no forward: the observed state's cache is the one
+    decoding would run on (prefix, kept document tokens and question).
+    """
     device = engine.model.device
-    sink: list[ContextCache] = []
+    sink: list[DecodeState] = []
     cuda = device.type == "cuda"
     release_memory(device)  # so that the baseline holds no garbage of earlier measurements
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    answer = engine.answer(QUESTION, refs, method=recording(method, sink), max_new_tokens=1)
+    answer = engine.answer(QUESTION, refs, method=method, max_new_tokens=1, observe=sink.append)
     sync(device)
     wall = time.perf_counter() - start
     stats = answer.stats
@@ -102,31 +82,25 @@ def measure_answer(
         "recomputed_fraction": stats.recomputed_fraction,
         "recomputed_documents": stats.recomputed_documents,
     }
-    context = sink.pop()  # the recording class lives in a reference cycle: keep no cache there
-    return result, context
+    return result, sink.pop()
 
 
 def bench_workload(
-    engine: TokenEngine, workload: Workload, methods: list[str], args: argparse.Namespace
+    engine: SamKVEngine, workload: Workload, methods: list[str], args: argparse.Namespace
 ) -> dict[str, Any]:
     """Index one workload's documents, then measure every method on it."""
-    vocabulary = vocabulary_ids(engine.model)
-    names = []
-    for i, ids in enumerate(random_documents(vocabulary, workload, args.seed)):
-        name = f"{workload.name}-{args.seed}-{i}"
-        engine.documents[name] = ids
-        names.append(name)
+    documents = random_documents(vocabulary_ids(engine.model), workload, args.seed)
     device = engine.model.device
     sync(device)
     start = time.perf_counter()
-    refs = engine.index(names, progress=False)
+    refs = engine.index_token_ids(documents, progress=False)
     sync(device)
     index_s = time.perf_counter() - start
     question_len = len(engine.framer.question_ids(QUESTION))
     results: dict[str, Any] = {}
     for method in methods:
         try:
-            results[method] = _bench_method(engine, refs, method, question_len, args)
+            results[method] = _bench_method(engine, refs, method, args)
         except Exception as e:  # one broken method must not lose the others' numbers
             logger.exception("%s %s failed", workload.name, method)
             results[method] = {"error": f"{type(e).__name__}: {e}"}
@@ -147,39 +121,37 @@ def bench_workload(
 
 
 def _bench_method(
-    engine: SamKVEngine, refs: list[Any], method: str, question_len: int, args: argparse.Namespace
+    engine: SamKVEngine, refs: list[Any], method: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Median measurements of one method, then its decode rates on the cache it built."""
-    instance = get_method(method, **args.method_options.get(method, {}))
+    instance = get_method(method)  # a validated spec: name[+option=value...]
     runs = []
     for rep in range(args.warmup + args.repeats):
-        measured, context = measure_answer(engine, refs, instance)
+        measured, state = measure_answer(engine, refs, instance)
         if rep >= args.warmup:
             runs.append(measured)
         if rep + 1 < args.warmup + args.repeats:
-            del context  # before the next measurement, so its baseline excludes this cache
+            del state  # before the next measurement, so its baseline excludes this cache
     result = median_runs(runs)
     result["runs"] = runs
     if args.decode_steps > 0:
-        position = context.next_position + question_len
+        position = state.next_position
         model = engine.model.model
         result["decode_tokens_per_s_batch1"] = decode_rate(
-            model, context.cache, position, 1, args.decode_steps
+            model, state.cache, position, 1, args.decode_steps
         )
         batch, rate = largest_batch_rate(
-            model, context.cache, position, args.decode_steps, args.max_batch
+            model, state.cache, position, args.decode_steps, args.max_batch
         )
         result["decode_max_batch"] = batch
         result["decode_tokens_per_s_max_batch"] = rate
         if args.profile:
-            where = (
-                Path(args.profile) / f"profile-{len(refs)}docs-{context.next_position}-{method}.txt"
-            )
+            where = Path(args.profile) / f"profile-{len(refs)}docs-{state.context_end}-{method}.txt"
             profile_to(
                 where,
                 lambda: (
                     measure_answer(engine, refs, instance),
-                    decode_rate(model, context.cache, position, 1, 4),
+                    decode_rate(model, state.cache, position, 1, 4),
                 ),
             )
     return result
@@ -197,17 +169,16 @@ def _model(args: argparse.Namespace) -> LoadedModel:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the bench's options to ``parser``."""
     which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--model",
-        default=None,
-        help="registry name, local path or hub id (default: embedded SmolLM2)",
+    add_engine_arguments(
+        parser,
+        store_help="KV cache store directory (default: a temporary one, removed after)",
+        model_group=which,
     )
     which.add_argument(
         "--shape",
         default=None,
         help="random-weight model of a named shape (llama-3.1-8b, qwen2.5-7b, tiny-llama, ...)",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
         "--dtype",
         default=None,
@@ -220,8 +191,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--methods",
+        type=method_specs,
         default=",".join(METHODS),
-        help="comma-separated methods (default: all registered)",
+        metavar="SPECS",
+        help="comma-separated method specs name[+option=value...], e.g. full,samkv+budget=0.15 "
+        "(default: all registered); results are keyed by spec",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="measured repetitions per method (median reported)"
@@ -235,11 +209,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-batch", type=int, default=256, help="largest decode batch tried")
     parser.add_argument(
-        "--store",
-        default=None,
-        help="KV cache store directory (default: a temporary one, removed after)",
-    )
-    parser.add_argument(
         "--memory-gib",
         type=float,
         default=0.0,
@@ -247,13 +216,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--pin-memory", action="store_true", help="the store returns pinned host tensors"
-    )
-    parser.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="METHOD.FIELD=VALUE",
-        help="a method hyperparameter (JSON value), e.g. samkv.budget=0.15; repeatable",
     )
     parser.add_argument(
         "--profile",
@@ -276,13 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the bench, print the tables and write the JSON report."""
     workloads = [Workload.parse(w) for w in args.workloads.split(",") if w.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise SystemExit(
-            f"samkv bench: unknown methods {unknown}; choose from {', '.join(METHODS)}"
-        )
-    args.method_options = parse_options(args.option, METHODS)
+    methods = [spec.label for spec in parse_methods(args.methods, reference=False)]
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("samkv bench: --repeats must be >= 1 and --warmup >= 0")
     loaded = _model(args)
@@ -290,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     store = KVCacheStore(
         store_dir, memory_bytes=int(args.memory_gib * 2**30), pin_memory=args.pin_memory
     )
-    engine = TokenEngine(loaded, store)
+    engine = SamKVEngine(loaded, store)
     device = loaded.device
     config = loaded.model.config
     report: dict[str, Any] = {
@@ -330,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _bench_if_fits(
-    engine: TokenEngine, workload: Workload, methods: list[str], args: argparse.Namespace
+    engine: SamKVEngine, workload: Workload, methods: list[str], args: argparse.Namespace
 ) -> dict[str, Any] | None:
     loaded = engine.model
     needed = engine.prefix.length + workload.documents * workload.tokens + 64

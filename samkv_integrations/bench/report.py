@@ -1,11 +1,9 @@
-"""The bench report: medians, method options, ratios against ``full``, printed tables."""
+"""The bench report: medians, ratios against ``full``, printed tables."""
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
-from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -62,14 +60,16 @@ def print_report(report: dict[str, Any]) -> None:
     for work in report["workloads"]:
         tokens, index_s = work["context_tokens"], work["index_s"]
         print(f"\n## {work['workload']} ({tokens} context tokens, indexed in {index_s:.2f} s)")
+        # Methods are keyed by spec (``samkv+budget=0.15``): the first column fits the longest.
+        width = max([11, *(len(m) + 1 for m in work["methods"])])
         print(
-            f"{'method':<11}{'TTFT ms':>9}{'x full':>8}{'load':>8}{'assem':>8}{'select':>8}"
+            f"{'method':<{width}}{'TTFT ms':>9}{'x full':>8}{'load':>8}{'assem':>8}{'select':>8}"
             f"{'recomp':>8}{'quest':>8}{'kept':>6}{'KV':>11}{'x full':>7}{'peak':>11}"
             f"{'tok/s b1':>10}{'B':>5}{'tok/s B':>10}{'x full':>7}"
         )
         for method, r in work["methods"].items():
             if "error" in r:
-                print(f"{method:<11}failed: {r['error']}")
+                print(f"{method:<{width}}failed: {r['error']}")
                 continue
             ratio = work["ratios"].get(method, {})
             phases = r["phases"]
@@ -82,7 +82,7 @@ def print_report(report: dict[str, Any]) -> None:
                 return "-" if value is None else f"{value:.3f}"
 
             print(
-                f"{method:<11}{r['ttft_s'] * 1000:>9.1f}{x('ttft'):>8}{ms('load'):>8}"
+                f"{method:<{width}}{r['ttft_s'] * 1000:>9.1f}{x('ttft'):>8}{ms('load'):>8}"
                 f"{ms('assemble'):>8}{ms('select'):>8}{ms('recompute'):>8}{ms('question'):>8}"
                 f"{r['kept_fraction']:>6.0%}{_fmt_bytes(r['kv_bytes']):>11}"
                 f"{x('kv_bytes'):>7}{_fmt_bytes(r['peak_memory_bytes']):>11}"
@@ -102,19 +102,3 @@ def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = first
     return out
-
-
-def parse_options(items: list[str], methods: Collection[str]) -> dict[str, dict[str, Any]]:
-    """``["samkv.budget=0.15", ...]`` as ``{"samkv": {"budget": 0.15}}`` (values parsed as JSON)."""
-    options: dict[str, dict[str, Any]] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        method, dot, field = name.partition(".")
-        if not sep or not dot or method not in methods:
-            raise SystemExit(f"samkv bench: --option {item!r} is not METHOD.FIELD=VALUE")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value  # a bare word, e.g. ranking=global
-        options.setdefault(method, {})[field] = parsed
-    return options

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from samkv_integrations.encode import layer_tensors
+from samkv_integrations.models.compat import with_cache
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ def decode_rate(
             sync(device)
             start = time.perf_counter()
         positions = torch.full((batch, 1), position + step, device=device)
-        out = model(input_ids=ids, position_ids=positions, past_key_values=stacked, use_cache=True)
+        out = model(
+            input_ids=ids, position_ids=positions, **with_cache(model, stacked), use_cache=True
+        )
         ids = out.logits[:, -1:].argmax(-1)
     sync(device)
     return batch * steps / (time.perf_counter() - start)

@@ -2,7 +2,7 @@
 
 The bench measures speed, which depends only on shapes, so its documents are random
 ordinary token ids (never specials) of an exact length. No text tokenizes back to such
-ids, so :class:`TokenEngine` registers them under a name that stands in for the text.
+ids, so they are indexed as ids (``SamKVEngine.index_token_ids``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from samkv_integrations.engine import SamKVEngine
 from samkv_integrations.models import LoadedModel
-from samkv_integrations.store import KVCacheStore
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,24 +36,6 @@ class Workload:
         if documents < 1 or tokens < 1:
             raise ValueError(f"workloads: {text!r} needs at least 1 document of 1 token")
         return cls(documents, tokens)
-
-
-class TokenEngine(SamKVEngine):
-    """An engine whose documents are token ids registered under a name.
-
-    The bench measures methods on random token ids, which no text tokenizes back to; a
-    document's "text" is its name, and :meth:`document_ids` looks the ids up.
-    """
-
-    def __init__(self, model: LoadedModel, store: KVCacheStore) -> None:
-        super().__init__(model, store)
-        self.documents: dict[str, list[int]] = {}
-
-    def document_ids(self, text: str, *, index: int = 0) -> list[int]:
-        """The token ids registered under ``text``."""
-        if text not in self.documents:
-            raise ValueError(f"document {index}: no token ids registered under {text!r}")
-        return self.documents[text]
 
 
 def vocabulary_ids(loaded: LoadedModel) -> torch.Tensor:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from samkv_integrations.cli import add_engine_arguments, method_specs
 from samkv_integrations.eval.harness import EvalConfig, execute_run, plan_run
 from samkv_integrations.methods.specs import default_methods
 from samkv_integrations.models.registry import DEFAULT_MODEL
@@ -64,17 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="JSON Lines question file")
     parser.add_argument(
         "--methods",
+        type=method_specs,
         default=",".join(default_methods()),
-        help="comma-separated method specs (default: %(default)s)",
+        metavar="SPECS",
+        help="comma-separated method specs name[+option=value...] (default: %(default)s)",
     )
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="registry name, local path, hub id or random:<shape> (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available"
-    )
+    add_engine_arguments(parser, model_default=DEFAULT_MODEL)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions")
     parser.add_argument(
         "--chunk-tokens",
@@ -93,9 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=Path("runs/eval"),
         help="parent of default run directories (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--store", default=None, help="KV cache store directory or URL ($SAMKV_HOME/kvcache)"
     )
     parser.add_argument(
         "--force", action="store_true", help="rerun even if the run directory is complete"

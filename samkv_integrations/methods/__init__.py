@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from samkv_integrations.methods.base import BaseMethod, ContextCache, MethodInput
+from samkv_integrations.methods.base import BaseMethod, ContextCache, DecodeState, MethodInput
 from samkv_integrations.methods.cacheblend import CacheBlendMethod
 from samkv_integrations.methods.epic import EpicMethod
 from samkv_integrations.methods.full import FullMethod
@@ -16,6 +16,7 @@ __all__ = [
     "BaseMethod",
     "CacheBlendMethod",
     "ContextCache",
+    "DecodeState",
     "EpicMethod",
     "FullMethod",
     "MethodInput",

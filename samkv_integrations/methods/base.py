@@ -1,9 +1,16 @@
 """The one interface every method implements, and the helpers methods share.
 
-A method gets the shared prefix, the documents' cached KV (at their local positions) and
-the question, and builds the context cache that the question prefill and decoding start
-from. The engine calls ``method(inputs)`` and never asks which method it runs: anything
-that differs between methods is a class attribute here.
+A method has up to three stages, each but the first with a default:
+
+1. ``build``: from the shared prefix, the documents' cached KV (at their local positions)
+   and the question, build the context cache the question prefill starts from;
+2. ``after_question``: once the question is prefilled, change the decode cache (a one-shot
+   eviction that reads the question's attention or the first logits); default: no change;
+3. ``decoder``: what runs each answer token through the model; default: a plain forward.
+
+The engine calls ``method(inputs)``, ``method.run_after_question(state)`` and
+``method.decoder(state)`` and never asks which method it runs: anything that differs
+between methods is a class attribute or one of these stages.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import ClassVar
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from samkv_integrations.decode import Decoder
 from samkv_integrations.encode import PrefixKV
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import shift_keys
@@ -81,6 +89,68 @@ class ContextCache:
     details: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class DecodeState:
+    """The decode cache once the question is prefilled: what ``after_question`` gets and returns.
+
+    Attributes:
+        model: The model.
+        cache: Prefix, kept document tokens and question, ``[1, n_kv_heads, cache_len,
+            head_dim]`` per layer, in global order; decoding extends it in place.
+        positions: ``[cache_len]`` global position of each cache entry (gaps allowed).
+        next_position: Global position of the first answer token.
+        kept_indices: Per document, the local indices of its tokens in the cache.
+        doc_starts: Global position of each document's first token (kept or not).
+        question_ids: Token ids of the question, at the positions before ``next_position``.
+        first_logits: ``[vocab]`` logits for the first answer token.
+        recomputed_tokens: Document tokens whose KV was recomputed.
+        seconds: Seconds per phase so far (the method's, then ``question``).
+        details: Method-specific facts for display (e.g. SamKV's anchor indices).
+    """
+
+    model: PreTrainedModel
+    cache: DynamicCache
+    positions: torch.Tensor
+    next_position: int
+    kept_indices: list[torch.Tensor]
+    doc_starts: list[int]
+    question_ids: list[int]
+    first_logits: torch.Tensor
+    recomputed_tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def after_prefill(
+        cls,
+        inputs: MethodInput,
+        context: ContextCache,
+        first_logits: torch.Tensor,
+        seconds: dict[str, float],
+    ) -> DecodeState:
+        """The state of ``context`` once ``inputs.question_ids`` are prefilled into its cache."""
+        n_question = len(inputs.question_ids)
+        question = torch.arange(n_question, device=context.positions.device)
+        return cls(
+            model=inputs.model,
+            cache=context.cache,
+            positions=torch.cat([context.positions, question + context.next_position]),
+            next_position=context.next_position + n_question,
+            kept_indices=context.kept_indices,
+            doc_starts=inputs.doc_starts,
+            question_ids=inputs.question_ids,
+            first_logits=first_logits,
+            recomputed_tokens=context.recomputed_tokens,
+            seconds={**context.seconds, **seconds},
+            details=context.details,
+        )
+
+    @property
+    def context_end(self) -> int:
+        """Global position right after the last document: where the question starts."""
+        return self.next_position - len(self.question_ids)
+
+
 def cache_from_layers(
     model: PreTrainedModel, keys: list[torch.Tensor], values: list[torch.Tensor]
 ) -> DynamicCache:
@@ -119,6 +189,9 @@ class BaseMethod(ABC):
     name: ClassVar[str]
     #: Whether the method reads the documents' stored KV at all (``full`` re-prompts text).
     reads_cache: ClassVar[bool] = True
+    #: Per-document tensors the method reads beside K/V, named in ``cache_format.EXTRAS``:
+    #: indexing computes those any registered method declares; a cache lacking one is re-encoded.
+    stored_extras: ClassVar[tuple[str, ...]] = ()
 
     def __call__(self, inputs: MethodInput) -> ContextCache:
         """Build the context cache, timing the method's own phases."""
@@ -139,6 +212,41 @@ class BaseMethod(ABC):
         Returns:
             The compacted cache at global positions and what was kept and recomputed.
         """
+
+    def run_after_question(self, state: DecodeState) -> DecodeState:
+        """Run ``after_question``, adding the seconds of its phases to the state's."""
+        watch = Stopwatch(state.model.device)
+        result = self.after_question(state, watch)
+        for phase, seconds in watch.seconds.items():
+            result.seconds[phase] = result.seconds.get(phase, 0.0) + seconds
+        return result
+
+    def after_question(self, state: DecodeState, watch: Stopwatch) -> DecodeState:
+        """Change the decode cache once the question is prefilled; by default, keep it.
+
+        A one-shot eviction (SAGE-KV, arXiv 2503.08879) drops entries here, using the
+        question's attention or ``state.first_logits``, and returns the state with the
+        reduced cache and the matching ``positions`` and ``kept_indices``, so that the
+        reported kept fraction stays the cache's.
+
+        Args:
+            state: The cache (``[1, n_kv_heads, cache_len, head_dim]`` per layer) with the
+                question prefilled, its ``[cache_len]`` positions and the first logits.
+            watch: Time phases with ``with watch.phase("evict"): ...``.
+
+        Returns:
+            The state decoding starts from (``state`` itself, or an altered copy).
+        """
+        return state
+
+    def decoder(self, state: DecodeState) -> Decoder:
+        """What runs each answer token through the model; by default, a plain forward.
+
+        Called once per answer with the state decoding starts from, so the decoder may keep
+        per-answer state (decode-time retrieval or correction, e.g. RetroAttention,
+        arXiv 2508.09001).
+        """
+        return Decoder()
 
 
 def all_kept(inputs: MethodInput) -> list[torch.Tensor]:

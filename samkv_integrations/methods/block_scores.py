@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV, capture_queries
 from samkv_integrations.methods.recompute import assemble_cache
+from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import shift_keys
 
@@ -58,7 +59,7 @@ def mean_queries(
         model.get_decoder()(
             input_ids=torch.tensor([token_ids], device=model.device),
             position_ids=positions[None],
-            past_key_values=assemble_cache(prefix, [context]),
+            **with_cache(model.get_decoder(), assemble_cache(prefix, [context])),
             use_cache=True,
         )
     n_heads = model.config.get_text_config(decoder=True).num_attention_heads

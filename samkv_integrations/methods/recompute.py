@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from samkv_integrations.encode import PrefixKV
+from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import rotary_module, shift_keys
 
@@ -251,7 +252,7 @@ def recompute(
                 hidden,
                 attention_mask=mask,
                 position_ids=positions[None],
-                past_key_values=cache,
+                **with_cache(layer, cache),
                 use_cache=True,
                 position_embeddings=position_embeddings,
             )
@@ -332,7 +333,7 @@ def recompute_behind_prefix(
         model.get_decoder()(
             input_ids=torch.cat([prefix_ids, token_ids])[None],
             position_ids=torch.cat([prefix_positions, positions])[None],
-            past_key_values=cache,
+            **with_cache(model.get_decoder(), cache),
             use_cache=True,
         )
     return cache

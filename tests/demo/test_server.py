@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,8 @@ from samkv_chroma_demo.pipeline import DemoIndex, token_pieces
 from samkv_chroma_demo.server import MAX_QUESTION_CHARS, create_app
 
 from tests.demo.conftest import PASSAGES
+
+APP = Path(__file__).resolve().parents[2] / "examples" / "chroma_demo"
 
 QUESTION = "What is special about the glacier?"
 
@@ -176,3 +179,15 @@ def test_failure_while_streaming_is_an_error_event_without_trace(
     assert [n for n, _ in stream] == ["error", "end"]
     assert stream[0][1]["error"] == "internal error (RuntimeError); see the server log"
     assert "/secret/path" not in response.text and "Traceback" not in response.text
+
+
+def test_the_app_calls_the_engine_facade_only() -> None:
+    # STYLE.md habit 15: no store or decode module, prompt framer or private engine attribute.
+    internals = re.compile(r"samkv_integrations\.(store|decode)\b|\.framer\b|engine\._|\._lock\b")
+    offenders = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in sorted(APP.glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if internals.search(line)
+    ]
+    assert offenders == []

@@ -145,10 +145,39 @@ def test_unknown_method_fails_before_loading_a_model(tmp_path: Path, data: Path)
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         run_eval(bad)
     assert not (tmp_path / "run").exists()
-    args = _parse(
-        ["--data", str(data), "--methods", "full,nope", "--model", str(tmp_path / "none")]
-    )
-    assert cli.run(args) == 2
+
+
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        ("full,nope", "unknown method 'nope'"),
+        ("full,samkv+budgt=0.2", "unknown option 'budgt' of 'samkv'"),
+        ("samkv+budget=0", "budget must be in (0, 1]"),
+        ("reuse,reuse", "repeated reuse"),
+    ],
+)
+def test_bad_specs_fail_while_parsing_the_command(
+    tmp_path: Path, data: Path, methods: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(["--data", str(data), "--methods", methods, "--model", str(tmp_path / "none")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "samkv eval: error: argument --methods: " in err and message in err
+
+
+def test_cli_spec_options_reach_the_method(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = "samkv+ranking=global+budget=0.5+n_init=2+n_local=2+block_size=4"
+    argv = ["--data", str(data), "--methods", spec, "--model", "random:tiny-llama",
+            "--device", "cpu", "--max-new-tokens", "2", "--out", str(tmp_path / "run"),
+            "--store", str(tmp_path / "kvcache"), "--no-progress"]  # fmt: skip
+    assert cli.run(_parse(argv)) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ["full", spec]
+    assert 0 < metrics["methods"][spec]["kept_fraction"] <= 0.5
+    assert metrics["methods"]["full"]["kept_fraction"] == 1.0
 
 
 def test_run_writes_config_predictions_and_metrics(

@@ -16,7 +16,7 @@ import chromadb
 import pytest
 from langchain_chroma import Chroma
 from langchain_core.documents import Document
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableLambda
 
 from langchain_samkv import (
     ChatSamKV,
@@ -115,13 +115,24 @@ def test_chain_answers_over_the_retrieved_documents(
 def test_chain_method_is_passed_to_the_model(llm: ChatSamKV, keyword_chroma: KeywordChroma) -> None:
     store = keyword_chroma(KEYWORDS, _source_docs(SamKVCacheBuilder(llm)))
     retriever = store.as_retriever(search_kwargs={"k": 2})
-    for method in ("full", "reuse"):
+    for method in ("full", "reuse", "samkv+budget=0.5"):
         out = create_samkv_rag_chain(retriever, llm, method=method).invoke(QUESTIONS["paris"])
         direct = llm.invoke([document_message(QUESTIONS["paris"], out["documents"])], method=method)
-        assert direct.response_metadata["method"] == method
+        assert direct.response_metadata["method"] == method.split("+")[0]
         assert out["answer"] == direct.text
     with pytest.raises(ValueError, match="method"):
         create_samkv_rag_chain(retriever, llm, method="nope")
+
+
+def test_chain_resolves_its_method_when_built(llm: ChatSamKV) -> None:
+    never = RunnableLambda(_never_called)
+    for spec, named in (("samkv+budget=0", "budget"), ("samkv+top=3", "top"), ("x", "'x'")):
+        with pytest.raises(ValueError, match=named):
+            create_samkv_rag_chain(never, llm, method=spec)
+
+
+def _never_called(question: str) -> list[Document]:
+    raise AssertionError("the chain must fail before retrieving")
 
 
 def test_stream_and_batch_agree_with_invoke(chain: Runnable[str, dict[str, Any]]) -> None:

@@ -23,7 +23,7 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_samkv import ChatSamKV, SamKVCacheBuilder, document_block, document_message
-from samkv_integrations.methods import DEFAULT_METHOD
+from samkv_integrations.methods import DEFAULT_METHOD, SamKVMethod
 from samkv_integrations.models import LoadedModel
 
 
@@ -169,6 +169,7 @@ def test_document_reply_reports_method_stats(llm: ChatSamKV, docs: list[Document
     assert meta["ttft_s"] == pytest.approx(sum(meta["seconds"].values()))
     context = sum(d.metadata["samkv_n_tokens"] for d in docs)
     assert meta["context_tokens"] == context
+    # Counted independently of the adapter: the engine's framing, token by token.
     framer = llm.engine.framer
     prompt = len(framer.prefix_ids()) + context + len(framer.question_ids(question))
     assert reply.usage_metadata is not None
@@ -240,11 +241,11 @@ def test_sampling_is_reproducible_with_a_seed(llm: ChatSamKV) -> None:
 
 def test_weights_load_on_first_use(tmp_path: Path) -> None:
     missing = ChatSamKV(model=str(tmp_path / "no-such-model"), store=str(tmp_path / "kv"))
-    assert missing._engine is None
+    assert not missing._engine.built
     with pytest.raises(ValueError, match="does not exist"):
         missing.invoke("Hello")
     by_name = ChatSamKV(model="random:tiny-qwen2", store=str(tmp_path / "kv"), max_tokens=2)
-    assert by_name._engine is None
+    assert not by_name._engine.built
     reply = by_name.invoke("Hello")
     assert by_name.engine.model.name == reply.response_metadata["model_name"] == "random:tiny-qwen2"
 
@@ -265,12 +266,41 @@ def test_tools_and_structured_output_are_not_supported(llm: ChatSamKV) -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [("method", "nope"), ("temperature", -1.0), ("max_tokens", 0), ("on_foreign_cache", "ignore")],
+    ("field", "value", "named"),
+    [
+        ("method", "nope", "method"),
+        ("method", "samkv+bogus=1", "bogus"),
+        ("method", "samkv+budget=1.5", "budget"),
+        ("temperature", -1.0, "temperature"),
+        ("max_tokens", 0, "max_tokens"),
+        ("on_foreign_cache", "ignore", "on_foreign_cache"),
+    ],
 )
-def test_invalid_settings_name_the_field(talkative: LoadedModel, field: str, value: Any) -> None:
-    with pytest.raises(ValueError, match=field):
+def test_invalid_settings_name_the_field(
+    talkative: LoadedModel, field: str, value: Any, named: str
+) -> None:
+    with pytest.raises(ValueError, match=named) as raised:
         ChatSamKV(model=talkative, **{field: value})
+    assert field in str(raised.value)
+
+
+def test_a_method_spec_is_resolved_at_construction(talkative: LoadedModel, store_url: str) -> None:
+    llm = ChatSamKV(model=talkative, store=store_url, max_tokens=4, method="samkv+budget=0.2")
+    assert llm.method == SamKVMethod(budget=0.2)
+    assert llm._identifying_params["method_options"]["budget"] == 0.2
+    assert llm.model_dump()["method"]["options"]["budget"] == 0.2
+    assert ChatSamKV(model=talkative, method=SamKVMethod(budget=0.2)).method == llm.method
+    # Long enough for the budget to bind (SamKV always keeps each document's ends).
+    text = "Mount Fuji is the highest mountain in Japan. " * 8
+    docs = list(SamKVCacheBuilder(llm).transform_documents([Document(text), Document(text[1:])]))
+    message = document_message("Which mountain?", docs)
+    meta = llm.invoke([message]).response_metadata
+    assert meta["method"] == "samkv"
+    assert 0 < meta["kept_fraction"] <= 0.2 + 1e-9
+    assert (
+        llm.invoke([message], method="samkv+budget=0.6").response_metadata["kept_fraction"]
+        > meta["kept_fraction"]
+    )
 
 
 def test_invalid_requests_are_refused(llm: ChatSamKV, docs: list[Document]) -> None:

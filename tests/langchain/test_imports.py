@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,18 @@ def test_installed_langchain_wins_over_the_source_folder(tmp_path: Path) -> None
 def test_langchain_is_not_satisfied_outside_the_checkout(tmp_path: Path) -> None:
     found = _import_langchain(tmp_path)
     assert found == "missing" or str(ROOT / "langchain") not in found
+
+
+# What only the engine's internals may touch (STYLE.md habit 15): the store and decode
+# modules, the prompt framer and any private engine attribute.
+INTERNALS = re.compile(r"samkv_integrations\.(store|decode)\b|\.framer\b|engine\._|\._lock\b")
+
+
+def test_the_adapter_calls_the_engine_facade_only() -> None:
+    offenders = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in sorted((ROOT / "langchain" / "langchain_samkv").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if INTERNALS.search(line)
+    ]
+    assert offenders == []

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import llama_index.llms.samkv
@@ -37,3 +38,18 @@ def test_real_llama_index_core_is_not_shadowed() -> None:
     assert hasattr(core, "VectorStoreIndex")
     chroma = importlib.import_module("llama_index.vector_stores.chroma")
     assert hasattr(chroma, "ChromaVectorStore")
+
+
+# What only the engine's internals may touch (STYLE.md habit 15): the store and decode
+# modules, the prompt framer and any private engine attribute.
+INTERNALS = re.compile(r"samkv_integrations\.(store|decode)\b|\.framer\b|engine\._|\._lock\b")
+
+
+def test_the_adapter_calls_the_engine_facade_only() -> None:
+    offenders = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in sorted(SOURCE.rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if INTERNALS.search(line)
+    ]
+    assert offenders == []

@@ -12,6 +12,7 @@ from llama_index.core.chat_engine import SimpleChatEngine
 
 from llama_index.llms.samkv import SamKVLLM
 from samkv_integrations import KVCacheStore, SamKVEngine
+from samkv_integrations.methods import DEFAULT_METHOD, SamKVMethod, get_method
 from samkv_integrations.models import LoadedModel
 
 PROMPT = "Name a colour."
@@ -27,10 +28,25 @@ def test_constructor_loads_nothing() -> None:
 def test_constructor_validates(talkative_llama: LoadedModel, store: KVCacheStore) -> None:
     with pytest.raises(ValueError, match="method"):
         SamKVLLM(method="nope")
+    for spec, named in (("samkv+bogus=1", "bogus"), ("samkv+budget=1.5", "budget")):
+        with pytest.raises(ValueError, match=named) as raised:
+            SamKVLLM(method=spec)
+        assert "method" in str(raised.value)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamKVLLM(max_new_tokens=0)
     with pytest.raises(ValueError, match="engine"):
         SamKVLLM(engine=SamKVEngine(talkative_llama, store), model="other")
+
+
+def test_a_method_spec_is_resolved_at_construction_and_serialized() -> None:
+    llm = SamKVLLM(method="samkv+budget=0.2+ranking=global")
+    assert llm.method == SamKVMethod(budget=0.2, ranking="global")
+    assert SamKVLLM(method=SamKVMethod(budget=0.2)).method == llm.method
+    assert SamKVLLM().method == get_method(DEFAULT_METHOD)
+    data = llm.to_dict()
+    assert data["method"]["name"] == "samkv" and data["method"]["options"]["budget"] == 0.2
+    assert SamKVLLM.from_dict(data).method == llm.method
+    assert SamKVLLM.from_json(llm.to_json()).method == llm.method
 
 
 def test_metadata_describes_the_loaded_model(llm: SamKVLLM) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llama_index.core import StorageContext, VectorStoreIndex
+from llama_index.core import Document, StorageContext, VectorStoreIndex
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
@@ -21,10 +21,9 @@ from llama_index.vector_stores.chroma import ChromaVectorStore
 
 from llama_index.llms.samkv import SamKVCacheBuilder, SamKVLLM, SamKVQueryEngine, SamKVSynthesizer
 from samkv_integrations import CacheMismatchError, KVCacheStore, SamKVEngine
-from samkv_integrations.methods import DEFAULT_METHOD, METHODS
+from samkv_integrations.methods import DEFAULT_METHOD, METHODS, SamKVMethod
 from samkv_integrations.models import LoadedModel
 from samkv_integrations.records import METADATA_KEYS, ref_from_metadata
-from samkv_integrations.store import cache_key
 
 from .conftest import DOCS, KeywordEmbedding, ingest
 
@@ -107,6 +106,9 @@ def test_query_engine_answers_from_the_retrieved_caches(
     direct = llm.engine.answer(QUESTION, refs, method, max_new_tokens=llm.max_new_tokens)
     assert response.response == direct.text
     assert stats["context_tokens"] == direct.stats.context_tokens
+    framer = llm.engine.framer  # counted independently of the adapter
+    question_tokens = len(framer.prefix_ids()) + len(framer.question_ids(QUESTION))
+    assert stats["prompt_tokens"] == question_tokens + direct.stats.context_tokens
     # The response metadata keeps LlamaIndex's node-id -> metadata entries too.
     assert response.metadata[retrieved[0].node.node_id]["samkv_cache_key"] == refs[0].key
 
@@ -198,8 +200,7 @@ def test_a_node_without_a_cache_is_encoded_and_reported(
     assert "samkv_cache_key" not in first.source_nodes[0].node.metadata
     assert stats_of(first)["recomputed_documents"] == 1
     engine = llm.engine
-    key = cache_key(engine.fingerprint, engine.document_ids(DOCS[0].text))
-    assert engine.store.contains(key)  # stored on the spot
+    assert engine.store.contains(engine.cache_ref(DOCS[0].text).key)  # stored on the spot
     second = query_engine.query(QUESTION)
     assert stats_of(second)["recomputed_documents"] == 0
     assert second.response == first.response
@@ -304,11 +305,33 @@ async def test_get_response_answers_from_text_chunks(llm: SamKVLLM) -> None:
     assert await synthesizer.aget_response(QUESTION, texts) == expected.text
 
 
+def test_a_method_spec_fails_or_binds_when_the_query_engine_is_built(
+    llm: SamKVLLM, vector_store: ChromaVectorStore, embed_model: KeywordEmbedding
+) -> None:
+    # Long enough for the budget to bind (SamKV always keeps each document's ends).
+    long_docs = [Document(text=d.text * 8, doc_id=d.doc_id) for d in DOCS]
+    index, _ = ingest(llm, vector_store, embed_model, long_docs)
+    with pytest.raises(ValueError, match="bogus"):
+        SamKVQueryEngine.from_index(index, llm, method="samkv+bogus=1")
+    fractions = {}
+    for budget in (0.2, 0.6):
+        engine = SamKVQueryEngine.from_index(index, llm, method=f"samkv+budget={budget}")
+        stats = stats_of(engine.query(QUESTION))
+        assert stats["method"] == "samkv"
+        fractions[budget] = stats["kept_fraction"]
+        assert 0 < fractions[budget] <= budget + 1e-9
+    assert fractions[0.2] < fractions[0.6]
+    instance = SamKVQueryEngine.from_index(index, llm, method=SamKVMethod(budget=0.2))
+    assert stats_of(instance.query(QUESTION))["kept_fraction"] == fractions[0.2]
+
+
 def test_synthesizer_validates_its_arguments(llm: SamKVLLM) -> None:
     with pytest.raises(ValueError, match="llm"):
         SamKVSynthesizer(MockLLM())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="method"):
         SamKVSynthesizer(llm, method="nope")
+    with pytest.raises(ValueError, match="budget"):
+        SamKVSynthesizer(llm, method="samkv+budget=0")
     with pytest.raises(ValueError, match="on_foreign_cache"):
         SamKVSynthesizer(llm, on_foreign_cache="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="prompts"):

@@ -8,7 +8,10 @@ A method's test class sets ``__test__ = True`` and provides fixtures:
 - ``max_kept_fraction`` (optional): an upper bound on the kept fraction, or ``None``.
 
 The inherited tests run on tiny random Llama and Qwen2 models (``tiny_model``), with three
-documents of different lengths, through the real engine and through ``MethodInput``.
+documents of different lengths, through the real engine and through ``MethodInput``. What
+they check of the decode cache, they check on the state the engine decodes from (observed
+after the method's after-question stage), so that a method acting after the question or at
+each decode step is held to the same contract as one that only builds.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.engine import Answer
-from samkv_integrations.methods import BaseMethod, ContextCache, MethodInput
+from samkv_integrations.methods import BaseMethod, ContextCache, DecodeState, MethodInput
 from samkv_integrations.models import LoadedModel
 from samkv_integrations.records import CacheRef
 
@@ -47,6 +50,15 @@ class Case:
     def answer(self, method: BaseMethod | str, n_documents: int = 3) -> Answer:
         return self.engine.answer(QUESTION, self.refs[:n_documents], method, max_new_tokens=8)
 
+    def decode_state(self, method: BaseMethod) -> tuple[Answer, DecodeState]:
+        """Answer with one new token (no decode forward) and the state decoding started from."""
+        seen: list[DecodeState] = []
+        answer = self.engine.answer(
+            QUESTION, self.refs, method, max_new_tokens=1, observe=seen.append
+        )
+        (state,) = seen
+        return answer, state
+
     @property
     def context_tokens(self) -> int:
         return sum(doc.n_tokens for doc in self.inputs.documents)
@@ -72,13 +84,40 @@ class MethodContract:
     def test_reported_kept_fraction_is_the_cache_length(
         self, method: BaseMethod, case: Case
     ) -> None:
-        context = method(case.inputs)
-        answer = case.answer(method)
-        in_cache = context.cache.get_seq_length() - case.inputs.prefix.length
+        answer, state = case.decode_state(method)
+        in_documents = (state.positions >= case.inputs.prefix.length) & (
+            state.positions < case.inputs.context_end
+        )
         assert answer.stats.context_tokens == case.context_tokens
-        assert answer.stats.kept_tokens == [len(k) for k in context.kept_indices]
-        assert answer.stats.kept_fraction == in_cache / case.context_tokens
-        assert answer.kept_indices == [k.tolist() for k in context.kept_indices]
+        assert answer.stats.kept_tokens == [len(k) for k in state.kept_indices]
+        assert answer.stats.kept_fraction == int(in_documents.sum()) / case.context_tokens
+        assert answer.kept_indices == [k.tolist() for k in state.kept_indices]
+
+    def test_decode_state_describes_its_cache(self, method: BaseMethod, case: Case) -> None:
+        _, state = case.decode_state(method)
+        inputs = case.inputs
+        n_question = len(inputs.question_ids)
+        assert state.next_position == inputs.context_end + n_question
+        assert state.context_end == inputs.context_end
+        assert state.doc_starts == inputs.doc_starts
+        assert len(state.positions) == state.cache.get_seq_length()
+        assert bool((state.positions.diff() > 0).all()), "positions must be in global order"
+        kept_positions = torch.cat(
+            [
+                start + kept.cpu()
+                for start, kept in zip(inputs.doc_starts, state.kept_indices, strict=True)
+            ]
+        )
+        positions = state.positions.cpu()
+        in_documents = (positions >= inputs.prefix.length) & (positions < inputs.context_end)
+        assert torch.equal(positions[in_documents], kept_positions)
+        assert state.first_logits.shape == (inputs.model.config.vocab_size,)
+        shapes = {
+            (tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in state.cache.layers
+        }
+        assert len(shapes) == 1, "every layer must hold the same entries"
+        ((keys_shape, _),) = shapes
+        assert keys_shape[0] == 1 and keys_shape[2] == len(positions)
 
     def test_kept_indices_describe_the_cache(self, method: BaseMethod, case: Case) -> None:
         context = method(case.inputs)
@@ -118,9 +157,9 @@ class MethodContract:
         assert 0.0 < kept <= (1.0 if max_kept_fraction is None else max_kept_fraction)
 
     def test_recomputed_fraction_is_consistent(self, method: BaseMethod, case: Case) -> None:
-        context = method(case.inputs)
-        stats = case.answer(method).stats
-        assert stats.recomputed_tokens == context.recomputed_tokens
+        answer, state = case.decode_state(method)
+        stats = answer.stats
+        assert stats.recomputed_tokens == state.recomputed_tokens
         assert 0.0 <= stats.recomputed_fraction <= 1.0
         assert stats.recomputed_fraction == stats.recomputed_tokens / case.context_tokens
 

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from samkv_integrations.methods import CacheBlendMethod, FullMethod, MethodInput
-from samkv_integrations.records import DocumentKV
 
 from .contract import Case, MethodContract, cache_tensors
 
@@ -18,9 +19,7 @@ def _with_planted_values(
         values = d.values.clone()
         if i == doc:
             values[layer, :, tokens] += 50.0
-        docs.append(
-            DocumentKV(d.token_ids, d.keys, values, d.query_means, d.fingerprint, d.prefix_len)
-        )
+        docs.append(dataclasses.replace(d, values=values))
     return MethodInput(inputs.model, inputs.prefix, docs, inputs.question_ids)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from llama_index.core.base.llms.generic_utils import (
@@ -23,20 +23,44 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.bridge.pydantic import (
+    Field,
+    PrivateAttr,
+    field_serializer,
+    field_validator,
+)
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.llms.llm import default_completion_to_prompt, generic_messages_to_prompt
+from pydantic import InstanceOf
 
 from samkv_integrations.bridge import aiter_in_thread, iter_in_thread
 from samkv_integrations.engine import AnswerStream, SamKVEngine
-from samkv_integrations.methods import DEFAULT_METHOD, METHODS
+from samkv_integrations.lazy_engine import LazyEngine
+from samkv_integrations.methods import DEFAULT_METHOD, BaseMethod, get_method
 from samkv_integrations.records import CacheRef
 
 OnForeignCache = Literal["error", "recompute"]
 Prompt = str | Sequence[ChatMessage]
 
 _GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+
+
+def resolve_method(method: str | BaseMethod | Mapping[str, Any]) -> BaseMethod:
+    """A method from a spec (``"samkv+budget=0.2"``), an instance, or :func:`method_payload`'s data.
+
+    Raises:
+        ValueError: An unknown method or option, or a bad value; the message names it.
+    """
+    if isinstance(method, Mapping):
+        return get_method(str(method.get("name", "")), **dict(method.get("options") or {}))
+    return get_method(method)
+
+
+def method_payload(method: BaseMethod) -> dict[str, Any]:
+    """A method as plain data: its name and hyperparameters (:func:`resolve_method` reads it)."""
+    options = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
+    return {"name": method.name, "options": options}
 
 
 class SamKVLLM(CustomLLM):
@@ -55,8 +79,9 @@ class SamKVLLM(CustomLLM):
         store: KV cache store directory or fsspec URL; ``None`` is ``$SAMKV_HOME/kvcache``.
         device: Torch device; defaults to CUDA when available.
         dtype: ``bfloat16``, ``float16`` or ``float32``; defaults by device.
-        method: The method cache-aware answers use.
-        method_options: Hyperparameters of ``method``.
+        method: The method cache-aware answers use: a spec, ``name[+option=value...]``
+            (``"samkv+budget=0.2"``), or a ``BaseMethod``. It is resolved here, so a bad
+            name or option fails at construction.
         on_foreign_cache: What a cache written by another model means: ``"error"`` or
             ``"recompute"`` (re-encode it from the node's text).
         max_new_tokens, temperature, top_p, seed, stop: Generation defaults; each call may
@@ -74,8 +99,10 @@ class SamKVLLM(CustomLLM):
     store: str | None = Field(default=None, description="KV cache store directory or URL.")
     device: str | None = Field(default=None, description="Torch device.")
     dtype: str | None = Field(default=None, description="Model dtype.")
-    method: str = Field(default=DEFAULT_METHOD, description="Method for cache-aware answers.")
-    method_options: dict[str, Any] = Field(default_factory=dict, description="Its options.")
+    method: InstanceOf[BaseMethod] = Field(
+        default_factory=lambda: get_method(DEFAULT_METHOD),
+        description="Method for cache-aware answers (a spec such as 'samkv+budget=0.2').",
+    )
     on_foreign_cache: OnForeignCache = Field(default="error", description="Foreign cache policy.")
     max_new_tokens: int = Field(default=256, gt=0, description="Most tokens to generate.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 decodes greedily.")
@@ -83,23 +110,26 @@ class SamKVLLM(CustomLLM):
     seed: int | None = Field(default=None, description="Sampling seed.")
     stop: list[str] = Field(default_factory=list, description="Strings that end the answer.")
 
-    _engine: SamKVEngine | None = PrivateAttr(default=None)
-    _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _engine: LazyEngine = PrivateAttr()
 
     def __init__(self, *, engine: SamKVEngine | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if engine is not None:
-            given = [name for name in ("model", "store", "device", "dtype") if name in kwargs]
-            if given:
-                raise ValueError(f"engine: pass either an engine or {', '.join(given)}, not both")
-        self._engine = engine
+        if engine is None:
+            self._engine = LazyEngine(self.model, self.store, self.device, self.dtype)
+            return
+        given = [name for name in ("model", "store", "device", "dtype") if name in kwargs]
+        if given:
+            raise ValueError(f"engine: pass either an engine or {', '.join(given)}, not both")
+        self._engine = LazyEngine.of(engine)
 
-    @field_validator("method")
+    @field_validator("method", mode="before")
     @classmethod
-    def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"method: unknown method {value!r}; choose one of {sorted(METHODS)}")
-        return value
+    def _resolve_method(cls, value: str | BaseMethod | Mapping[str, Any]) -> BaseMethod:
+        return resolve_method(value)
+
+    @field_serializer("method")
+    def _serialize_method(self, method: BaseMethod) -> dict[str, Any]:
+        return method_payload(method)
 
     @classmethod
     def class_name(cls) -> str:
@@ -109,13 +139,7 @@ class SamKVLLM(CustomLLM):
     @property
     def engine(self) -> SamKVEngine:
         """The engine, loading the model and opening the store on first access."""
-        if self._engine is None:
-            with self._engine_lock:
-                if self._engine is None:
-                    self._engine = SamKVEngine.from_pretrained(
-                        self.model, self.store, device=self.device, dtype=self.dtype
-                    )
-        return self._engine
+        return self._engine.get()
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -133,8 +157,7 @@ class SamKVLLM(CustomLLM):
         question: str,
         refs: Sequence[CacheRef],
         *,
-        method: str | None = None,
-        method_options: dict[str, Any] | None = None,
+        method: str | BaseMethod | None = None,
         on_foreign_cache: OnForeignCache | None = None,
         **generation: Any,
     ) -> AnswerStream:
@@ -143,27 +166,20 @@ class SamKVLLM(CustomLLM):
         Args:
             question: The question.
             refs: The documents' cache references, in prompt order.
-            method: Overrides :attr:`method`.
-            method_options: Options of ``method`` (defaults to :attr:`method_options` when
-                ``method`` is not given).
+            method: Overrides :attr:`method` (a spec or an instance).
             on_foreign_cache: Overrides :attr:`on_foreign_cache`.
             **generation: Overrides of the generation defaults.
 
         Returns:
             The engine's stream: iterate it for text deltas; ``stats`` is set once the
-            first delta (or the end of an empty answer) has been produced. Iterate it from
-            one thread: it holds the engine's lock while it runs.
+            first delta (or the end of an empty answer) has been produced. It takes the
+            engine's lock one step at a time, so any thread may advance it, one at a time.
         """
-        if method is None:
-            method, options = self.method, method_options or self.method_options
-        else:
-            options = method_options or {}
         return self.engine.stream(
             question,
             refs,
-            method,
+            self.method if method is None else resolve_method(method),
             on_foreign_cache=on_foreign_cache or self.on_foreign_cache,
-            method_options=options,
             **self._generation(generation),
         )
 

@@ -24,7 +24,6 @@ from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters
 from llama_index.llms.samkv.base import SamKVLLM
 from samkv_integrations.engine import SamKVEngine
 from samkv_integrations.records import METADATA_KEYS, CacheRef, ref_from_metadata, ref_metadata
-from samkv_integrations.store import cache_key
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +36,6 @@ _KEY = METADATA_KEYS[0]
 def node_text(node: BaseNode) -> str:
     """The text a node's KV cache is computed from (and re-encoded from when missing)."""
     return node.get_content(metadata_mode=MetadataMode.NONE)
-
-
-def text_ref(engine: SamKVEngine, text: str, *, label: str) -> CacheRef:
-    """The reference under which ``engine`` stores (or would store) the cache of ``text``.
-
-    Raises:
-        ValueError: If the text is empty or too long for the model; the message names
-            ``label``.
-    """
-    try:
-        ids = engine.document_ids(text)
-    except ValueError as e:
-        raise ValueError(f"node {label}: {e}") from e
-    key = cache_key(engine.fingerprint, ids)
-    return CacheRef(key=key, n_tokens=len(ids), model=engine.fingerprint, text=text)
 
 
 def node_ref(engine: SamKVEngine, node: BaseNode) -> CacheRef:
@@ -67,7 +51,7 @@ def node_ref(engine: SamKVEngine, node: BaseNode) -> CacheRef:
     tagged = ref_from_metadata(node.metadata, text)
     if tagged is not None and tagged.model != engine.fingerprint:
         return tagged
-    ref = text_ref(engine, text, label=node.node_id)
+    ref = engine.cache_ref(text, label=node.node_id)
     if tagged is not None and tagged.key != ref.key:
         logger.warning(
             "node %s: its cache key does not match its text under this engine (text edited "
@@ -135,10 +119,10 @@ class SamKVCacheBuilder(TransformComponent):
         todo = [node for node in nodes if node_text(node).strip()]
         if len(todo) < len(nodes):
             logger.info("%d nodes have no text and get no KV cache", len(nodes) - len(todo))
-        for node in todo:
-            text_ref(engine, node_text(node), label=node.node_id)
+        # Framed once, each error naming its node; the engine encodes what it lacks.
+        ids = [engine.document_ids(node_text(node), index=node.node_id) for node in todo]
         progress = self.show_progress and len(todo) >= PROGRESS_MIN_NODES
-        refs = engine.index([node_text(node) for node in todo], progress=progress)
+        refs = engine.index_token_ids(ids, progress=progress)
         for node, ref in zip(todo, refs, strict=True):
             tag_node(node, ref)
         return nodes

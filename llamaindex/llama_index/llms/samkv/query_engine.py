@@ -12,6 +12,7 @@ from llama_index.core.vector_stores.types import BasePydanticVectorStore
 
 from llama_index.llms.samkv.base import OnForeignCache, SamKVLLM
 from llama_index.llms.samkv.synthesizer import SamKVSynthesizer
+from samkv_integrations.methods import BaseMethod
 
 
 class SamKVQueryEngine(RetrieverQueryEngine):
@@ -45,8 +46,7 @@ class SamKVQueryEngine(RetrieverQueryEngine):
         similarity_top_k: int = 4,
         node_postprocessors: list[BaseNodePostprocessor] | None = None,
         streaming: bool = False,
-        method: str | None = None,
-        method_options: dict[str, Any] | None = None,
+        method: str | BaseMethod | None = None,
         on_foreign_cache: OnForeignCache | None = None,
     ) -> SamKVQueryEngine:
         """Retrieve the top ``similarity_top_k`` nodes of ``index`` and answer from their caches.
@@ -57,8 +57,8 @@ class SamKVQueryEngine(RetrieverQueryEngine):
             similarity_top_k: How many nodes to retrieve.
             node_postprocessors: Applied to the retrieved nodes before answering.
             streaming: Return streaming responses.
-            method: Overrides the LLM's method.
-            method_options: Hyperparameters of ``method``.
+            method: Overrides the LLM's method: a spec (``"samkv+budget=0.2"``) or a
+                ``BaseMethod``; a bad one fails here.
             on_foreign_cache: ``"error"`` or ``"recompute"`` for caches of another model.
 
         Returns:
@@ -67,7 +67,6 @@ class SamKVQueryEngine(RetrieverQueryEngine):
         synthesizer = SamKVSynthesizer(
             llm,
             method=method,
-            method_options=method_options,
             on_foreign_cache=on_foreign_cache,
             streaming=streaming,
         )

@@ -37,11 +37,11 @@ from llama_index.core.prompts.mixin import PromptDictType
 from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTextType
 from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 
-from llama_index.llms.samkv.base import OnForeignCache, SamKVLLM
-from llama_index.llms.samkv.cache_builder import node_ref, node_text, text_ref
+from llama_index.llms.samkv.base import OnForeignCache, SamKVLLM, resolve_method
+from llama_index.llms.samkv.cache_builder import node_ref, node_text
 from samkv_integrations.bridge import aiter_in_thread, iter_in_thread
 from samkv_integrations.engine import AnswerStream
-from samkv_integrations.methods import METHODS
+from samkv_integrations.methods import BaseMethod
 from samkv_integrations.records import CacheRef, MethodStats
 
 dispatcher = instrument.get_dispatcher(__name__)
@@ -63,13 +63,14 @@ class SamKVSynthesizer(BaseSynthesizer):
     ``Response.metadata`` maps each source node id to its metadata (as LlamaIndex's
     synthesizers do) and ``"samkv"`` to the method's stats: ``method``, ``model``,
     ``ttft_s``, ``kept_fraction``, ``kept_tokens_by_node``, ``recomputed_documents``,
-    ``context_tokens``, ``seconds`` per phase and more. A streaming response returns after
-    the first token, with the stats already in place.
+    ``context_tokens``, ``prompt_tokens`` (what the prompt would prefill under ``full``),
+    ``seconds`` per phase and more. A streaming response returns after the first token,
+    with the stats already in place.
 
     Args:
         llm: The :class:`SamKVLLM` that answers.
-        method: Overrides the LLM's method (``samkv``, ``full``, ``reuse``, ...).
-        method_options: Hyperparameters of ``method``.
+        method: Overrides the LLM's method: a spec, ``name[+option=value...]``
+            (``"samkv+budget=0.2"``, ``"full"``, ...), or a ``BaseMethod``; resolved here.
         on_foreign_cache: ``"error"`` or ``"recompute"``; defaults to the LLM's setting.
         streaming: Return ``StreamingResponse`` / ``AsyncStreamingResponse``.
         callback_manager: LlamaIndex callback manager.
@@ -89,16 +90,14 @@ class SamKVSynthesizer(BaseSynthesizer):
         self,
         llm: SamKVLLM,
         *,
-        method: str | None = None,
-        method_options: dict[str, Any] | None = None,
+        method: str | BaseMethod | None = None,
         on_foreign_cache: OnForeignCache | None = None,
         streaming: bool = False,
         callback_manager: CallbackManager | None = None,
     ) -> None:
         if not isinstance(llm, SamKVLLM):
             raise ValueError(f"llm: SamKVSynthesizer needs a SamKVLLM, got {type(llm).__name__}")
-        if method is not None and method not in METHODS:
-            raise ValueError(f"method: unknown method {method!r}; choose one of {sorted(METHODS)}")
+        resolved = None if method is None else resolve_method(method)
         if on_foreign_cache not in (None, "error", "recompute"):
             raise ValueError(
                 f"on_foreign_cache: must be 'error' or 'recompute', got {on_foreign_cache!r}"
@@ -113,8 +112,7 @@ class SamKVSynthesizer(BaseSynthesizer):
             streaming=streaming,
         )
         self._samkv = llm
-        self._method = method
-        self._method_options = method_options
+        self._method = resolved
         self._on_foreign_cache = on_foreign_cache
 
     def _get_prompts(self) -> PromptDictType:
@@ -162,7 +160,7 @@ class SamKVSynthesizer(BaseSynthesizer):
                 )
             else:
                 answer, stats = self._answer(bundle.query_str, used, response_kwargs)
-                metadata = self._response_metadata(sources, used, stats)
+                metadata = self._response_metadata(bundle.query_str, sources, used, stats)
                 response = (
                     Response(answer, sources, metadata)
                     if isinstance(answer, str)
@@ -201,7 +199,7 @@ class SamKVSynthesizer(BaseSynthesizer):
                 )
             else:
                 answer, stats = await self._aanswer(bundle.query_str, used, response_kwargs)
-                metadata = self._response_metadata(sources, used, stats)
+                metadata = self._response_metadata(bundle.query_str, sources, used, stats)
                 response = (
                     Response(answer, sources, metadata)
                     if isinstance(answer, str)
@@ -231,14 +229,13 @@ class SamKVSynthesizer(BaseSynthesizer):
         """Map sources to cache refs and start the engine's answer."""
         engine = self._samkv.engine
         refs: list[CacheRef] = [
-            text_ref(engine, s, label=f"chunk {i}") if isinstance(s, str) else node_ref(engine, s)
+            engine.cache_ref(s, label=i) if isinstance(s, str) else node_ref(engine, s)
             for i, s in enumerate(sources)
         ]
         return self._samkv.stream_answer(
             query_str,
             refs,
             method=self._method,
-            method_options=self._method_options,
             on_foreign_cache=self._on_foreign_cache,
             **kwargs,
         )
@@ -283,11 +280,18 @@ class SamKVSynthesizer(BaseSynthesizer):
         return opened, start
 
     def _response_metadata(
-        self, sources: list[NodeWithScore], used: list[BaseNode], stats: MethodStats
+        self,
+        query_str: str,
+        sources: list[NodeWithScore],
+        used: list[BaseNode],
+        stats: MethodStats,
     ) -> dict[str, Any]:
         metadata = self._get_metadata_for_response([n.node for n in sources]) or {}
+        engine = self._samkv.engine
         report = stats.as_dict()
-        report["model"] = self._samkv.engine.model.name
+        report["model"] = engine.model.name
+        # The documents as loaded (a re-encoded foreign cache counts in this model's tokens).
+        report["prompt_tokens"] = engine.prompt_tokens(query_str) + stats.context_tokens
         report["kept_tokens_by_node"] = {
             node.node_id: kept for node, kept in zip(used, stats.kept_tokens, strict=True)
         }

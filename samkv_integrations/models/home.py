@@ -1,0 +1,33 @@
+"""The cache root ``$SAMKV_HOME`` and cross-process locks on what is kept under it.
+
+Kept apart from :mod:`registry` so that both the registry and the weight digests
+(:mod:`digests`) can use them without importing each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["file_lock", "samkv_home"]
+
+
+def samkv_home() -> Path:
+    """Return the cache root: ``$SAMKV_HOME`` or ``~/.cache/samkv``, created on demand."""
+    home = Path(os.environ.get("SAMKV_HOME") or Path.home() / ".cache" / "samkv").expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+@contextlib.contextmanager
+def file_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``$SAMKV_HOME/locks/<name>.lock`` (across processes)."""
+    lock_dir = samkv_home() / "locks"
+    lock_dir.mkdir(exist_ok=True)
+    # Closing the file releases the lock, also when the body raises or the process dies.
+    with open(lock_dir / f"{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
