@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from samkv_integrations.answer import Answer, AnswerStream
 from samkv_integrations.cache_format import declared_extras
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import PrefixKV, encode_documents, encode_prefix
-from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer
+from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer, chat_ids
 from samkv_integrations.methods import (
     DEFAULT_METHOD,
     METHODS,
@@ -148,6 +148,14 @@ class SamKVEngine:
         )
         return len(self.framer.prefix_ids()) + n_docs + len(self.framer.question_ids(question))
 
+    def has_cache(self, ref: CacheRef | str) -> bool:
+        """Whether the store holds an entry under ``ref``'s key (not verified: ``answer`` checks)."""
+        return self.store.contains(ref.key if isinstance(ref, CacheRef) else ref)
+
+    def delete_caches(self, refs: Iterable[CacheRef | str]) -> int:
+        """Delete the stored caches of ``refs`` (keys or refs); returns how many were there."""
+        return sum(self.store.delete(r.key if isinstance(r, CacheRef) else r) for r in refs)
+
     def index(self, texts: Sequence[str], *, progress: bool = True) -> list[CacheRef]:
         """Compute and store each text's KV cache; texts already in the store are not recomputed."""
         if isinstance(texts, str):
@@ -250,18 +258,7 @@ class SamKVEngine:
 
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a plain chat (``role``/``content`` dicts), ending with the generation prompt."""
-        tokenizer = self.model.tokenizer
-        if not messages:
-            raise ValueError("messages is empty")
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=True
-            )
-            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
-            ids = list(tokenizer(text)["input_ids"])
-        return ids
+        return chat_ids(self.model.tokenizer, messages)
 
     def stream_prompt(self, prompt_ids: Sequence[int], **generation: Any) -> AnswerStream:
         """Generate from a plain prompt (no documents): a full prefill of ``prompt_ids``, then decoding.

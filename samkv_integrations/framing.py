@@ -7,6 +7,7 @@ is what lets a document's KV cache be computed once and reused behind any other 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -84,3 +85,20 @@ class PromptFramer:
         if not question or not question.strip():
             raise ValueError("question is empty")
         return self._encode(self.question_template.format(question=question.strip()))
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a plain chat (``role``/``content`` dicts), ending with the generation prompt.
+
+    Rendered by the tokenizer's chat template; a tokenizer without one gets ``role: content``
+    paragraphs and an ``assistant:`` cue.
+    """
+    if not messages:
+        raise ValueError("messages is empty")
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+    return list(tokenizer(text)["input_ids"])
