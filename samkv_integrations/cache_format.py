@@ -1,14 +1,18 @@
 """The stored layout of one document's KV cache: tensor names, metadata, version, key, checksum.
 
-An entry is two blobs; :mod:`samkv_integrations.store` decides where and how they are kept.
+An entry is one safetensors file, a single blob that is written and renamed into place
+whole, so that two writers of one key can never leave a mix of their parts; where it is
+kept is :mod:`samkv_integrations.store`'s.
 
-- Tensors, safetensors: ``keys`` and ``values`` ``[n_layers, n_kv_heads, n_tokens, head_dim]``
-  (keys post-RoPE at local positions ``prefix_len ..``), plus one tensor per stored extra
-  under the extra's name (see :data:`EXTRAS`).
-- Metadata, JSON: ``format`` (:data:`FORMAT_VERSION`), ``fingerprint`` (the model's),
-  ``token_ids`` (the framed document), ``prefix_len`` (the shared prefix it was computed
-  behind), ``extras`` (``{name: version}`` of the stored extras), ``nbytes`` (tensor bytes),
-  ``tensors_sha256`` (of the tensors blob), ``checksum`` and ``created`` (informational).
+- Tensors: ``keys`` and ``values`` ``[n_layers, n_kv_heads, n_tokens, head_dim]`` (keys
+  post-RoPE at local positions ``prefix_len ..``), plus one tensor per stored extra under
+  the extra's name (see :data:`EXTRAS`).
+- Metadata, JSON in the safetensors header's ``__metadata__`` under ``samkv``: ``format``
+  (:data:`FORMAT_VERSION`), ``fingerprint`` (the model's), ``token_ids`` (the framed
+  document), ``prefix_len`` (the shared prefix it was computed behind), ``extras``
+  (``{name: version}`` of the stored extras), ``nbytes`` (tensor bytes), ``tensors_sha256``
+  (of the tensors' header entries and the data: everything in the file but the metadata),
+  ``checksum`` and ``created`` (informational).
 
 ``checksum`` is the sha256 of the canonical JSON of every other field but ``created``, so
 it covers everything that changes an answer: token ids, prefix length, fingerprint, format
@@ -23,8 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,19 +36,47 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from samkv_integrations.errors import CacheCorruptedError, CacheMismatchError, CacheMissError
+from samkv_integrations.stored_extras import (
+    EXTRAS,
+    QUERY_WINDOW,
+    DocumentPrefill,
+    StoredExtra,
+    declared_extras,
+)
+
+# The stored extras are re-exported: what an entry may hold is part of its format.
+__all__ = [
+    "EXTRAS",
+    "FORMAT_VERSION",
+    "KV_TENSORS",
+    "META_FIELD",
+    "QUERY_WINDOW",
+    "DocumentPrefill",
+    "StoredExtra",
+    "cache_key",
+    "check_entry",
+    "check_reader",
+    "declared_extras",
+    "describe",
+    "meta_checksum",
+    "pack",
+    "read_meta",
+    "read_tensors",
+]
 
 #: Version of the stored layout, part of every key: bump it when what is stored, or how
 #: K/V is computed, changes, so that old entries miss instead of misleading. An extra's
-#: computation changing bumps that extra's own version instead (:class:`StoredExtra`).
+#: computation changing bumps that extra's own version instead (``StoredExtra.version``).
 #: 1: K/V only. 2: adds SamKV's per-document mean query. 3: named, versioned extras and a
-#: checksum over every field that changes an answer (``prefix_len`` included).
-FORMAT_VERSION = 3
+#: checksum over every field that changes an answer (``prefix_len`` included). 4: one file
+#: per entry, the metadata in the safetensors header (3 kept it in a ``.json`` beside it).
+FORMAT_VERSION = 4
+
+#: The ``__metadata__`` field of the safetensors header that holds the entry's metadata.
+META_FIELD = "samkv"
 
 #: The tensors every entry holds, ``[n_layers, n_kv_heads, n_tokens, head_dim]``.
 KV_TENSORS = ("keys", "values")
-
-#: How many of a document's last tokens the ``query_means`` extra averages over.
-QUERY_WINDOW = 8
 
 _NOT_CHECKSUMMED = ("checksum", "created")
 
@@ -65,87 +96,6 @@ def cache_key(
     except struct.error as e:
         raise ValueError(f"token_ids and format_version must be int64 values: {e}") from e
     return hashlib.sha256(b"samkv-kv\0" + head + ids).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class DocumentPrefill:
-    """One document's indexing prefill, which stored extras are computed from.
-
-    Attributes:
-        keys: ``[n_layers, n_kv_heads, n_tokens, head_dim]``, post-RoPE.
-        values: ``[n_layers, n_kv_heads, n_tokens, head_dim]``.
-        queries: Per layer ``[n_tokens, n_q_heads, head_dim]``, the pre-RoPE ``q_proj`` output.
-    """
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    queries: Sequence[torch.Tensor]
-
-
-@dataclass(frozen=True, slots=True)
-class StoredExtra:
-    """A per-document tensor stored beside K/V because a method reads it at query time.
-
-    Methods name the extras they read in ``BaseMethod.stored_extras``; indexing computes
-    those the registered methods declare, and a cache lacking one counts as missing.
-
-    Attributes:
-        version: Bumped when ``compute`` changes; a stored tensor of another version is
-            dropped on read, so the cache counts as lacking it.
-        shape: The tensor's shape, in words.
-        compute: Computes it from the document's prefill.
-        check: What is wrong with a stored tensor, given the shape of ``keys``; None if
-            nothing.
-    """
-
-    version: int
-    shape: str
-    compute: Callable[[DocumentPrefill], torch.Tensor]
-    check: Callable[[torch.Tensor, torch.Size], str | None]
-
-
-def _query_means(prefill: DocumentPrefill) -> torch.Tensor:
-    n = prefill.keys.shape[2]
-    window = slice(max(0, n - QUERY_WINDOW), n)
-    means = [q[window].float().mean(0) for q in prefill.queries]
-    return torch.stack(means).to(prefill.keys.dtype)
-
-
-def _check_query_means(tensor: torch.Tensor, keys: torch.Size) -> str | None:
-    n_layers, n_kv_heads, _, head_dim = keys
-    shape = tuple(tensor.shape)
-    fits = len(shape) == 3 and shape[0] == n_layers and shape[2] == head_dim
-    if fits and shape[1] and shape[1] % n_kv_heads == 0 and tensor.is_floating_point():
-        return None
-    return (
-        f"must be float [{n_layers} layers, n_q_heads (a multiple of {n_kv_heads}), "
-        f"{head_dim} head_dim], got {tensor.dtype} {shape}"
-    )
-
-
-#: Every extra a method may declare, by name (the tensor's name in the stored entry).
-EXTRAS: dict[str, StoredExtra] = {
-    # SamKV's Qj: the mean pre-RoPE query of the document's last QUERY_WINDOW tokens.
-    "query_means": StoredExtra(
-        version=1,
-        shape="[n_layers, n_q_heads, head_dim]",
-        compute=_query_means,
-        check=_check_query_means,
-    ),
-}
-
-
-def declared_extras(declarations: Iterable[Iterable[str]]) -> tuple[str, ...]:
-    """The sorted union of declared extra names (e.g. each method's ``stored_extras``).
-
-    Raises:
-        ValueError: A declared name is not in :data:`EXTRAS`.
-    """
-    names = sorted({name for declared in declarations for name in declared})
-    unknown = [name for name in names if name not in EXTRAS]
-    if unknown:
-        raise ValueError(f"stored_extras {unknown} are not among the known extras {list(EXTRAS)}")
-    return tuple(names)
 
 
 def _require_prefix_len(value: object) -> None:
@@ -198,7 +148,7 @@ def meta_checksum(meta: Mapping[str, Any]) -> str:
 def pack(
     fingerprint: str, token_ids: list[int], prefix_len: int, tensors: Mapping[str, torch.Tensor]
 ) -> tuple[bytes, dict[str, Any]]:
-    """Serialize one entry.
+    """Serialize one entry into one safetensors file, its metadata in the header.
 
     Args:
         fingerprint: The model fingerprint.
@@ -207,13 +157,14 @@ def pack(
         tensors: Contiguous CPU ``keys``, ``values`` and extras, by name.
 
     Returns:
-        The tensors blob and the metadata (JSON-ready).
+        The file's bytes and the metadata it holds.
 
     Raises:
         ValueError: A field or tensor does not fit (see :func:`check_entry`).
     """
     check_entry(len(token_ids), prefix_len, tensors)
-    data = save_safetensors(dict(tensors))
+    plain = save_safetensors(dict(tensors))
+    header, start = _header(plain, "a new entry")
     meta: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -221,26 +172,61 @@ def pack(
         "prefix_len": prefix_len,
         "extras": {n: EXTRAS[n].version for n in sorted(tensors) if n not in KV_TENSORS},
         "nbytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-        "tensors_sha256": hashlib.sha256(data).hexdigest(),
+        "tensors_sha256": _tensors_digest(header, plain, start),
     }
     meta["checksum"] = meta_checksum(meta)
     meta["created"] = datetime.now(UTC).isoformat(timespec="seconds")
-    return data, meta
+    header["__metadata__"] = {META_FIELD: json.dumps(meta)}
+    raw = json.dumps(header, separators=(",", ":")).encode("ascii")
+    raw += b" " * (-len(raw) % 8)  # safetensors keeps the data 8-byte aligned
+    return b"".join((struct.pack("<Q", len(raw)), raw, memoryview(plain)[start:])), meta
 
 
-def read_meta(raw: bytes, key: str, where: str) -> dict[str, Any]:
-    """Parse and verify an entry's metadata.
+def _header(blob: bytes, where: str) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header and the offset its data starts at."""
+    try:
+        if len(blob) < 8:
+            raise ValueError(f"{len(blob)} bytes is too short for a header")
+        (size,) = struct.unpack_from("<Q", blob)
+        if size > len(blob) - 8:
+            raise ValueError(f"a header of {size} bytes in a file of {len(blob)}")
+        header = json.loads(blob[8 : 8 + size])
+        if not isinstance(header, dict):
+            raise TypeError(f"a JSON object is required, got {type(header).__name__}")
+    except (ValueError, TypeError) as e:
+        raise CacheCorruptedError(f"{where}: unparsable safetensors header ({e})") from e
+    return header, 8 + size
+
+
+def _tensors_digest(header: Mapping[str, Any], blob: bytes, start: int) -> str:
+    """sha256 of the tensors' header entries (canonical JSON) and the data after the header."""
+    entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    digest = hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(memoryview(blob)[start:])
+    return digest.hexdigest()
+
+
+def read_meta(blob: bytes, key: str, where: str) -> dict[str, Any]:
+    """Parse and verify the metadata of an entry's file.
 
     Args:
-        raw: The metadata blob.
+        blob: The entry's file.
         key: The key it was stored under.
         where: Names the entry in error messages.
 
     Raises:
         CacheCorruptedError: Unparsable, a field missing or out of range, not hashing
             back to ``key``, or failing its checksum; the message names the field.
-        CacheMismatchError: Written in another format version.
+        CacheMismatchError: Written in another format version (one before 4 left no
+            metadata in the header).
     """
+    stored = _header(blob, where)[0].get("__metadata__")
+    raw = stored.get(META_FIELD) if isinstance(stored, dict) else None
+    if not isinstance(raw, str):
+        raise CacheMismatchError(
+            f"{where} has no {META_FIELD} metadata in its header: store format 3 or older "
+            f"(metadata in a .json beside it), this version reads {FORMAT_VERSION}"
+        )
     try:
         meta = json.loads(raw)
         if not isinstance(meta, dict):
@@ -275,11 +261,11 @@ def read_meta(raw: bytes, key: str, where: str) -> dict[str, Any]:
     return meta
 
 
-def read_tensors(data: bytes, meta: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+def read_tensors(blob: bytes, meta: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
     """Verify and load an entry's tensors; extras unknown to, or stale for, this version drop.
 
     Args:
-        data: The tensors blob.
+        blob: The entry's file.
         meta: Its verified metadata (:func:`read_meta`).
         where: Names the entry in error messages.
 
@@ -287,13 +273,14 @@ def read_tensors(data: bytes, meta: Mapping[str, Any], where: str) -> dict[str, 
         ``keys``, ``values`` and the current extras, by name, on CPU.
 
     Raises:
-        CacheCorruptedError: The blob fails its checksum, cannot be parsed, holds other
+        CacheCorruptedError: The tensors fail their checksum, cannot be parsed, are other
             tensors than the metadata lists, or a shape does not fit; the message names it.
     """
-    if hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
+    header, start = _header(blob, where)
+    if _tensors_digest(header, blob, start) != meta["tensors_sha256"]:
         raise CacheCorruptedError(f"{where}: tensors checksum mismatch (tensors_sha256)")
     try:
-        tensors = load_safetensors(data)
+        tensors = load_safetensors(blob)
     except Exception as e:  # safetensors raises its own error types
         raise CacheCorruptedError(f"{where}: unparsable safetensors ({e})") from e
     listed = {*KV_TENSORS, *meta["extras"]}

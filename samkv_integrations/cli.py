@@ -4,6 +4,11 @@ Each heavy subcommand lives in its own module and is imported only when it runs,
 ``samkv --help`` stays fast. Apps outside the library (the Chroma demo's ``demo`` and
 ``serve``) contribute subcommands through the ``samkv.commands`` entry-point group, so the
 library never imports them.
+
+Every command fails the same way: a mistake in what the user gave (an argument, a file,
+a question) or an environment that cannot do it (no CUDA, an unwritable directory, an
+unusable stored cache) ends as one line on stderr, ``samkv <command>: error: <what>``, and
+a non-zero status (see ``main``). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +16,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
+from samkv_integrations.errors import CacheError
 from samkv_integrations.methods import DEFAULT_METHOD
+
+if TYPE_CHECKING:
+    from samkv_integrations.engine import SamKVEngine
+    from samkv_integrations.records import CacheRef
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Entry-point group through which other packages add subcommands.
 COMMANDS_GROUP = "samkv.commands"
@@ -26,6 +42,7 @@ COMMANDS_GROUP = "samkv.commands"
 _BUILTIN = {
     "eval": ("samkv_integrations.eval.cli", "Measure methods' accuracy against full recompute."),
     "bench": ("samkv_integrations.bench.cli", "Measure TTFT, memory and throughput per method."),
+    "cache": ("samkv_integrations.cache_cli", "List, verify and garbage-collect stored KV caches."),
 }
 
 
@@ -43,13 +60,115 @@ def delegated_commands() -> dict[str, tuple[str, str]]:
 
 
 def _read_documents(paths: Sequence[str]) -> list[str]:
+    """Each file's text; a missing, unreadable, non-UTF-8 or empty file is a ``ValueError``."""
     texts = []
     for name in paths:
         path = Path(name)
         if not path.is_file():
-            raise SystemExit(f"samkv: no such file: {name}")
-        texts.append(path.read_text(encoding="utf-8"))
+            problem = "is a directory" if path.is_dir() else "no such file"
+            raise ValueError(f"{name}: {problem}; give text files, one document each")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ValueError(f"{name}: cannot read it ({e.strerror or e})") from e
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{name}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
+            ) from None
+        if not text.strip():
+            raise ValueError(f"{name}: the file is empty")
+        texts.append(text)
     return texts
+
+
+def checked_text(text: str, field: str) -> str:
+    """``text`` if it is non-blank and encodable as UTF-8; else a ``ValueError`` naming ``field``.
+
+    A lone surrogate (U+DC80 is what Python makes of an undecodable byte in ``argv``) is
+    not text any tokenizer can take.
+    """
+    if not text.strip():
+        raise ValueError(f"{field} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{field} is not valid text: {e.reason} ({text[e.start]!a} at character {e.start})"
+        ) from None
+    return text
+
+
+def _typed(check: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse ``type=`` from a check that raises ``ValueError`` (argparse names the option)."""
+
+    def parse(text: str) -> T:
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = check.__name__
+    return parse
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """Argparse ``type=`` for an integer ``>= low``; a bad value is a parse error naming the option."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        return value
+
+    check.__name__ = f"int_at_least_{low}"
+    return _typed(check)
+
+
+def port_number(text: str) -> int:
+    """Argparse ``type=`` for a TCP port, 1 to 65535."""
+    port = int_at_least(1)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be at most 65535, got {port}")
+    return port
+
+
+def number_at_least(low: float) -> Callable[[str], float]:
+    """Argparse ``type=`` for a finite number ``>= low``."""
+
+    def check(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low:
+            raise ValueError(f"must be a finite number >= {low}, got {text}")
+        return value
+
+    check.__name__ = f"number_at_least_{low}"
+    return _typed(check)
+
+
+def _not_empty(text: str) -> str:
+    # An empty --store would be the current directory.
+    if not text.strip():
+        raise ValueError("is empty")
+    return text
+
+
+#: Argparse ``type=`` for an option that must not be empty (``--model``, ``--store``, paths).
+not_empty = _typed(_not_empty)
+
+
+def _question_text(text: str) -> str:
+    return checked_text(text, "question")
+
+
+_question = _typed(_question_text)
 
 
 def add_engine_arguments(
@@ -71,13 +190,17 @@ def add_engine_arguments(
     default = model_default or "embedded SmolLM2-135M"
     (model_group or parser).add_argument(
         "--model",
+        type=not_empty,
         default=model_default,
         help=f"registry name, local path, .gguf file, hub id or random:<shape> (default: {default})",
     )
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)"
+        "--device",
+        type=not_empty,
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda when available)",
     )
-    parser.add_argument("--store", default=None, help=store_help)
+    parser.add_argument("--store", type=not_empty, default=None, help=store_help)
 
 
 def _spec_error(e: ValueError) -> argparse.ArgumentTypeError:
@@ -113,29 +236,59 @@ def method_specs(text: str) -> str:
     return text
 
 
-def _index(args: argparse.Namespace) -> int:
+def _engine_over(args: argparse.Namespace) -> tuple[SamKVEngine, list[str], list[CacheRef]]:
+    """Read ``args.files`` (before any model loads), load the engine, and ref each text.
+
+    A text too long for the model is an error naming its file.
+    """
     from samkv_integrations import SamKVEngine
 
+    texts = _read_documents(args.files)
     engine = SamKVEngine.from_pretrained(args.model, args.store, device=args.device)
-    refs = engine.index(_read_documents(args.files))
+    refs = [engine.cache_ref(t, label=n) for n, t in zip(args.files, texts, strict=True)]
+    return engine, texts, refs
+
+
+def _unusable(engine: SamKVEngine, refs: Sequence[CacheRef]) -> int:
+    """How many refs the store holds no usable cache of: ``index`` encodes those."""
+    prefix_len = len(engine.framer.prefix_ids())
+    count = 0
+    for ref in refs:
+        try:
+            engine.store.verify(ref.key, fingerprint=engine.fingerprint, prefix_len=prefix_len)
+        except CacheError:
+            count += 1
+    return count
+
+
+def _index(args: argparse.Namespace) -> int:
+    engine, texts, _ = _engine_over(args)
+    refs = engine.index(texts)
     for name, ref in zip(args.files, refs, strict=True):
-        print(f"{ref.key}  {ref.n_tokens:6d} tokens  {name}")
+        shown = name.encode("utf-8", "backslashreplace").decode()  # undecodable bytes in argv
+        print(f"{ref.key}  {ref.n_tokens:6d} tokens  {shown}")
     return 0
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from samkv_integrations import SamKVEngine
-
-    engine = SamKVEngine.from_pretrained(args.model, args.store, device=args.device)
-    refs = engine.index(_read_documents(args.files), progress=False)
+    engine, texts, refs = _engine_over(args)
+    encoded = _unusable(engine, refs)
+    refs = engine.index(texts, progress=False)
     stream = engine.stream(args.question, refs, args.method, max_new_tokens=args.max_new_tokens)
     for delta in stream:
         print(delta, end="", flush=True)
     stats = stream.stats
-    print(
+    summary = (
         f"\n[{args.method}] TTFT {stats.ttft_s * 1000:.0f} ms, kept {stats.kept_fraction:.0%} "
         f"of {stats.context_tokens} context tokens, recomputed {stats.recomputed_fraction:.0%}"
     )
+    # Whole documents encoded because no stored cache was usable: apart from the method's
+    # recompute, before the answer (not in TTFT) or while loading it (in TTFT).
+    if encoded:
+        summary += f"; encoded {encoded} of {len(refs)} documents first (no usable stored cache)"
+    if stats.recomputed_documents:
+        summary += f"; re-encoded {stats.recomputed_documents} of {len(refs)} while answering"
+    print(summary)
     return 0
 
 
@@ -159,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="method spec name[+option=value...], e.g. samkv+budget=0.2 (default: %(default)s)",
     )
-    ask.add_argument("--max-new-tokens", type=int, default=128)
-    ask.add_argument("question")
+    ask.add_argument("--max-new-tokens", type=int_at_least(1), default=128)
+    ask.add_argument("question", type=_question)
     ask.add_argument("files", nargs="+", help="text files, one document each")
     ask.set_defaults(handler=_ask)
 
@@ -171,7 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``samkv`` console script."""
+    """Entry point of the ``samkv`` console script; returns the exit status.
+
+    Exit status: 0 done; 2 a bad argument, file or question (``ValueError``, argparse's
+    errors included); 1 the environment or the store could not do it (``OSError``,
+    ``CacheError``); 130 interrupted. Each error is one line on stderr (``-v`` adds its
+    traceback); any other exception is a bug and propagates with its traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # A delegated subcommand's own arguments are split off before parsing, and parsed by
@@ -186,13 +345,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if hasattr(args, "delegate"):
+    prog = f"samkv {args.command}"
+    hint = ""
+    try:
+        if not hasattr(args, "delegate"):
+            return int(args.handler(args))
         module = importlib.import_module(args.delegate)
+        hint = getattr(module, "INTERRUPT_HINT", "")
         summary = (module.__doc__ or delegated[args.command][1]).strip().splitlines()[0]
-        sub = argparse.ArgumentParser(prog=f"samkv {args.command}", description=summary)
+        sub = argparse.ArgumentParser(prog=prog, description=summary)
         module.add_arguments(sub)
         return int(module.run(sub.parse_args(rest)) or 0)
-    return int(args.handler(args))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, CacheError) as e:
+        logger.info("%s failed", prog, exc_info=True)  # the traceback, with -v
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (an ``OSError`` with its path)."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename is not None else ""
+        text = f"{where}{error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

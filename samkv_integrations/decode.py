@@ -8,6 +8,7 @@ strings, EOS and detokenizing live here, once; what runs one token through the m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -36,14 +37,30 @@ class GenerationOptions:
     stop: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if isinstance(self.stop, bytes) or not isinstance(self.stop, Sequence):
+            raise TypeError(f"stop must be a string or a sequence of strings, got {self.stop!r}")
+        if any(not isinstance(s, str) for s in self.stop):
+            raise TypeError(f"stop must hold strings, got {list(self.stop)!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 

@@ -1,12 +1,13 @@
 """Per-document prefill behind the shared prefix: what indexing computes once per chunk.
 
-What is kept of it, K/V and the stored extras, is laid out in ``cache_format``.
+What is kept of it, K/V and the stored extras (``stored_extras``), is laid out in
+``cache_format``; indexing streams it to the store a batch at a time (``indexing``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -14,9 +15,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
 
-from samkv_integrations.cache_format import EXTRAS, DocumentPrefill, declared_extras
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import DocumentKV
+from samkv_integrations.stored_extras import (
+    EXTRAS,
+    QUERY_WINDOW,
+    DocumentPrefill,
+    declared_extras,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +74,14 @@ def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 @contextmanager
-def capture_queries(model: PreTrainedModel) -> Iterator[list[torch.Tensor | None]]:
+def capture_queries(
+    model: PreTrainedModel, keep: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Iterator[list[torch.Tensor | None]]:
     """Record each layer's pre-RoPE query projection during the forward passes inside.
 
     Yields a list with one slot per layer, holding the last ``q_proj`` output
-    ``[batch, seq, n_q_heads * head_dim]``. The hooks are removed on exit, even on error.
+    ``[batch, seq, n_q_heads * head_dim]``, or what ``keep`` makes of it (so that a long
+    batch need not hold every layer's queries). The hooks are removed on exit, even on error.
     """
     layers = model.get_decoder().layers
     captured: list[torch.Tensor | None] = [None] * len(layers)
@@ -81,7 +90,7 @@ def capture_queries(model: PreTrainedModel) -> Iterator[list[torch.Tensor | None
         for i, layer in enumerate(layers):
 
             def hook(_m: torch.nn.Module, _a: object, out: torch.Tensor, i: int = i) -> None:
-                captured[i] = out
+                captured[i] = out if keep is None else keep(out)
 
             handles.append(layer.self_attn.q_proj.register_forward_hook(hook))
         yield captured
@@ -111,7 +120,6 @@ def encode_prefix(model: PreTrainedModel, token_ids: list[int]) -> PrefixKV:
     )
 
 
-@torch.inference_mode()
 def encode_documents(
     model: PreTrainedModel,
     prefix: PrefixKV,
@@ -122,11 +130,10 @@ def encode_documents(
     progress: bool = True,
     extras: Sequence[str] | None = None,
 ) -> list[DocumentKV]:
-    """Prefill each document alone behind the shared prefix, batching similar lengths.
+    """Prefill each document alone behind the shared prefix; every result at once.
 
-    Documents are right-padded within a batch. Causal attention means a real token never
-    sees the padding after it, so no padding mask is needed and each document's KV equals
-    what a batch of one would give.
+    Holds every document's KV until all are encoded: fine for the few a query re-encodes;
+    indexing streams :func:`encode_batches` to storage instead.
 
     Args:
         model: The model.
@@ -135,8 +142,7 @@ def encode_documents(
         fingerprint: The model fingerprint to record on each cache.
         batch_tokens: Upper bound on padded tokens per batch.
         progress: Show a tqdm bar.
-        extras: Names of the stored extras to compute (``cache_format.EXTRAS``), e.g. those
-            the registered methods declare; ``None``: every known extra.
+        extras: Names of the stored extras to compute; ``None``: every known extra.
 
     Returns:
         One ``DocumentKV`` per document, in input order, on the model's device.
@@ -144,54 +150,155 @@ def encode_documents(
     Raises:
         ValueError: An extra's name is unknown.
     """
+    results: list[DocumentKV | None] = [None] * len(documents)
+    with tqdm(
+        total=len(documents), desc="Encoding documents", unit="doc", disable=not progress
+    ) as bar:
+        for batch in encode_batches(
+            model, prefix, documents, fingerprint, batch_tokens=batch_tokens, extras=extras
+        ):
+            for i, doc in batch:
+                results[i] = doc
+            bar.update(len(batch))
+    return [r for r in results if r is not None]
+
+
+def encode_batches(
+    model: PreTrainedModel,
+    prefix: PrefixKV,
+    documents: Sequence[list[int]],
+    fingerprint: str,
+    *,
+    batch_tokens: int = 8192,
+    extras: Sequence[str] | None = None,
+) -> Iterator[EncodedBatch]:
+    """Prefill each document alone behind the shared prefix, one batch of similar lengths at a time.
+
+    Documents are right-padded within a batch. Causal attention means a real token never
+    sees the padding after it, so no padding mask is needed and each document's KV equals
+    what a batch of one would give (up to float rounding, which differs between batch
+    shapes). Only the batch in hand is held: a consumer that drops it before asking for the
+    next keeps memory flat however many documents there are.
+
+    Args:
+        model: The model.
+        prefix: The shared prefix cache.
+        documents: Framed token ids of each document.
+        fingerprint: The model fingerprint to record on each cache.
+        batch_tokens: Upper bound on padded tokens per batch.
+        extras: Names of the stored extras to compute (``cache_format.EXTRAS``), e.g. those
+            the registered methods declare; ``None``: every known extra.
+
+    Yields:
+        One :class:`EncodedBatch` per forward pass.
+
+    Raises:
+        ValueError: An extra's name is unknown (on the first ``next``).
+    """
     names = declared_extras([EXTRAS if extras is None else extras])
     order = sorted(range(len(documents)), key=lambda i: len(documents[i]))
-    results: list[DocumentKV | None] = [None] * len(documents)
-    n_heads = model.config.num_attention_heads
-    head_dim = _head_dim(model)
-    bar = tqdm(total=len(documents), desc="Encoding documents", unit="doc", disable=not progress)
     start = 0
     while start < len(order):
         end = start + 1
         while end < len(order) and len(documents[order[end]]) * (end - start + 1) <= batch_tokens:
             end += 1
         batch = order[start:end]
-        longest = max(len(documents[i]) for i in batch)
-        ids = torch.zeros((len(batch), longest), dtype=torch.long, device=model.device)
-        for row, i in enumerate(batch):
-            ids[row, : len(documents[i])] = torch.tensor(documents[i], device=model.device)
-        positions = torch.arange(prefix.length, prefix.length + longest, device=model.device)
-        cache = prefix.cache(model, batch_size=len(batch))
-        capture: AbstractContextManager[list[torch.Tensor | None]] = (
-            capture_queries(model) if names else nullcontext([])
-        )
-        with capture as queries:
-            model(
-                input_ids=ids,
-                position_ids=positions[None, :].expand(len(batch), -1),
-                **with_cache(model, cache),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        layers = layer_tensors(cache)
-        keys = torch.stack([k[:, :, prefix.length :] for k, _ in layers], dim=1)
-        values = torch.stack([v[:, :, prefix.length :] for _, v in layers], dim=1)
-        for row, i in enumerate(batch):
-            n = len(documents[i])
-            prefill = DocumentPrefill(
-                keys=keys[row, :, :, :n].contiguous(),
-                values=values[row, :, :, :n].contiguous(),
-                queries=[q[row, :n].view(n, n_heads, head_dim) for q in queries if q is not None],
-            )
-            results[i] = DocumentKV(
-                token_ids=list(documents[i]),
-                keys=prefill.keys,
-                values=prefill.values,
-                fingerprint=fingerprint,
-                prefix_len=prefix.length,
-                extras={name: EXTRAS[name].compute(prefill) for name in names},
-            )
-        bar.update(len(batch))
+        with torch.inference_mode():
+            yield _encode_batch(model, prefix, documents, batch, fingerprint, names)
         start = end
-    bar.close()
-    return [r for r in results if r is not None]
+
+
+@dataclass(slots=True)
+class EncodedBatch:
+    """The documents of one forward pass, their KV still in the batch's cache.
+
+    Iterating gives ``(index into the documents, DocumentKV on the model's device)`` and
+    copies each document out of the batch only as it comes, so that the batch never holds
+    its documents' KV twice.
+
+    Attributes:
+        indices: Each row's index into the documents given to ``encode_batches``.
+        documents: Each row's framed token ids.
+        layers: Per layer ``(keys, values)``, ``[rows, n_kv_heads, prefix + longest, head_dim]``.
+        queries: Per layer ``[rows, QUERY_WINDOW, n_q_heads, head_dim]``: each row's last
+            ``QUERY_WINDOW`` queries (fewer real ones, first, for a shorter document).
+        prefix_len: The shared prefix length.
+        fingerprint: The model fingerprint to record on each cache.
+        names: The stored extras to compute.
+    """
+
+    indices: list[int]
+    documents: list[list[int]]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    queries: list[torch.Tensor]
+    prefix_len: int
+    fingerprint: str
+    names: Sequence[str]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[tuple[int, DocumentKV]]:
+        start = self.prefix_len
+        for row, (i, doc) in enumerate(zip(self.indices, self.documents, strict=True)):
+            n = len(doc)
+            with torch.inference_mode():
+                prefill = DocumentPrefill(
+                    keys=torch.stack([k[row, :, start : start + n] for k, _ in self.layers]),
+                    values=torch.stack([v[row, :, start : start + n] for _, v in self.layers]),
+                    queries=[q[row, : min(n, QUERY_WINDOW)] for q in self.queries],
+                )
+                computed = {name: EXTRAS[name].compute(prefill) for name in self.names}
+            kv = DocumentKV(
+                list(doc), prefill.keys, prefill.values, self.fingerprint, start, computed
+            )
+            yield i, kv
+
+
+def _encode_batch(
+    model: PreTrainedModel,
+    prefix: PrefixKV,
+    documents: Sequence[list[int]],
+    batch: list[int],
+    fingerprint: str,
+    names: Sequence[str],
+) -> EncodedBatch:
+    """One padded forward pass over the documents at ``batch``."""
+    rows = [documents[i] for i in batch]
+    longest = max(len(doc) for doc in rows)
+    ids = torch.zeros((len(rows), longest), dtype=torch.long, device=model.device)
+    for row, doc in enumerate(rows):
+        ids[row, : len(doc)] = torch.tensor(doc, device=model.device)
+    positions = torch.arange(prefix.length, prefix.length + longest, device=model.device)
+    cache = prefix.cache(model, batch_size=len(rows))
+    # Each row's last QUERY_WINDOW positions (a shorter row's real ones first): the only
+    # queries an extra reads, kept instead of every layer's queries for the whole batch.
+    lengths = torch.tensor([len(doc) for doc in rows], device=model.device)
+    window = torch.arange(QUERY_WINDOW, device=model.device)
+    at = ((lengths - QUERY_WINDOW).clamp(min=0)[:, None] + window).clamp(max=lengths[:, None] - 1)
+    n_heads, head_dim = model.config.num_attention_heads, _head_dim(model)
+
+    def keep(out: torch.Tensor) -> torch.Tensor:
+        picked = out.gather(1, at[:, :, None].expand(-1, -1, out.shape[-1]))
+        return picked.view(len(rows), QUERY_WINDOW, n_heads, head_dim)
+
+    capture: AbstractContextManager[list[torch.Tensor | None]] = (
+        capture_queries(model, keep) if names else nullcontext([])
+    )
+    with capture as queries:
+        model(
+            input_ids=ids,
+            position_ids=positions[None, :].expand(len(rows), -1),
+            **with_cache(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return EncodedBatch(
+        indices=batch,
+        documents=rows,
+        layers=layer_tensors(cache),
+        queries=[q for q in queries if q is not None],
+        prefix_len=prefix.length,
+        fingerprint=fingerprint,
+        names=names,
+    )

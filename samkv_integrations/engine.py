@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -14,13 +13,12 @@ import torch
 from transformers import DynamicCache
 
 from samkv_integrations.answer import Answer, AnswerStream
-from samkv_integrations.cache_format import declared_extras
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
-from samkv_integrations.encode import PrefixKV, encode_documents, encode_prefix
+from samkv_integrations.encode import PrefixKV, encode_prefix
 from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer, chat_ids
+from samkv_integrations.indexing import Indexer
 from samkv_integrations.methods import (
     DEFAULT_METHOD,
-    METHODS,
     BaseMethod,
     DecodeState,
     MethodInput,
@@ -32,8 +30,6 @@ from samkv_integrations.records import CacheRef, DocumentKV, MethodStats
 from samkv_integrations.resolve import KnownIds, OnForeignCache, RefLoader
 from samkv_integrations.store import KVCacheStore, cache_key
 from samkv_integrations.timing import Stopwatch
-
-logger = logging.getLogger(__name__)
 
 #: Called with the state decoding starts from (after the method's after-question stage).
 Observer = Callable[[DecodeState], None]
@@ -157,7 +153,10 @@ class SamKVEngine:
         return sum(self.store.delete(r.key if isinstance(r, CacheRef) else r) for r in refs)
 
     def index(self, texts: Sequence[str], *, progress: bool = True) -> list[CacheRef]:
-        """Compute and store each text's KV cache; texts already in the store are not recomputed."""
+        """Compute and store each text's KV cache, a batch at a time (see ``indexing``).
+
+        Texts whose stored cache verifies are not recomputed; a broken one is replaced.
+        """
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings, not one string")
         ids = [self.document_ids(text, index=i) for i, text in enumerate(texts)]
@@ -173,10 +172,6 @@ class SamKVEngine:
         reads no stored KV (``full``) prefills them without loading their caches.
         """
         ids = [list(doc) for doc in documents]
-        limit = self.model.max_context - len(self.framer.prefix_ids())
-        for i, doc in enumerate(ids):
-            if not doc or len(doc) >= limit:
-                raise ValueError(f"document {i}: {len(doc)} token ids; need 1 to {limit - 1}")
         refs = self._index_ids(ids, [None] * len(ids), progress)
         self._known_ids.remember({ref.key: doc for ref, doc in zip(refs, ids, strict=True)})
         return refs
@@ -184,26 +179,16 @@ class SamKVEngine:
     def _index_ids(
         self, ids: list[list[int]], texts: Sequence[str | None], progress: bool
     ) -> list[CacheRef]:
-        keys = [cache_key(self.fingerprint, doc_ids) for doc_ids in ids]
-        missing = [i for i, key in enumerate(keys) if not self.store.contains(key)]
-        if missing:
-            with self._lock:
-                docs = encode_documents(
-                    self.model.model,
-                    self.prefix,
-                    [ids[i] for i in missing],
-                    self.fingerprint,
-                    batch_tokens=self.batch_tokens,
-                    progress=progress,
-                    extras=declared_extras(m.stored_extras for m in METHODS.values()),
-                )
-            for doc in docs:
-                self.store.put(doc.to("cpu"))
-        logger.info("indexed %d documents (%d already stored)", len(ids), len(ids) - len(missing))
-        return [
-            CacheRef(key=key, n_tokens=len(doc_ids), model=self.fingerprint, text=text)
-            for key, doc_ids, text in zip(keys, ids, texts, strict=True)
-        ]
+        indexer = Indexer(
+            self.model,
+            self.store,
+            self.fingerprint,
+            prefix_len=len(self.framer.prefix_ids()),
+            prefix=lambda: self.prefix,
+            batch_tokens=self.batch_tokens,
+            lock=self._lock,
+        )
+        return indexer.index(ids, texts, progress=progress)
 
     def answer(
         self,

@@ -7,7 +7,7 @@ is what lets a document's KV cache be computed once and reused behind any other 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -76,15 +76,31 @@ class PromptFramer:
 
     def document_ids(self, text: str) -> list[int]:
         """Token ids of one framed document; identical wherever the document is placed."""
-        if not text or not text.strip():
-            raise ValueError("document text is empty")
-        return self._encode(f"Document: {text.strip()}\n\n")
+        return self._encode(f"Document: {_text(text, 'document text')}\n\n")
 
     def question_ids(self, question: str) -> list[int]:
         """Token ids of the question suffix, ending with the generation prompt."""
-        if not question or not question.strip():
-            raise ValueError("question is empty")
-        return self._encode(self.question_template.format(question=question.strip()))
+        return self._encode(self.question_template.format(question=_text(question, "question")))
+
+
+def _text(value: object, field: str) -> str:
+    """``value`` stripped, once it is a non-empty ``str`` a tokenizer can take.
+
+    Raises:
+        TypeError: Not a ``str`` (an int, ``bytes``, ``None``...); the message names ``field``.
+        ValueError: Empty, or holding a lone surrogate (not text: no tokenizer encodes it).
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{field} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{field} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{field} is not valid text: {e.reason} ({value[e.start]!a} at character {e.start})"
+        ) from None
+    return value.strip()
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -93,8 +109,13 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, st
     Rendered by the tokenizer's chat template; a tokenizer without one gets ``role: content``
     paragraphs and an ``assistant:`` cue.
     """
-    if not messages:
-        raise ValueError("messages is empty")
+    if not messages or isinstance(messages, str):
+        raise ValueError(f"messages must be a non-empty list of dicts, got {messages!r}")
+    for i, m in enumerate(messages):
+        if not (
+            isinstance(m, Mapping) and all(isinstance(m.get(k), str) for k in ("role", "content"))
+        ):
+            raise ValueError(f"messages[{i}] must be a dict of 'role' and 'content' strings: {m!r}")
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=True

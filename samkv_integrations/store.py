@@ -1,28 +1,23 @@
-"""Where and how per-document KV caches are kept: fsspec storage, a memory tier, atomic writes.
+"""The KV cache store: per-document caches on fsspec storage, verified on read, a memory tier.
 
-An entry is two files under ``<root>/<key[:2]>/``: ``<key>.safetensors`` holds the tensors
-and ``<key>.json`` the metadata. What they hold, how the key is derived and how an entry is
-verified is :mod:`samkv_integrations.cache_format`'s. The JSON is written last, so its
-presence commits the entry. Nothing is ever unpickled.
+An entry is one file, written whole and renamed into place (:mod:`store_files`); what it
+holds, how the key is derived and how it is verified is :mod:`cache_format`'s. Nothing is
+ever unpickled. Besides ``put``/``get``, the store lists, verifies and garbage-collects
+its entries (``entries``, ``verify``, ``gc``; the ``samkv cache`` commands).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
 import threading
-import uuid
-from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from samkv_integrations.cache_format import (
     FORMAT_VERSION,
@@ -35,9 +30,11 @@ from samkv_integrations.cache_format import (
     read_tensors,
 )
 from samkv_integrations.errors import CacheCorruptedError, CacheMismatchError, CacheMissError
+from samkv_integrations.memory_tier import MemoryTier
 from samkv_integrations.records import DocumentKV
+from samkv_integrations.store_files import TEMP_MAX_AGE_S, StoreEntry, StoreFiles
 
-__all__ = ["FORMAT_VERSION", "KVCacheStore", "StoreStats", "cache_key"]
+__all__ = ["FORMAT_VERSION", "GcReport", "KVCacheStore", "StoreEntry", "StoreStats", "cache_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +48,8 @@ class StoreStats:
     Attributes:
         hits: Successful ``get`` calls (memory hits included).
         misses: ``get`` calls that raised :class:`CacheMissError`.
-        bytes_read: Tensor file bytes read.
-        bytes_written: Tensor file bytes written.
+        bytes_read: Entry file bytes read from storage.
+        bytes_written: Entry file bytes written to storage.
         memory_hits: ``get`` calls served from the in-memory tier.
         entries_in_memory: Entries held in the in-memory tier now.
         memory_bytes_used: Tensor bytes held in the in-memory tier now.
@@ -67,12 +64,32 @@ class StoreStats:
     memory_bytes_used: int = 0
 
 
+@dataclass(slots=True)
+class GcReport:
+    """What :meth:`KVCacheStore.gc` did.
+
+    Attributes:
+        deleted: Keys of the entries deleted.
+        freed_bytes: Their file bytes.
+        kept_entries: Entries left.
+        kept_bytes: Their file bytes.
+        temps_removed: Temp files, left behind by crashed writers, removed.
+    """
+
+    deleted: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    kept_entries: int = 0
+    kept_bytes: int = 0
+    temps_removed: int = 0
+
+
 class KVCacheStore:
     """Store of :class:`DocumentKV` records keyed by model, format version and token ids.
 
     Args:
         url: A local directory (created if missing) or any fsspec URL (``memory://x``,
-            ``s3://bucket/prefix``, ``file:///path``).
+            ``s3://bucket/prefix``, ``file:///path``). Temp files older than an hour, left
+            there by writers that crashed, are removed on opening.
         memory_bytes: Cap, in tensor bytes, of an in-memory LRU tier; 0 disables it. A
             negative value, or a directory that cannot be created, raises ValueError.
         storage_options: Passed to fsspec for URLs (credentials, endpoints).
@@ -102,24 +119,11 @@ class KVCacheStore:
     ) -> None:
         if memory_bytes < 0:
             raise ValueError(f"memory_bytes must be >= 0, got {memory_bytes}")
-        text = os.fspath(url)
-        if "://" in text:
-            self._fs, root = fsspec.core.url_to_fs(text, **(storage_options or {}))
-        else:
-            self._fs, root = LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
-        self._local = isinstance(self._fs, LocalFileSystem)
-        self._root: str = root.rstrip("/") or root
-        self._url = self._root if self._local else self._fs.unstrip_protocol(self._root)
-        try:
-            self._fs.makedirs(self._root, exist_ok=True)
-            if self._local and not os.access(self._root, os.W_OK | os.X_OK):
-                raise PermissionError("the directory is not writable")
-        except OSError as e:
-            raise ValueError(f"cannot create the KV cache store at {self._url}: {e}") from e
-        self._memory_bytes = memory_bytes
-        self._pin = pin_memory
+        self._files = StoreFiles(url, storage_options or {})
+        self._url = self._files.url
+        self._files.clean_temps(TEMP_MAX_AGE_S)
+        self._memory = MemoryTier(memory_bytes, pin_memory)
         self._lock = threading.Lock()
-        self._lru: OrderedDict[str, DocumentKV] = OrderedDict()
         self._stats = StoreStats()
 
     @property
@@ -156,14 +160,12 @@ class KVCacheStore:
             logger.debug("put %s: already stored in %s", key, self._url)
             kept = stored
         else:
-            data, meta = pack(kept.fingerprint, kept.token_ids, kept.prefix_len, tensors)
-            self._fs.makedirs(f"{self._root}/{key[:2]}", exist_ok=True)
-            self._write_atomic(self._path(key, "safetensors"), data)
-            self._write_atomic(self._path(key, "json"), json.dumps(meta).encode("utf-8"))
+            data, _ = pack(kept.fingerprint, kept.token_ids, kept.prefix_len, tensors)
+            self._files.write(key, data)
             with self._lock:
                 self._stats.bytes_written += len(data)
-            logger.debug("put %s: wrote %d tensor bytes to %s", key, len(data), self._url)
-        self._remember(key, kept)
+            logger.debug("put %s: wrote %d bytes to %s", key, len(data), self._url)
+        self._memory.put(key, kept)
         return key
 
     def get(
@@ -198,49 +200,58 @@ class KVCacheStore:
                 or holds other token ids than ``token_ids``.
         """
         self._check_key(key)
-        with self._lock:
-            cached = self._lru.get(key)
-            if cached is not None:
-                self._lru.move_to_end(key)
-
-        def check(stored: dict[str, Any]) -> None:
-            check_reader(
-                self._where(key),
-                stored,
-                fingerprint=fingerprint,
-                token_ids=token_ids,
-                prefix_len=prefix_len,
-                extras=extras,
-            )
-
+        expect: dict[str, Any] = {
+            "fingerprint": fingerprint,
+            "token_ids": token_ids,
+            "prefix_len": prefix_len,
+            "extras": extras,
+        }
+        cached = self._memory.get(key)
         try:
             if cached is not None:
-                check(
-                    describe(cached.fingerprint, cached.token_ids, cached.prefix_len, cached.extras)
+                fields = describe(
+                    cached.fingerprint, cached.token_ids, cached.prefix_len, cached.extras
                 )
+                check_reader(self._where(key), fields, **expect)
                 with self._lock:
                     self._stats.hits += 1
                     self._stats.memory_hits += 1
-                return self._output(cached, copy=True, device=device)
-            meta = read_meta(self._read(key, "json"), key, self._where(key))
-            check(meta)
-            doc = self._load(key, meta)
+                self._files.touch(key)
+                return self._memory.output(cached, copy=True, device=device)
+            doc = self._from_storage(key, **expect)
         except CacheMissError:
             with self._lock:
                 self._stats.misses += 1
             raise
         with self._lock:
             self._stats.hits += 1
-        self._remember(key, doc)
-        return self._output(doc, copy=0 < doc.nbytes <= self._memory_bytes, device=device)
+        self._files.touch(key)
+        self._memory.put(key, doc)
+        copy = 0 < doc.nbytes <= self._memory.capacity_bytes
+        return self._memory.output(doc, copy=copy, device=device)
+
+    def verify(
+        self,
+        key: str,
+        *,
+        fingerprint: str | None = None,
+        prefix_len: int | None = None,
+        extras: Collection[str] = (),
+    ) -> None:
+        """Check the entry under ``key`` on storage, as ``get`` would, without keeping it.
+
+        The memory tier is neither read nor filled, and the last use is not stamped.
+
+        Raises:
+            CacheMissError, CacheCorruptedError, CacheMismatchError: As ``get`` does.
+        """
+        self._check_key(key)
+        self._from_storage(key, fingerprint=fingerprint, prefix_len=prefix_len, extras=extras)
 
     def contains(self, key: str) -> bool:
-        """Whether an entry is committed under ``key`` (or held in memory)."""
+        """Whether an entry is committed under ``key`` (or held in memory); it is not verified."""
         self._check_key(key)
-        with self._lock:
-            if key in self._lru:
-                return True
-        return bool(self._fs.isfile(self._path(key, "json")))
+        return key in self._memory or self._files.exists(key)
 
     def delete(self, key: str) -> bool:
         """Remove an entry from storage and memory.
@@ -249,120 +260,110 @@ class KVCacheStore:
             True if anything was deleted.
         """
         self._check_key(key)
-        with self._lock:
-            doc = self._lru.pop(key, None)
-            if doc is not None:
-                self._stats.memory_bytes_used -= doc.nbytes
-                self._stats.entries_in_memory -= 1
-        removed = [self._rm(self._path(key, s)) for s in ("json", "safetensors")]  # JSON first
-        return doc is not None or any(removed)
+        in_memory = self._memory.pop(key)
+        return self._files.remove(key) or in_memory
+
+    def entries(self) -> list[StoreEntry]:
+        """Every entry on storage, by key, with its size, creation and last use (not read)."""
+        return sorted(self._files.scan()[0], key=lambda entry: entry.key)
+
+    def gc(
+        self,
+        keep: Collection[str] | None = None,
+        max_bytes: int | None = None,
+        *,
+        temp_max_age_s: float = TEMP_MAX_AGE_S,
+    ) -> GcReport:
+        """Delete entries not in ``keep``, then the least recently used down to ``max_bytes``.
+
+        Temp files older than ``temp_max_age_s`` (left by crashed writers) go too. An entry
+        written while this runs may be deleted if ``keep`` does not name it.
+
+        Args:
+            keep: Keys to keep; ``None``: keep every entry (only ``max_bytes`` evicts).
+            max_bytes: Cap on the entries' total file bytes; ``None``: no cap.
+            temp_max_age_s: Age, in seconds, past which a temp file is removed.
+
+        Raises:
+            ValueError: ``max_bytes`` or ``temp_max_age_s`` is negative.
+        """
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
+        if temp_max_age_s < 0:
+            raise ValueError(f"temp_max_age_s must be >= 0, got {temp_max_age_s}")
+        found, temps = self._files.scan()
+        kept = set(keep) if keep is not None else None
+        doomed = [e for e in found if kept is not None and e.key not in kept]
+        left = sorted((e for e in found if e not in doomed), key=lambda e: (e.last_used, e.key))
+        total = sum(e.nbytes for e in left)
+        for entry in left:  # least recently used first
+            if max_bytes is None or total <= max_bytes:
+                break
+            doomed.append(entry)
+            total -= entry.nbytes
+        report = GcReport(temps_removed=self._files.clean_temps(temp_max_age_s, temps))
+        for entry in doomed:
+            if self.delete(entry.key):
+                report.deleted.append(entry.key)
+                report.freed_bytes += entry.nbytes
+        report.kept_entries = len(found) - len(report.deleted)
+        report.kept_bytes = sum(e.nbytes for e in found) - report.freed_bytes
+        logger.info(
+            "gc of %s: deleted %d entries (%d bytes), kept %d (%d bytes), removed %d temp files",
+            self._url,
+            len(report.deleted),
+            report.freed_bytes,
+            report.kept_entries,
+            report.kept_bytes,
+            report.temps_removed,
+        )
+        return report
 
     def stats(self) -> StoreStats:
         """A snapshot of the store's counters."""
+        entries, used = self._memory.usage()
         with self._lock:
-            return dataclasses.replace(self._stats)
+            return dataclasses.replace(
+                self._stats, entries_in_memory=entries, memory_bytes_used=used
+            )
 
     def _check_key(self, key: str) -> None:
         if not isinstance(key, str) or not _KEY_RE.match(key):
             raise ValueError(f"key must be a 64-character sha256 hex digest, got {key!r}")
 
-    def _path(self, key: str, suffix: str) -> str:
-        return f"{self._root}/{key[:2]}/{key}.{suffix}"
-
     def _where(self, key: str) -> str:
         return f"KV cache {key} in {self._url}"
 
-    def _read(self, key: str, suffix: str) -> bytes:
-        """Read one file of an entry.
+    def _from_storage(self, key: str, **expect: Any) -> DocumentKV:
+        """Read the entry under ``key``, verify it, check it fits ``expect`` and load it.
 
         Raises:
-            CacheMissError: It is absent (not counted as a miss here).
-            CacheCorruptedError: It cannot be read (a permission error, a directory).
+            CacheMissError: It is absent (not counted as a miss here), or lacks an extra.
+            CacheCorruptedError: It cannot be read, or fails a check.
+            CacheMismatchError: See :func:`check_reader`.
         """
+        where = self._where(key)
         try:
-            if not self._local:
-                return bytes(self._fs.cat_file(self._path(key, suffix)))
-            with open(self._path(key, suffix), "rb") as f:
-                return f.read()
+            blob = self._files.read(key)
         except FileNotFoundError as e:
-            raise CacheMissError(f"no KV cache {key} ({suffix}) in the store {self._url}") from e
+            raise CacheMissError(f"no KV cache {key} in the store {self._url}") from e
         except OSError as e:
-            raise CacheCorruptedError(f"{self._where(key)}: cannot read its {suffix} ({e})") from e
-
-    def _write_atomic(self, path: str, data: bytes) -> None:
-        folder, name = path.rsplit("/", 1)
-        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
-        try:
-            if self._local:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            else:
-                self._fs.pipe_file(tmp, data)
-                self._fs.mv(tmp, path)
-        except BaseException:
-            self._rm(tmp)
-            raise
-
-    def _rm(self, path: str) -> bool:
-        """Remove one file; False if absent or if it cannot be removed (logged)."""
-        try:
-            self._fs.rm_file(path)
-        except FileNotFoundError:
-            return False
-        except OSError as e:
-            logger.warning("cannot remove %s from the KV cache store: %s", path, e)
-            return False
-        return True
-
-    def _stored(self, key: str, prefix_len: int, needs: Collection[str]) -> DocumentKV | None:
-        """The committed entry under ``key``, if it reads back whole, fits and holds ``needs``.
-
-        Otherwise the entry, about to be rewritten, is uncommitted.
-        """
-        try:
-            meta = read_meta(self._read(key, "json"), key, self._where(key))
-            check_reader(self._where(key), meta, prefix_len=prefix_len, extras=needs)
-            return self._load(key, meta)
-        except CacheMissError as e:
-            logger.debug("put %s: %s", key, e)  # absent, or lacking an extra
-        except (CacheCorruptedError, CacheMismatchError) as e:
-            logger.warning("%s; rewriting it", e)
-        self._rm(self._path(key, "json"))
-        return None
-
-    def _load(self, key: str, meta: dict[str, Any]) -> DocumentKV:
-        """Read an entry's tensors, verify them against its metadata and load them."""
-        data = self._read(key, "safetensors")
+            raise CacheCorruptedError(f"{where}: cannot read its file ({e})") from e
         with self._lock:
-            self._stats.bytes_read += len(data)
-        t = read_tensors(data, meta, self._where(key))
+            self._stats.bytes_read += len(blob)
+        meta = read_meta(blob, key, where)
+        check_reader(where, meta, **expect)
+        t = read_tensors(blob, meta, where)
         extras = {name: t[name] for name in t if name not in ("keys", "values")}
         fp, prefix_len = meta["fingerprint"], meta["prefix_len"]
         return DocumentKV(meta["token_ids"], t["keys"], t["values"], fp, prefix_len, extras)
 
-    def _remember(self, key: str, doc: DocumentKV) -> None:
-        if self._memory_bytes == 0 or doc.nbytes > self._memory_bytes:
-            return
-        if self._pin and torch.cuda.is_available() and not doc.keys.is_pinned():
-            # Pinned once on entry: every later hit copies to the GPU at full PCIe speed.
-            doc = doc.map_tensors(torch.Tensor.pin_memory)
-        with self._lock:
-            old = self._lru.pop(key, None)
-            used = self._stats.memory_bytes_used + doc.nbytes - (old.nbytes if old else 0)
-            self._lru[key] = doc
-            while used > self._memory_bytes:
-                used -= self._lru.popitem(last=False)[1].nbytes
-            self._stats.memory_bytes_used, self._stats.entries_in_memory = used, len(self._lru)
-
-    def _output(
-        self, doc: DocumentKV, *, copy: bool, device: torch.device | str | None = None
-    ) -> DocumentKV:
-        """Tensors for the caller: copies when the memory tier holds the originals."""
-        if device is not None and torch.device(device).type != "cpu":
-            return doc.map_tensors(lambda t: t.to(device, non_blocking=t.is_pinned()))
-        if self._pin and torch.cuda.is_available():
-            return doc.map_tensors(torch.Tensor.pin_memory)
-        return doc.map_tensors(torch.Tensor.clone if copy else lambda t: t)
+    def _stored(self, key: str, prefix_len: int, needs: Collection[str]) -> DocumentKV | None:
+        """The entry under ``key``, if it reads back whole, fits and holds ``needs``."""
+        try:
+            return self._from_storage(key, prefix_len=prefix_len, extras=needs)
+        except CacheMissError as e:
+            logger.debug("put %s: %s", key, e)  # absent, or lacking an extra
+        except (CacheCorruptedError, CacheMismatchError) as e:
+            logger.warning("%s; rewriting it", e)
+        return None

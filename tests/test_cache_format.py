@@ -12,20 +12,31 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from test_store import FP, Backend, assert_same, backend, make_doc
+from test_store import (
+    FP,
+    Backend,
+    assert_same,
+    backend,
+    join_entry,
+    make_doc,
+    split_entry,
+    tensors_sha256,
+)
 
-from samkv_integrations import store as store_module
+from samkv_integrations import store_files
 from samkv_integrations.cache_format import (
     EXTRAS,
     FORMAT_VERSION,
+    QUERY_WINDOW,
     cache_key,
     declared_extras,
     meta_checksum,
 )
-from samkv_integrations.encode import encode_documents, encode_prefix
+from samkv_integrations.encode import capture_queries, encode_documents, encode_prefix
 from samkv_integrations.errors import CacheCorruptedError, CacheMismatchError, CacheMissError
 from samkv_integrations.methods import METHODS, SamKVMethod
 from samkv_integrations.models import LoadedModel
+from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.store import KVCacheStore
 
@@ -34,22 +45,21 @@ __all__ = ["backend"]  # test_store's fixture, used here too
 
 def rewrite_tensors(backend: Backend, key: str, **tensors: torch.Tensor | None) -> None:
     """Replace (None: drop) stored tensors and reseal the metadata, as a buggy writer would."""
-    stored = load_safetensors(backend.read(key, "safetensors"))
+    old_header, _ = split_entry(backend.read(key))
+    stored = load_safetensors(backend.read(key))
     stored.update({n: t for n, t in tensors.items() if t is not None})
     for name in [n for n, t in tensors.items() if t is None]:
         del stored[name]
-    data = save_safetensors(stored)
-    backend.write(key, "safetensors", data)
+    header, data = split_entry(save_safetensors(stored))
+    backend.write(key, join_entry({**header, "__metadata__": old_header["__metadata__"]}, data))
     extras = {n: EXTRAS[n].version for n in stored if n not in ("keys", "values")}
-    backend.edit_meta(
-        key, reseal=True, tensors_sha256=hashlib.sha256(data).hexdigest(), extras=extras
-    )
+    backend.edit_meta(key, reseal=True, tensors_sha256=tensors_sha256(header, data), extras=extras)
 
 
 def test_checksum_is_over_every_other_field_but_created(backend: Backend) -> None:
     key = backend.open().put(make_doc())
-    meta = json.loads(backend.read(key, "json"))
-    assert meta["format"] == FORMAT_VERSION == 3
+    meta = backend.meta(key)
+    assert meta["format"] == FORMAT_VERSION == 4
     assert meta["extras"] == {"query_means": 1}
     fields = {k: v for k, v in meta.items() if k not in ("checksum", "created")}
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
@@ -183,7 +193,7 @@ def test_extra_of_another_version_counts_as_absent(
     with pytest.raises(CacheMissError, match="query_means"):
         store.get(key, extras=("query_means",))
     store.put(make_doc())
-    assert json.loads(backend.read(key, "json"))["extras"] == {"query_means": 2}
+    assert backend.meta(key)["extras"] == {"query_means": 2}
 
 
 def test_entry_of_the_previous_format_is_a_mismatch_not_an_answer(backend: Backend) -> None:
@@ -198,13 +208,16 @@ def test_entry_of_the_previous_format_is_a_mismatch_not_an_answer(backend: Backe
         "prefix_len": 436,
         "tensors_sha256": hashlib.sha256(data).hexdigest(),
     }
-    backend.fs.makedirs(f"{backend.root}/{old_key[:2]}", exist_ok=True)
-    backend.write(old_key, "safetensors", data)
-    backend.write(old_key, "json", json.dumps(meta).encode())
+    backend.write(old_key, data)
+    sidecar = backend.path(old_key).removesuffix(".safetensors") + ".json"
+    backend.fs.pipe_file(sidecar, json.dumps(meta).encode())
     store = backend.open()
-    with pytest.raises(CacheMismatchError, match="format 2, this version reads 3"):
+    with pytest.raises(CacheMismatchError, match=r"format 3 or older.*this version reads 4"):
         store.get(old_key)
     assert not store.contains(cache_key(FP, doc.token_ids))
+    assert [e.key for e in store.entries()] == [old_key]  # listed, so that gc can remove it
+    assert store.delete(old_key)
+    assert backend.files() == []  # the .json beside it went too
 
 
 def test_unreadable_entry_is_corruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,22 +226,22 @@ def test_unreadable_entry_is_corruption(tmp_path: Path, monkeypatch: pytest.Monk
     real_open = open
 
     def locked_open(path: str, mode: str = "r", *args: object, **kwargs: object):
-        if mode == "rb" and str(path).endswith(".json"):
+        if mode == "rb" and str(path).endswith(".safetensors"):
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(store_module, "open", locked_open, raising=False)
-    with pytest.raises(CacheCorruptedError, match=f"{key}.*cannot read its json.*denied"):
+    monkeypatch.setattr(store_files, "open", locked_open, raising=False)
+    with pytest.raises(CacheCorruptedError, match=f"{key}.*cannot read its file.*denied"):
         store.get(key)
     monkeypatch.undo()
-    (tensors,) = tmp_path.rglob(f"{key}.safetensors")
-    tensors.unlink()
-    tensors.mkdir()  # a directory where the file should be
-    with pytest.raises(CacheCorruptedError, match=f"{key}.*cannot read its safetensors"):
+    (entry,) = tmp_path.rglob(f"{key}.safetensors")
+    entry.unlink()
+    entry.mkdir()  # a directory where the file should be
+    with pytest.raises(CacheCorruptedError, match=f"{key}.*cannot read its file"):
         store.get(key)
-    assert store.delete(key)  # the metadata goes; the directory stays (logged)
-    assert tensors.is_dir()
     assert not store.contains(key)
+    assert not store.delete(key)  # nothing could be deleted: the directory stays (logged)
+    assert entry.is_dir()
 
 
 def test_declared_extras_are_a_checked_union() -> None:
@@ -258,6 +271,28 @@ def test_encode_computes_the_extras_asked_for(tiny_llama: LoadedModel) -> None:
     assert every.query_means.shape == (n_layers, n_heads, head_dim)
     with pytest.raises(ValueError, match="mystery"):
         encode_documents(model, prefix, ids, "fp", progress=False, extras=("mystery",))
+
+
+def test_query_means_is_the_mean_of_the_last_window_of_queries(tiny_llama: LoadedModel) -> None:
+    """Written out: one document alone, every query captured, the last QUERY_WINDOW averaged."""
+    model = tiny_llama.model
+    prefix = encode_prefix(model, [1, 2, 3])
+    docs = [list(range(10, 13)), list(range(20, 40)), list(range(50, 61))]  # 3 < window < 11, 20
+    batched = encode_documents(model, prefix, docs, "fp", progress=False)
+    n_heads = model.config.num_attention_heads
+    for ids, doc in zip(docs, batched, strict=True):
+        with torch.inference_mode(), capture_queries(model) as queries:
+            model(
+                input_ids=torch.tensor([ids]),
+                position_ids=torch.arange(3, 3 + len(ids))[None],
+                **with_cache(model, prefix.cache(model)),
+                use_cache=True,
+            )
+        last = [
+            q[0, -QUERY_WINDOW:].view(min(len(ids), QUERY_WINDOW), n_heads, -1) for q in queries
+        ]
+        expected = torch.stack([q.float().mean(0) for q in last])
+        torch.testing.assert_close(doc.query_means, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_document_without_the_extra_names_it() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from test_store import join_entry, split_entry
 
-from samkv_integrations import CacheCorruptedError, CacheRef, KVCacheStore, SamKVEngine
-from samkv_integrations import store as store_module
-from samkv_integrations.cache_format import meta_checksum
+from samkv_integrations import CacheCorruptedError, CacheRef, KVCacheStore, SamKVEngine, store_files
+from samkv_integrations.cache_format import META_FIELD, meta_checksum
 from samkv_integrations.models import LoadedModel
 
 DOCS = ["Alpha is the first letter.", "Omega is the last letter of the Greek alphabet."]
@@ -21,12 +21,14 @@ ASK = dict(method="samkv", max_new_tokens=4)
 def edit_meta(store: KVCacheStore, key: str, *, reseal: bool, **changes: object) -> None:
     """Edit a stored entry's metadata, as a faulty disk (or, resealed, a buggy writer) would."""
     fs, root = fsspec.core.url_to_fs(store.url)
-    path = f"{root}/{key[:2]}/{key}.json"
-    meta = json.loads(fs.cat_file(path))
+    path = f"{root}/{key[:2]}/{key}.safetensors"
+    header, data = split_entry(fs.cat_file(path))
+    meta = json.loads(header["__metadata__"][META_FIELD])
     meta.update(changes)
     if reseal:
         meta["checksum"] = meta_checksum(meta)
-    fs.pipe_file(path, json.dumps(meta).encode())
+    header["__metadata__"][META_FIELD] = json.dumps(meta)
+    fs.pipe_file(path, join_entry(header, data))
 
 
 @pytest.mark.parametrize("reseal", [False, True])
@@ -78,7 +80,7 @@ def test_unreadable_cache_file_is_re_encoded(
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(store_module, "open", locked_open, raising=False)
+    monkeypatch.setattr(store_files, "open", locked_open, raising=False)
     answer = engine.answer("Which?", refs, **ASK)
     assert answer.stats.recomputed_documents == 1
     assert answer.token_ids == expected.token_ids

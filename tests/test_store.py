@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import hashlib
 import json
 import re
+import struct
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from samkv_integrations import store as store_module
-from samkv_integrations.cache_format import FORMAT_VERSION, cache_key, meta_checksum
+from samkv_integrations.cache_format import FORMAT_VERSION, META_FIELD, cache_key, meta_checksum
 from samkv_integrations.errors import CacheCorruptedError, CacheMismatchError, CacheMissError
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.store import KVCacheStore
@@ -53,6 +55,25 @@ def assert_same(a: DocumentKV, b: DocumentKV) -> None:
         assert torch.equal(x, y), name
 
 
+def split_entry(blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """An entry file's safetensors header and its data, as the format describes them."""
+    (size,) = struct.unpack_from("<Q", blob)
+    return json.loads(blob[8 : 8 + size]), blob[8 + size :]
+
+
+def join_entry(header: dict[str, Any], data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def tensors_sha256(header: dict[str, Any], data: bytes) -> str:
+    """The format's tensors digest, written out: header entries (canonical JSON), then data."""
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    canonical = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical + data).hexdigest()
+
+
 @dataclass
 class Backend:
     """A store location plus direct access to its files, for tampering."""
@@ -64,27 +85,41 @@ class Backend:
     def open(self, **kwargs: Any) -> KVCacheStore:
         return KVCacheStore(self.url, **kwargs)
 
-    def path(self, key: str, suffix: str) -> str:
-        return f"{self.root}/{key[:2]}/{key}.{suffix}"
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key[:2]}/{key}.safetensors"
 
-    def read(self, key: str, suffix: str) -> bytes:
-        return bytes(self.fs.cat_file(self.path(key, suffix)))
+    def read(self, key: str) -> bytes:
+        return bytes(self.fs.cat_file(self.path(key)))
 
-    def write(self, key: str, suffix: str, data: bytes) -> None:
-        self.fs.pipe_file(self.path(key, suffix), data)
+    def write(self, key: str, data: bytes) -> None:
+        self.fs.makedirs(f"{self.root}/{key[:2]}", exist_ok=True)
+        self.fs.pipe_file(self.path(key), data)
 
     def committed(self) -> list[str]:
-        """Every file under the root whose name ends in .json, as a key."""
+        """Every entry file under the root, as a key."""
         names = [p.rsplit("/", 1)[-1] for p in self.fs.find(self.root)]
-        return sorted(n.removesuffix(".json") for n in names if n.endswith(".json"))
+        return sorted(n.removesuffix(".safetensors") for n in names if n.endswith(".safetensors"))
+
+    def files(self) -> list[str]:
+        """Every file under the root, relative to it."""
+        return sorted(p[len(self.root) + 1 :] for p in self.fs.find(self.root))
+
+    def meta(self, key: str) -> dict[str, Any]:
+        return json.loads(split_entry(self.read(key))[0]["__metadata__"][META_FIELD])
+
+    def write_meta_raw(self, key: str, raw: str) -> None:
+        """Replace the metadata string in the entry's header, keeping its tensors."""
+        header, data = split_entry(self.read(key))
+        header["__metadata__"] = {META_FIELD: raw}
+        self.write(key, join_entry(header, data))
 
     def edit_meta(self, key: str, *, reseal: bool = False, **changes: Any) -> None:
         """Edit metadata fields; ``reseal`` also rewrites the checksum, as a buggy writer would."""
-        meta = json.loads(self.read(key, "json"))
+        meta = self.meta(key)
         meta.update(changes)
         if reseal:
             meta["checksum"] = meta_checksum(meta)
-        self.write(key, "json", json.dumps(meta).encode())
+        self.write_meta_raw(key, json.dumps(meta))
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -106,7 +141,7 @@ def test_round_trip(backend: Backend, dtype: torch.dtype) -> None:
     key = store.put(doc)
     assert key == cache_key(FP, doc.token_ids)
     assert_same(store.get(key), doc)
-    meta = json.loads(backend.read(key, "json"))
+    meta = backend.meta(key)
     assert meta["format"] == FORMAT_VERSION
     assert meta["token_ids"] == doc.token_ids
     assert meta["nbytes"] == doc.nbytes
@@ -163,7 +198,7 @@ def test_contains_and_delete(backend: Backend) -> None:
     assert backend.committed() == [key]
     assert store.delete(key)
     assert not store.contains(key)
-    assert not backend.fs.exists(backend.path(key, "safetensors"))
+    assert backend.files() == []
     assert store.stats().entries_in_memory == 0
     assert not store.delete(key)
     with pytest.raises(CacheMissError, match=key):
@@ -175,16 +210,16 @@ def test_put_is_idempotent(backend: Backend) -> None:
     doc = make_doc()
     key = store.put(doc)
     written = store.stats().bytes_written
-    meta_before = backend.read(key, "json")
+    before = backend.read(key)
     assert store.put(make_doc()) == key
     assert store.stats().bytes_written == written
-    assert backend.read(key, "json") == meta_before
+    assert backend.read(key) == before
 
 
 def test_put_rewrites_a_corrupted_entry(backend: Backend) -> None:
     store = backend.open()
     key = store.put(make_doc())
-    backend.write(key, "safetensors", backend.read(key, "safetensors")[:-3])
+    backend.write(key, backend.read(key)[:-3])
     store.put(make_doc())
     assert_same(store.get(key), make_doc())
 
@@ -192,7 +227,7 @@ def test_put_rewrites_a_corrupted_entry(backend: Backend) -> None:
 def test_stats_count_hits_misses_and_bytes(backend: Backend) -> None:
     store = backend.open()
     key = store.put(make_doc())
-    size = len(backend.read(key, "safetensors"))
+    size = len(backend.read(key))
     assert store.stats().bytes_written == size
     store.get(key)
     store.get(key, fingerprint=FP)
@@ -221,22 +256,52 @@ def test_invalid_key_is_rejected(backend: Backend) -> None:
 def test_flipped_tensor_byte_is_corruption(backend: Backend) -> None:
     store = backend.open()
     key = store.put(make_doc())
-    data = bytearray(backend.read(key, "safetensors"))
+    data = bytearray(backend.read(key))
     data[-1] ^= 0xFF
-    backend.write(key, "safetensors", bytes(data))
+    backend.write(key, bytes(data))
     with pytest.raises(CacheCorruptedError, match=f"{key}.*checksum"):
         store.get(key)
 
 
 def test_unparsable_tensors_with_matching_checksum_is_corruption(backend: Backend) -> None:
-    import hashlib
-
     store = backend.open()
     key = store.put(make_doc())
-    junk = b"not a safetensors file"
-    backend.write(key, "safetensors", junk)
-    backend.edit_meta(key, reseal=True, tensors_sha256=hashlib.sha256(junk).hexdigest())
-    with pytest.raises(CacheCorruptedError, match=f"{key}.*safetensors"):
+    header, _ = split_entry(backend.read(key))
+    junk = b"not the tensors the header describes"
+    backend.write(key, join_entry(header, junk))
+    backend.edit_meta(key, reseal=True, tensors_sha256=tensors_sha256(header, junk))
+    with pytest.raises(CacheCorruptedError, match=f"{key}.*unparsable safetensors \\("):
+        store.get(key)
+
+
+@pytest.mark.parametrize(
+    "blob", [b"", b"\x05\x00\x00", b"\xff" * 8 + b"{}", b"\x02" + b"\x00" * 7 + b"[]"]
+)
+def test_unparsable_header_is_corruption(backend: Backend, blob: bytes) -> None:
+    store = backend.open()
+    key = store.put(make_doc())
+    backend.write(key, blob)
+    with pytest.raises(CacheCorruptedError, match=f"{key}.*unparsable safetensors header"):
+        store.get(key)
+
+
+def test_tensors_checksum_covers_dtype_and_shape(backend: Backend) -> None:
+    store = backend.open()
+    key = store.put(make_doc())
+    header, data = split_entry(backend.read(key))
+    header["keys"]["shape"] = list(reversed(header["keys"]["shape"]))  # same bytes, other shape
+    backend.write(key, join_entry(header, data))
+    with pytest.raises(CacheCorruptedError, match=f"{key}.*tensors checksum"):
+        store.get(key)
+
+
+def test_plain_safetensors_without_metadata_is_a_mismatch(backend: Backend) -> None:
+    store = backend.open()
+    key = store.put(make_doc())
+    header, data = split_entry(backend.read(key))
+    del header["__metadata__"]  # as format 3 wrote it, its metadata in a .json beside it
+    backend.write(key, join_entry(header, data))
+    with pytest.raises(CacheMismatchError, match=r"format 3 or older.*reads 4"):
         store.get(key)
 
 
@@ -252,11 +317,11 @@ def test_edited_metadata_no_longer_hashes_to_key(backend: Backend, changes: dict
         store.get(key)
 
 
-@pytest.mark.parametrize("raw", [b'{"format": 2, "fingerp', b"[1, 2]", b'{"format": 2}', b""])
-def test_unreadable_json_is_corruption(backend: Backend, raw: bytes) -> None:
+@pytest.mark.parametrize("raw", ['{"format": 2, "fingerp', "[1, 2]", '{"format": 2}', ""])
+def test_unreadable_json_is_corruption(backend: Backend, raw: str) -> None:
     store = backend.open()
     key = store.put(make_doc())
-    backend.write(key, "json", raw)
+    backend.write_meta_raw(key, raw)
     with pytest.raises(CacheCorruptedError, match=f"{key}.*metadata"):
         store.get(key)
 
@@ -282,9 +347,7 @@ def test_other_format_version_is_mismatch(backend: Backend) -> None:
     doc = make_doc()
     key = store.put(doc)
     old_key = cache_key(FP, doc.token_ids, FORMAT_VERSION - 1)
-    backend.fs.makedirs(f"{backend.root}/{old_key[:2]}", exist_ok=True)
-    backend.write(old_key, "safetensors", backend.read(key, "safetensors"))
-    backend.write(old_key, "json", backend.read(key, "json"))
+    backend.write(old_key, backend.read(key))
     backend.edit_meta(old_key, format=FORMAT_VERSION - 1)
     with pytest.raises(CacheMismatchError, match=f"format {FORMAT_VERSION - 1}"):
         store.get(old_key)
@@ -294,12 +357,9 @@ def test_interrupted_write_is_not_an_entry(backend: Backend) -> None:
     store = backend.open()
     doc = make_doc()
     key = cache_key(FP, doc.token_ids)
-    data = backend.read(store.put(make_doc(seed=1)), "safetensors")
-    folder = f"{backend.root}/{key[:2]}"
-    backend.fs.makedirs(folder, exist_ok=True)
-    # Crash while writing the JSON: tensors committed, metadata only under a temp name.
-    backend.fs.pipe_file(f"{folder}/{key}.safetensors", data)
-    backend.fs.pipe_file(f"{folder}/.{key}.json.{uuid.uuid4().hex}.tmp", b'{"format"')
+    data = backend.read(store.put(make_doc(seed=1)))
+    # A crash while writing: part of the file, under a temp name.
+    backend.fs.pipe_file(f"{backend.root}/.tmp/{key}.{uuid.uuid4().hex}.tmp", data[:100])
     assert not store.contains(key)
     assert backend.committed() == [cache_key(FP, make_doc(seed=1).token_ids)]
     with pytest.raises(CacheMissError, match=key):
@@ -333,8 +393,7 @@ def test_memory_hit_skips_storage(backend: Backend) -> None:
     doc = make_doc()
     store = backend.open(memory_bytes=10 * doc.nbytes)
     key = store.put(doc)
-    backend.fs.rm_file(backend.path(key, "safetensors"))
-    backend.fs.rm_file(backend.path(key, "json"))
+    backend.fs.rm_file(backend.path(key))
     got = store.get(key, fingerprint=FP)
     assert_same(got, doc)
     stats = store.stats()
@@ -366,7 +425,7 @@ def test_disk_read_fills_memory_tier(backend: Backend) -> None:
     store.get(key)
     stats = store.stats()
     assert (stats.hits, stats.memory_hits) == (2, 1)
-    assert stats.bytes_read == len(backend.read(key, "safetensors"))
+    assert stats.bytes_read == len(backend.read(key))
 
 
 def test_lru_evicts_least_recently_used(backend: Backend) -> None:

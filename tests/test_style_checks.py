@@ -129,3 +129,61 @@ def test_hooks_and_attention_functions_are_scoped() -> None:
     assert (
         states["before"] == states["imported"] == states["after_methods"] == states["after_errors"]
     )
+
+
+def _module_imports(path: Path) -> set[str]:
+    """First-party modules ``path`` imports at module level (TYPE_CHECKING blocks excluded)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for sub in ast.walk(node) if not isinstance(node, ast.FunctionDef | ast.ClassDef) else []:
+            if isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
+                names.add(sub.module)
+                names.update(f"{sub.module}.{a.name}" for a in sub.names)
+            elif isinstance(sub, ast.Import):
+                names.update(a.name for a in sub.names)
+    return {n for n in names if n.startswith("samkv_integrations")}
+
+
+def test_core_import_graph_has_no_circle_and_no_upward_import() -> None:
+    core = ROOT / "samkv_integrations"
+    modules = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in core.rglob("*.py")
+    }
+    graph = {
+        name: {m for m in _module_imports(path) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+    upward = [
+        f"{path}:{n}"
+        for path in modules.values()
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.match(r"\s*(from|import) (llama_index|langchain|samkv_chroma_demo)\b", line)
+    ]
+    assert upward == []
+    # A package's __init__ re-exports its modules; a cycle through it is not one of concepts.
+    graph = {
+        k: {m for m in v if m not in modules or modules[m].name != "__init__.py"}
+        for k, v in graph.items()
+    }
+    state: dict[str, int] = {}
+    cycles: list[str] = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*trail[trail.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == []

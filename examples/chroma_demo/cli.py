@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +23,14 @@ from samkv_chroma_demo.corpus import (
     sample_questions,
 )
 
-from samkv_integrations.cli import add_engine_arguments, method_spec
-from samkv_integrations.errors import CacheError
+from samkv_integrations.cli import (
+    add_engine_arguments,
+    checked_text,
+    int_at_least,
+    method_spec,
+    not_empty,
+    port_number,
+)
 
 __all__ = ["DemoSession", "add_arguments", "add_setup_arguments", "open_demo", "run"]
 
@@ -54,32 +59,42 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument(
         "--corpus",
+        type=not_empty,
         default=None,
         metavar="DIR",
         help="ingest this folder of .txt/.md files instead of the bundled Wikipedia corpus",
     )
     parser.add_argument(
         "--chunk-tokens",
-        type=int,
+        type=int_at_least(16),
         default=256,
         help="chunk size for --corpus, in model tokens (default 256)",
     )
     parser.add_argument(
         "--chroma-path",
+        type=not_empty,
         default=None,
         help="PersistentClient directory (default: $SAMKV_HOME/demo/chroma)",
     )
     parser.add_argument(
         "--chroma-host",
+        type=not_empty,
         default=None,
         help="use the Chroma server at this host (HttpClient) instead",
     )
     parser.add_argument(
-        "--chroma-port", type=int, default=8000, help="port of --chroma-host (default 8000)"
+        "--chroma-port", type=port_number, default=8000, help="port of --chroma-host (default 8000)"
     )
     parser.add_argument(
-        "--top-k", type=int, default=4, help="chunks retrieved per question (default 4)"
+        "--top-k", type=int_at_least(1), default=4, help="chunks retrieved per question (default 4)"
     )
+
+
+def _question(text: str) -> str:
+    try:
+        return checked_text(text, "question")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--question",
         action="append",
+        type=_question,
         default=[],
         help="ask this instead of the sample questions (repeatable)",
     )
@@ -100,7 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "e.g. samkv+budget=0.2 (default: %(default)s)",
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=48, help="answer length limit (default 48)"
+        "--max-new-tokens",
+        type=int_at_least(1),
+        default=48,
+        help="answer length limit (default 48)",
     )
 
 
@@ -251,15 +270,16 @@ def _langchain_answers(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; returns the exit status."""
+    """Run the demo; returns the exit status.
+
+    Raises:
+        ValueError: A bad option, corpus or question (``samkv`` prints it).
+        CacheError: A stored cache that cannot be used.
+    """
     from langchain_samkv import MiniLMEmbeddings
 
     start = time.perf_counter()
-    try:
-        session = open_demo(args)
-    except (ValueError, RuntimeError) as e:
-        print(f"samkv demo: error: {e}", file=sys.stderr)
-        return 2
+    session = open_demo(args)
     if args.question:
         questions = [SampleQuestion(q, (), ()) for q in args.question]
     elif args.corpus:
@@ -278,14 +298,8 @@ def run(args: argparse.Namespace) -> int:
     for n, sample in enumerate(questions, 1):
         gold = f"   (expected: {' / '.join(sample.answers)})" if sample.answers else ""
         print(f"\nQ{n}. {sample.question}{gold}")
-        try:
-            print("\n".join(_llamaindex_answers(session, sample.question, methods, args)))
-            print(
-                "\n".join(_langchain_answers(session, sample.question, methods, args, embeddings))
-            )
-        except (ValueError, CacheError) as e:
-            print(f"samkv demo: error: {e}", file=sys.stderr)
-            return 2
+        print("\n".join(_llamaindex_answers(session, sample.question, methods, args)))
+        print("\n".join(_langchain_answers(session, sample.question, methods, args, embeddings)))
     print()
     done(f"{len(questions)} questions x 2 frameworks x {len(methods)} methods")
     print(f"total        {time.perf_counter() - start:.1f} s")

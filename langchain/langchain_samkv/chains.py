@@ -12,9 +12,9 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
 
+from langchain_samkv._tags import TAG_KEYS
 from langchain_samkv.chat_models import ChatSamKV
 from samkv_integrations.methods import BaseMethod, get_method
-from samkv_integrations.records import METADATA_KEYS
 
 
 def document_block(document: Document) -> PlainTextContentBlock:
@@ -26,7 +26,7 @@ def document_block(document: Document) -> PlainTextContentBlock:
     block = PlainTextContentBlock(
         type="text-plain", mime_type="text/plain", text=document.page_content
     )
-    extras = {key: document.metadata[key] for key in METADATA_KEYS if key in document.metadata}
+    extras = {key: document.metadata[key] for key in TAG_KEYS if key in document.metadata}
     if extras:
         block["extras"] = extras
     return block
@@ -38,6 +38,36 @@ def document_message(question: str, documents: Sequence[Document]) -> HumanMessa
         raise ValueError(f"question: expected a non-empty string, got {question!r}")
     question_block = TextContentBlock(type="text", text=question)
     return HumanMessage(content_blocks=[*(document_block(d) for d in documents), question_block])
+
+
+def format_docs_as_messages(documents: Sequence[Document]) -> list[HumanMessage]:
+    """The retrieved documents as messages for a prompt placeholder: ``format_docs`` for ChatSamKV.
+
+    The usual LangChain RAG chain pastes ``format_docs(docs)`` into the prompt as text,
+    which ``ChatSamKV`` can only answer with a full prefill. Put this in the chain instead,
+    and a ``("placeholder", "{documents}")`` in the prompt: the documents then reach the
+    model as blocks that carry their cache keys, and it answers the last human message from
+    their caches (earlier messages' text follows the question, as ``ChatSamKV`` documents).
+
+    Returns:
+        One human message holding a ``text-plain`` block per document, in order; no
+        message when there are no documents.
+
+    Examples:
+        >>> from langchain_core.prompts import ChatPromptTemplate
+        >>> from langchain_core.runnables import RunnablePassthrough
+        >>> prompt = ChatPromptTemplate.from_messages(
+        ...     [("placeholder", "{documents}"), ("human", "{question}")]
+        ... )
+        >>> chain = {  # doctest: +SKIP
+        ...     "documents": retriever | format_docs_as_messages,
+        ...     "question": RunnablePassthrough(),
+        ... } | prompt | llm
+    """
+    documents = list(documents)
+    if not documents:
+        return []
+    return [HumanMessage(content_blocks=[document_block(d) for d in documents])]
 
 
 def _messages_from_inputs(inputs: Mapping[str, Any]) -> list[BaseMessage]:
@@ -53,9 +83,11 @@ def create_samkv_rag_chain(
     """Build an LCEL chain: question -> retriever -> ``llm`` over the retrieved documents' caches.
 
     Args:
-        retriever: Returns the Documents for a question (e.g. ``Chroma(...).as_retriever()``)
-            whose metadata carries the ``samkv_*`` keys written by ``SamKVCacheBuilder``;
-            Documents without them are encoded on the spot (and reported as recomputed).
+        retriever: Returns the Documents for a question, e.g.
+            ``SamKVVectorStore(Chroma(...), llm).as_retriever()``, or the retriever of a store
+            whose Documents went through ``SamKVCacheBuilder(llm)``. Each Document is answered
+            from the cache of its text; one whose cache is missing is encoded on the spot
+            (and reported as recomputed).
         llm: The chat model that answers.
         method: The method to answer with: a spec, ``name[+option=value...]`` such as
             ``"samkv+budget=0.2"``, or a ``BaseMethod`` (``None``: ``llm.method``, by default

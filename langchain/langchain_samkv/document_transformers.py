@@ -7,8 +7,10 @@ from typing import Any
 
 from langchain_core.documents import BaseDocumentTransformer, Document
 
+from langchain_samkv._tags import DTYPE_KEY
 from langchain_samkv.chat_models import ChatSamKV
 from samkv_integrations import SamKVEngine
+from samkv_integrations.lazy_engine import dtype_name
 from samkv_integrations.records import ref_metadata
 
 
@@ -16,10 +18,17 @@ class SamKVCacheBuilder(BaseDocumentTransformer):
     """Stores each Document's KV cache and records its key in the Document's metadata.
 
     The metadata keys are the flat ``samkv_*`` scalars of
-    ``samkv_integrations.records.METADATA_KEYS`` (the same as the LlamaIndex adapter
-    writes), so they round-trip through Chroma. The page content is left as it is: the
-    key never enters the embedded text. Transforming again is a no-op (the store already
-    holds the caches; the metadata is the same).
+    ``samkv_integrations.records.METADATA_KEYS`` and ``samkv_dtype``, the dtype the cache
+    was written in (the same as the LlamaIndex adapter writes), so they round-trip through
+    Chroma; an engine running another dtype then names the ``dtype`` that serves the cache.
+    The page content is left as it is: the key never enters the embedded text.
+    Transforming again is a no-op (the store already holds the caches; the metadata is the
+    same).
+
+    Run it last, after any text splitter: a splitter copies the parent's metadata, key
+    included, into every chunk, and ``ChatSamKV`` then warns (``StaleCacheKeyWarning``) and
+    encodes each chunk's own cache at query time. ``SamKVVectorStore`` runs it for you on
+    whatever is added.
 
     Args:
         engine: The engine that computes the caches, or the ``ChatSamKV`` that will answer
@@ -32,7 +41,7 @@ class SamKVCacheBuilder(BaseDocumentTransformer):
         >>> builder = SamKVCacheBuilder(ChatSamKV())
         >>> docs = builder.transform_documents([Document("Mount Fuji is 3,776 metres high.")])
         >>> sorted(docs[0].metadata)
-        ['samkv_cache_key', 'samkv_format', 'samkv_model', 'samkv_n_tokens']
+        ['samkv_cache_key', 'samkv_dtype', 'samkv_format', 'samkv_model', 'samkv_n_tokens']
     """
 
     def __init__(self, engine: SamKVEngine | ChatSamKV, *, progress: bool = False) -> None:
@@ -63,11 +72,13 @@ class SamKVCacheBuilder(BaseDocumentTransformer):
         documents = list(documents)
         if not documents:
             return []
-        refs = self.engine.index([doc.page_content for doc in documents], progress=self.progress)
+        engine = self.engine
+        refs = engine.index([doc.page_content for doc in documents], progress=self.progress)
+        dtype = dtype_name(engine.model.dtype)
         return [
             Document(
                 page_content=doc.page_content,
-                metadata={**doc.metadata, **ref_metadata(ref)},
+                metadata={**doc.metadata, **ref_metadata(ref), DTYPE_KEY: dtype},
                 id=doc.id,
             )
             for doc, ref in zip(documents, refs, strict=True)

@@ -38,7 +38,13 @@ from samkv_integrations.bench.throughput import (
     sync,
 )
 from samkv_integrations.bench.workloads import Workload, random_documents, vocabulary_ids
-from samkv_integrations.cli import add_engine_arguments, method_specs
+from samkv_integrations.cli import (
+    add_engine_arguments,
+    int_at_least,
+    method_specs,
+    not_empty,
+    number_at_least,
+)
 from samkv_integrations.engine import SamKVEngine
 from samkv_integrations.methods import METHODS, BaseMethod, DecodeState, get_method
 from samkv_integrations.methods.specs import parse_methods
@@ -102,7 +108,9 @@ def bench_workload(
         try:
             results[method] = _bench_method(engine, refs, method, args)
         except Exception as e:  # one broken method must not lose the others' numbers
-            logger.exception("%s %s failed", workload.name, method)
+            # The traceback with -v; ``run`` exits non-zero and names the failure.
+            verbose = logger.isEnabledFor(logging.INFO)
+            logger.error("%s %s failed: %s", workload.name, method, e, exc_info=verbose)
             results[method] = {"error": f"{type(e).__name__}: {e}"}
             continue
         finally:
@@ -159,11 +167,32 @@ def _bench_method(
 
 def _model(args: argparse.Namespace) -> LoadedModel:
     if args.shape is not None:
+        from samkv_integrations.models.loading import _resolve_device
         from samkv_integrations.models.shapes import random_model
 
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        return random_model(args.shape, device=args.device, dtype=dtype, seed=args.seed)
+        device = _resolve_device(args.device)  # a device torch lacks is named, as load_model does
+        return random_model(args.shape, device=device, dtype=dtype, seed=args.seed)
     return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def _workloads(text: str) -> str:
+    """Argparse ``type=`` for ``--workloads``: the text, once every ``DxT`` in it parses."""
+    try:
+        if not [Workload.parse(w) for w in text.split(",") if w.strip()]:
+            raise ValueError("no workload given, e.g. 8x2048")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("workloads: ")) from None
+    return text
+
+
+def _sdpa_backends(text: str) -> str:
+    """Argparse ``type=`` for ``--sdpa-backends``: the text, once every name in it is known."""
+    try:
+        attention_backends(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("sdpa backends: ")) from None
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,10 +211,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default=None,
+        choices=("bfloat16", "float16", "float32"),
         help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)",
     )
     parser.add_argument(
         "--workloads",
+        type=_workloads,
         default=DEFAULT_WORKLOADS,
         help=f"comma-separated DxT (default {DEFAULT_WORKLOADS})",
     )
@@ -198,19 +229,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: all registered); results are keyed by spec",
     )
     parser.add_argument(
-        "--repeats", type=int, default=3, help="measured repetitions per method (median reported)"
+        "--repeats",
+        type=int_at_least(1),
+        default=3,
+        help="measured repetitions per method (median reported)",
     )
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured repetitions before them")
+    parser.add_argument(
+        "--warmup", type=int_at_least(0), default=1, help="unmeasured repetitions before them"
+    )
     parser.add_argument(
         "--decode-steps",
-        type=int,
+        type=int_at_least(0),
         default=16,
         help="decode steps timed per batch size (0: skip decoding)",
     )
-    parser.add_argument("--max-batch", type=int, default=256, help="largest decode batch tried")
+    parser.add_argument(
+        "--max-batch", type=int_at_least(1), default=256, help="largest decode batch tried"
+    )
     parser.add_argument(
         "--memory-gib",
-        type=float,
+        type=number_at_least(0),
         default=0.0,
         help="in-memory LRU tier of the store, GiB of host RAM",
     )
@@ -219,29 +257,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--profile",
+        type=not_empty,
         default=None,
         help="directory for torch.profiler tables (one extra run per method)",
     )
     parser.add_argument(
         "--sdpa-backends",
+        type=_sdpa_backends,
         default=None,
         help="comma-separated SDPA backends to allow: flash, efficient, math, cudnn (default: torch's choice)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output",
+        type=not_empty,
         default=None,
         help="JSON path (default: benchmarks/results/bench-<model>-<time>.json)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the bench, print the tables and write the JSON report."""
+    """Run the bench, print the tables and write the JSON report.
+
+    Returns 1, after writing the report, when a method failed on some workload.
+    """
     workloads = [Workload.parse(w) for w in args.workloads.split(",") if w.strip()]
     methods = [spec.label for spec in parse_methods(args.methods, reference=False)]
-    if args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("samkv bench: --repeats must be >= 1 and --warmup >= 0")
+    if args.output is not None and Path(args.output).is_dir():
+        raise ValueError(f"output: {args.output} is a directory; give a JSON file path")
     loaded = _model(args)
+    name = loaded.name.replace("random:", "").replace("/", "_")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    output = Path(
+        args.output or f"benchmarks/results/bench-{name}-{loaded.device.type}-{stamp}.json"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
     store_dir = args.store or tempfile.mkdtemp(prefix="samkv-bench-")
     store = KVCacheStore(
         store_dir, memory_bytes=int(args.memory_gib * 2**30), pin_memory=args.pin_memory
@@ -263,10 +313,6 @@ def run(args: argparse.Namespace) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("handler", "delegate")},
         "workloads": [],
     }
-    name = loaded.name.replace("random:", "").replace("/", "_")
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    output = Path(args.output or f"benchmarks/results/bench-{name}-{device.type}-{stamp}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     try:
         for workload in workloads:
             with attention_backends(args.sdpa_backends):
@@ -282,6 +328,16 @@ def run(args: argparse.Namespace) -> int:
     print_report(report)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {output}")
+    failed = [
+        f"{method} on {work['workload']}: {result['error']}"
+        for work in report["workloads"]
+        for method, result in work["methods"].items()
+        if "error" in result
+    ]
+    if failed:
+        more = f" (and {len(failed) - 1} more; see the report)" if len(failed) > 1 else ""
+        print(f"samkv bench: error: {failed[0]}{more}", file=sys.stderr)
+        return 1
     return 0
 
 

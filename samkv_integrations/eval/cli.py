@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from samkv_integrations.cli import add_engine_arguments, method_specs
+from samkv_integrations.cli import add_engine_arguments, int_at_least, method_specs, not_empty
+from samkv_integrations.eval.curves import CURVES_JSON, CURVES_PNG, Sweep
 from samkv_integrations.eval.harness import EvalConfig, execute_run, plan_run
 from samkv_integrations.methods.specs import default_methods
 from samkv_integrations.models.registry import DEFAULT_MODEL
@@ -25,6 +25,18 @@ methods:
   Values are read as true/false, int, float, a '/'-separated list of ints
   (selection_layers=-1/-2/-3/-4) or a string. The label in every output is the whole
   spec. 'full' is the reference of agree_full and first_token_kl: it is added when absent.
+
+comparison with full:
+  dF1 and dcontains are each method's mean difference from full, question by question,
+  with a 95% percentile bootstrap interval (2000 resamples of the questions, seed 0): an
+  interval that holds 0 is a difference this sample cannot tell from none.
+
+sweep:
+  --sweep budget=0.05,0.15,0.3 runs every method of --methods but full once per value
+  (samkv+budget=0.05, ...) and writes curves.json and curves.png into the run directory:
+  per method, the kept fraction against F1 and contains and their differences from full
+  with intervals. Every method swept must have the option. Needs matplotlib (the 'plot'
+  extra).
 
 generation:
   Greedy, at most --max-new-tokens tokens, cut at the first newline (HotpotQA answers are
@@ -43,6 +55,9 @@ run directory:
   (written atomically, last).
 """
 
+#: What ``samkv`` adds to "interrupted": an interrupted run resumes where it stopped.
+INTERRUPT_HINT = "; run the same command again to resume"
+
 _COLUMNS = (
     ("method", None),
     ("n", "n"),
@@ -55,14 +70,29 @@ _COLUMNS = (
     ("recomputed", "recomputed_fraction"),
     ("TTFT_med_ms", "ttft_s_median"),
     ("TTFT_p90_ms", "ttft_s_p90"),
+    ("dF1 [95% CI]", "vs_full.f1"),
+    ("dcontains [95% CI]", "vs_full.contains_gold"),
 )
+
+
+def _sweep(text: str) -> str:
+    try:
+        Sweep.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _path(text: str) -> Path:
+    # An empty path would be the current directory.
+    return Path(not_empty(text))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``samkv eval`` arguments to ``parser``."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _EPILOG
-    parser.add_argument("--data", required=True, type=Path, help="JSON Lines question file")
+    parser.add_argument("--data", required=True, type=_path, help="JSON Lines question file")
     parser.add_argument(
         "--methods",
         type=method_specs,
@@ -71,22 +101,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated method specs name[+option=value...] (default: %(default)s)",
     )
     add_engine_arguments(parser, model_default=DEFAULT_MODEL)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions")
+    parser.add_argument(
+        "--limit", type=int_at_least(1), default=None, help="evaluate the first N questions"
+    )
     parser.add_argument(
         "--chunk-tokens",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="pack consecutive paragraphs, in order, into documents of at most N tokens "
         "(as the engine frames them); a paragraph longer than N is never split and becomes "
         "a document of its own (default: one paragraph per document)",
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=32, help="answer length cap (default: %(default)s)"
+        "--max-new-tokens",
+        type=int_at_least(1),
+        default=32,
+        help="answer length cap (default: %(default)s)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="run directory (see below)")
+    parser.add_argument("--out", type=_path, default=None, help="run directory (see below)")
     parser.add_argument(
         "--runs-root",
-        type=Path,
+        type=_path,
         default=Path("runs/eval"),
         help="parent of default run directories (default: %(default)s)",
     )
@@ -94,11 +129,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="rerun even if the run directory is complete"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--sweep",
+        type=_sweep,
+        default=None,
+        metavar="OPTION=V1,V2,...",
+        help="run each method but full once per value of OPTION and draw accuracy against "
+        "kept fraction into curves.json and curves.png (see below)",
+    )
 
 
 def _cell(key: str | None, label: str, row: dict[str, Any]) -> str:
     if key is None:
         return label
+    if key.startswith("vs_full."):
+        interval = (row.get("vs_full") or {}).get(key.removeprefix("vs_full."))
+        if interval is None:
+            return "-"
+        return f"{interval['diff']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
     value = row.get(key)
     if value is None:
         return "-"
@@ -128,38 +176,37 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``samkv eval``; return the exit status (2 for bad arguments, 1 for a failed run)."""
-    try:
-        config = EvalConfig(
-            data=args.data,
-            methods=args.methods,
-            model=args.model,
-            device=args.device,
-            limit=args.limit,
-            chunk_tokens=args.chunk_tokens,
-            max_new_tokens=args.max_new_tokens,
-            out=args.out,
-            runs_root=args.runs_root,
-            store=args.store,
-            force=args.force,
-            progress=not args.no_progress,
-        )
-        plan = plan_run(config)
-    except ValueError as e:
-        print(f"samkv eval: error: {e}", file=sys.stderr)
-        return 2
+    """Run ``samkv eval``; return the exit status.
+
+    Raises:
+        ValueError: A bad data file, run directory or question (``samkv`` prints it).
+    """
+    config = EvalConfig(
+        data=args.data,
+        methods=args.methods,
+        model=args.model,
+        device=args.device,
+        limit=args.limit,
+        chunk_tokens=args.chunk_tokens,
+        max_new_tokens=args.max_new_tokens,
+        out=args.out,
+        runs_root=args.runs_root,
+        store=args.store,
+        force=args.force,
+        progress=not args.no_progress,
+        sweep=args.sweep,
+    )
+    plan = plan_run(config)
     if plan.completed is not None:
         print(f"skipped: {plan.run_dir} already holds this run's metrics (--force reruns it)")
     start = time.perf_counter()
-    try:
-        metrics = execute_run(plan)
-    except ValueError as e:
-        print(f"samkv eval: error: {e}", file=sys.stderr)
-        return 1
+    metrics = execute_run(plan)
     skipped = metrics.get("skipped_too_long") or []
     note = f" ({len(skipped)} skipped: too long for the model)" if skipped else ""
     print(f"{metrics['model']} on {metrics['data']}: {metrics['n']} questions{note}")
     print(format_table(metrics))
     if plan.completed is None:
         print(f"wrote {plan.run_dir} in {time.perf_counter() - start:.1f}s")
+    if plan.sweep is not None:
+        print(f"curves: {plan.run_dir / CURVES_JSON}, {plan.run_dir / CURVES_PNG}")
     return 0

@@ -88,6 +88,10 @@ class _Record:
         value = self.get(obj, key, field, str)
         if not value.strip():
             raise self.fail(field, "is empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. "\ud800" in the JSON
+            raise self.fail(field, f"is not valid text: {e.reason}") from None
         return str(value)
 
     def strings(self, obj: Any, key: str, field: str) -> tuple[str, ...]:
@@ -136,14 +140,21 @@ def _hotpotqa(rec: _Record) -> Question:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
+                raise ValueError(f"{path}:{number}: not UTF-8 text ({byte})") from None
             if not line.strip():
                 continue
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not valid JSON: {e.msg}") from e
+            except RecursionError:
+                raise ValueError(f"{path}:{number}: JSON nested too deeply") from None
 
 
 def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:

@@ -6,7 +6,12 @@ A run directory holds three files:
   versions and a timestamp, written (atomically) before the first question;
 - ``predictions.jsonl``: one line per question per method, appended as each question
   completes;
-- ``metrics.json``: the per-method summary, written atomically once every question is done.
+- ``metrics.json``: the per-method summary, written atomically once every question is done;
+  each method's F1 and contains are compared with full's question by question (mean paired
+  difference and 95% bootstrap interval, ``metrics.paired_bootstrap``).
+
+With a sweep (``EvalConfig.sweep``), ``curves.json`` and ``curves.png`` follow
+(``eval.curves``).
 
 A question whose prompt does not fit the model's context is skipped by every method and
 listed under ``skipped_too_long``; ``n`` counts the questions answered.
@@ -17,7 +22,9 @@ sha256, method specs, model, device, limit, chunk size, generation settings). A 
 identical run therefore finds the same directory: when its ``metrics.json`` exists the run
 is skipped and those metrics are returned; when only predictions exist (an interrupted
 run), the questions already answered by every method are kept and the rest are run.
-``force`` starts the directory over. A directory holding a different run is an error.
+``force`` starts the directory over. A directory holding a different run is an error, and
+so are predictions without a readable ``config.json`` or with two different rows for one
+question and method (``eval.rundir``): nothing would say which run wrote them.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -38,8 +44,18 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from samkv_integrations.eval.curves import Sweep, draw_curves, require_matplotlib
 from samkv_integrations.eval.data import Question, file_sha256, pack_paragraphs, read_questions
-from samkv_integrations.eval.metrics import score_answer, summarize
+from samkv_integrations.eval.metrics import BOOTSTRAP, score_answer, summarize
+from samkv_integrations.eval.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    check_provenance,
+    read_json,
+    resume_rows,
+    write_atomic,
+)
 from samkv_integrations.methods.specs import MethodSpec, default_methods, parse_methods
 from samkv_integrations.models.registry import DEFAULT_MODEL
 
@@ -53,8 +69,6 @@ logger = logging.getLogger(__name__)
 #: Answers are cut at the first newline: HotpotQA answers are short spans, and a small
 #: model tends to continue with an explanation that would only dilute F1.
 STOP = ("\n",)
-
-CONFIG_FILE, PREDICTIONS_FILE, METRICS_FILE = "config.json", "predictions.jsonl", "metrics.json"
 
 
 @dataclass(slots=True)
@@ -76,6 +90,8 @@ class EvalConfig:
         store: KV cache store directory or URL; ``None``: ``$SAMKV_HOME/kvcache``.
         force: Start the run directory over even if it holds a finished or other run.
         progress: Show a progress bar over questions.
+        sweep: ``option=v1,v2,...``: run every method but full once per value and draw
+            accuracy-against-kept-fraction curves (``eval.curves``); ``None``: no sweep.
     """
 
     data: Path
@@ -90,6 +106,7 @@ class EvalConfig:
     store: str | None = None
     force: bool = False
     progress: bool = True
+    sweep: str | None = None
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -119,6 +136,7 @@ class RunPlan:
         run_id: Hash of ``identity``.
         run_dir: The run directory.
         completed: The metrics of a finished identical run in ``run_dir`` (then nothing runs).
+        sweep: The parsed sweep, if any.
     """
 
     config: EvalConfig
@@ -130,33 +148,11 @@ class RunPlan:
     run_id: str
     run_dir: Path
     completed: dict[str, Any] | None
+    sweep: Sweep | None = None
 
 
 def _slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.replace(":", "-")).name or model).strip("-")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        logger.warning("ignoring unreadable %s: %s", path, e)
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def plan_run(config: EvalConfig) -> RunPlan:
@@ -168,7 +164,10 @@ def plan_run(config: EvalConfig) -> RunPlan:
     """
     import torch
 
-    specs = parse_methods(config.methods)
+    sweep = Sweep.parse(config.sweep) if config.sweep is not None else None
+    if sweep is not None:
+        require_matplotlib()
+    specs = parse_methods(sweep.expand(config.methods) if sweep else config.methods)
     questions = read_questions(config.data, config.limit)
     data_sha256 = file_sha256(config.data)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,8 +194,10 @@ def plan_run(config: EvalConfig) -> RunPlan:
         ]
     )
     run_dir = config.out or config.runs_root / name
-    previous = _read_json(run_dir / CONFIG_FILE)
+    previous = read_json(run_dir / CONFIG_FILE)
     completed = None
+    if not config.force:
+        check_provenance(run_dir, previous)
     if previous is not None and not config.force:
         if previous.get("run_id") != run_id:
             theirs = previous.get("identity", {})
@@ -205,9 +206,9 @@ def plan_run(config: EvalConfig) -> RunPlan:
                 f"out: {run_dir} holds another run (differs in {', '.join(differ) or 'run_id'}); "
                 "pass --force to overwrite it or choose another --out"
             )
-        completed = _read_json(run_dir / METRICS_FILE)
+        completed = read_json(run_dir / METRICS_FILE)
     return RunPlan(
-        config, specs, questions, data_sha256, device, identity, run_id, run_dir, completed
+        config, specs, questions, data_sha256, device, identity, run_id, run_dir, completed, sweep
     )
 
 
@@ -293,37 +294,6 @@ def _answer_question(
     return rows
 
 
-def _resume(plan: RunPlan) -> dict[str, list[dict[str, Any]]]:
-    """Rows of the questions every method already answered; rewrites the file to just those."""
-    path = plan.run_dir / PREDICTIONS_FILE
-    if not path.exists():
-        return {}
-    found: dict[str, dict[str, dict[str, Any]]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the torn last line of an interrupted run
-        if isinstance(row, dict):
-            found.setdefault(str(row.get("id")), {})[str(row.get("method"))] = row
-    labels = [s.label for s in plan.specs]
-    done = {
-        q.id: [found[q.id][label] for label in labels]
-        for q in plan.questions
-        if all(label in found.get(q.id, {}) for label in labels)
-    }
-    lines = [json.dumps(row) + "\n" for rows in done.values() for row in rows]
-    _write_atomic(path, "".join(lines))
-    if done:
-        logger.info(
-            "resuming %s: %d of %d questions already answered",
-            plan.run_dir,
-            len(done),
-            len(plan.questions),
-        )
-    return done
-
-
 def execute_run(plan: RunPlan) -> dict[str, Any]:
     """Run a planned eval (or return the finished run's metrics) and write the run directory.
 
@@ -337,6 +307,7 @@ def execute_run(plan: RunPlan) -> dict[str, Any]:
     config, run_dir = plan.config, plan.run_dir
     if plan.completed is not None:
         logger.info("%s already holds this run's metrics; skipping (force reruns it)", run_dir)
+        _draw(plan, plan.completed)
         return plan.completed
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.force:
@@ -345,7 +316,7 @@ def execute_run(plan: RunPlan) -> dict[str, Any]:
     from samkv_integrations.engine import SamKVEngine
 
     engine = SamKVEngine.from_pretrained(config.model, config.store, device=plan.device)
-    previous = _read_json(run_dir / CONFIG_FILE)
+    previous = read_json(run_dir / CONFIG_FILE)
     if (
         previous is not None
         and not config.force
@@ -355,11 +326,12 @@ def execute_run(plan: RunPlan) -> dict[str, Any]:
             f"model: {run_dir} was run with fingerprint {str(previous.get('fingerprint'))[:12]}, "
             f"the loaded {config.model} has {engine.fingerprint[:12]}; pass --force to start over"
         )
-    _write_atomic(
+    write_atomic(
         run_dir / CONFIG_FILE,
         json.dumps(_config_record(plan, engine), indent=2, default=str) + "\n",
     )
-    done = _resume(plan)
+    labels = [s.label for s in plan.specs]
+    done = resume_rows(run_dir / PREDICTIONS_FILE, [q.id for q in plan.questions], labels)
     records: list[dict[str, Any]] = []
     skipped: list[str] = []
     with open(run_dir / PREDICTIONS_FILE, "a", encoding="utf-8") as fh:
@@ -382,11 +354,20 @@ def execute_run(plan: RunPlan) -> dict[str, Any]:
         "device": plan.device,
         "chunk_tokens": config.chunk_tokens,
         "max_new_tokens": config.max_new_tokens,
-        "methods": summarize(records, [s.label for s in plan.specs]),
+        "reference": labels[0],
+        "bootstrap": BOOTSTRAP,
+        "methods": summarize(records, labels, reference=labels[0]),
     }
-    _write_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    write_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     logger.info("wrote %s", run_dir / METRICS_FILE)
+    _draw(plan, metrics)
     return metrics
+
+
+def _draw(plan: RunPlan, metrics: dict[str, Any]) -> None:
+    if plan.sweep is not None:
+        paths = draw_curves(plan.run_dir, metrics, plan.sweep, plan.config.methods)
+        logger.info("wrote %s", " and ".join(map(str, paths)))
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:

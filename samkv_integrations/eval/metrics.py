@@ -3,6 +3,11 @@
 The text metrics follow the SQuAD v1.1 evaluation: both strings are normalised (lower
 case, punctuation and the articles a/an/the removed, whitespace collapsed), and a
 prediction is scored against each gold answer, keeping the best.
+
+A method is compared with the reference (full recompute) question by question: the mean
+of the paired differences in F1 and in contains, with a percentile bootstrap interval
+over questions (``paired_bootstrap``): a difference whose interval holds 0 is not one
+the sample can tell from none.
 """
 
 from __future__ import annotations
@@ -27,11 +32,18 @@ __all__ = [
     "exact_match",
     "first_token_kl",
     "normalize_answer",
+    "paired_bootstrap",
     "percentile",
     "score_answer",
     "summarize",
     "token_f1",
 ]
+
+#: Paired bootstrap (``paired_bootstrap``): resamples of the questions, the generator's
+#: seed and the interval's level, as recorded in ``metrics.json``.
+BOOTSTRAP: dict[str, Any] = {"resamples": 2000, "seed": 0, "level": 0.95}
+#: The scores compared with the reference, question by question.
+PAIRED_SCORES = ("f1", "contains_gold")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -106,28 +118,90 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def paired_bootstrap(
+    differences: Sequence[float],
+    *,
+    resamples: int = BOOTSTRAP["resamples"],
+    seed: int = BOOTSTRAP["seed"],
+    level: float = BOOTSTRAP["level"],
+) -> dict[str, float] | None:
+    """The mean of paired differences and its percentile bootstrap interval.
+
+    The questions are resampled with replacement ``resamples`` times (numpy's PCG64 seeded
+    with ``seed``, so the interval is reproducible); the interval holds the central
+    ``level`` of the resampled means.
+
+    Args:
+        differences: One difference per question (method minus reference).
+        resamples: Bootstrap resamples.
+        seed: Seed of the resampling.
+        level: Confidence level of the interval, in (0, 1).
+
+    Returns:
+        ``{"diff", "low", "high"}``, or ``None`` when there are no differences.
+    """
+    import numpy as np
+
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"resamples must be >= 1 and level in (0, 1), got {resamples}, {level}")
+    values = np.asarray(differences, dtype=np.float64)
+    if values.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 1_000_000 // values.size)  # bounds the index matrix in memory
+    means = []
+    for done in range(0, resamples, chunk):
+        index = rng.integers(0, values.size, size=(min(chunk, resamples - done), values.size))
+        means.append(values[index].mean(axis=1))
+    low, high = np.quantile(np.concatenate(means), [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(values.mean()), "low": float(low), "high": float(high)}
+
+
+def compare_with_reference(
+    rows: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Paired differences from the reference on the questions both answered, by ``id``.
+
+    Returns:
+        ``{"n": pairs, "f1": {"diff", "low", "high"}, "contains_gold": {...}}``, the
+        intervals under the ``BOOTSTRAP`` settings (``None`` without pairs).
+    """
+    by_id = {r["id"]: r for r in reference}
+    pairs = [(r, by_id[r["id"]]) for r in rows if r["id"] in by_id]
+    return {
+        "n": len(pairs),
+        **{
+            key: paired_bootstrap([float(r[key]) - float(ref[key]) for r, ref in pairs])
+            for key in PAIRED_SCORES
+        },
+    }
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
 def summarize(
-    records: Sequence[Mapping[str, Any]], labels: Sequence[str]
+    records: Sequence[Mapping[str, Any]], labels: Sequence[str], reference: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """Aggregate per-question prediction records into one summary per method label.
 
     Args:
-        records: Prediction records with ``method``, ``f1``, ``em``, ``contains_gold``,
-            ``agree_full``, ``first_token_kl`` (``None`` when unknown), ``kept_fraction``,
-            ``recomputed_fraction``, ``ttft_s`` and ``context_tokens``.
+        records: Prediction records with ``id``, ``method``, ``f1``, ``em``,
+            ``contains_gold``, ``agree_full``, ``first_token_kl`` (``None`` when unknown),
+            ``kept_fraction``, ``recomputed_fraction``, ``ttft_s`` and ``context_tokens``.
         labels: Method labels, in the order the summary should list them.
+        reference: The label the others are compared with, question by question.
 
     Returns:
         ``{label: {"n", "f1", "em", "contains_gold", "agree_full", "first_token_kl",
         "kept_fraction", "recomputed_fraction", "ttft_s_median", "ttft_s_p90",
-        "ttft_s_mean", "context_tokens_mean"}}``; means are ``None`` for a label with no
-        records.
+        "ttft_s_mean", "context_tokens_mean", "vs_full"}}``; means are ``None`` for a label
+        with no records; ``vs_full`` (``compare_with_reference``) is ``None`` for the
+        reference itself and when no reference is given.
     """
     summary: dict[str, dict[str, Any]] = {}
+    reference_rows = [r for r in records if r["method"] == reference]
     for label in labels:
         rows = [r for r in records if r["method"] == label]
 
@@ -153,6 +227,11 @@ def summarize(
             "ttft_s_p90": percentile(ttft, 90) if ttft else None,
             "ttft_s_mean": _mean(ttft),
             "context_tokens_mean": _mean(column("context_tokens")),
+            "vs_full": (
+                compare_with_reference(rows, reference_rows)
+                if reference is not None and label != reference
+                else None
+            ),
         }
     return summary
 

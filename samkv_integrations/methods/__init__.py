@@ -7,6 +7,7 @@ from samkv_integrations.methods.cacheblend import CacheBlendMethod
 from samkv_integrations.methods.epic import EpicMethod
 from samkv_integrations.methods.full import FullMethod
 from samkv_integrations.methods.reuse import ReuseMethod
+from samkv_integrations.methods.sagekv import SageKVMethod
 from samkv_integrations.methods.samkv import SamKVMethod
 from samkv_integrations.methods.specs import MethodSpec, parse_spec
 
@@ -22,6 +23,7 @@ __all__ = [
     "MethodInput",
     "MethodSpec",
     "ReuseMethod",
+    "SageKVMethod",
     "SamKVMethod",
     "get_method",
     "parse_spec",
@@ -29,7 +31,8 @@ __all__ = [
 
 #: Registered methods by name.
 METHODS: dict[str, type[BaseMethod]] = {
-    cls.name: cls for cls in (FullMethod, ReuseMethod, CacheBlendMethod, EpicMethod, SamKVMethod)
+    cls.name: cls
+    for cls in (FullMethod, ReuseMethod, CacheBlendMethod, EpicMethod, SamKVMethod, SageKVMethod)
 }
 
 #: The method used when none is named.

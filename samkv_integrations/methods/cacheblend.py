@@ -55,8 +55,9 @@ class CacheBlendMethod(BaseMethod):
     check_layer: int = 1
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.recompute_ratio <= 1.0:
-            raise ValueError(f"recompute_ratio must be in (0, 1], got {self.recompute_ratio}")
+        ratio = self.recompute_ratio
+        if not (isinstance(ratio, float) or type(ratio) is int) or not 0 < ratio <= 1:
+            raise ValueError(f"recompute_ratio must be in (0, 1], got {ratio!r}")
         if isinstance(self.check_layer, bool) or not isinstance(self.check_layer, int):
             raise ValueError(f"check_layer must be an int, got {self.check_layer!r}")
         if self.check_layer < 0:

@@ -100,11 +100,11 @@ class SamKVMethod(BaseMethod):
         for field, allowed in _CHOICES.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
-        for field in ("fusion_theta", "budget"):
-            if not 0.0 < getattr(self, field) <= 1.0:
-                raise ValueError(f"{field} must be in (0, 1], got {getattr(self, field)}")
-        if self.selection_layers is not None:
-            layers = tuple(self.selection_layers)
+        for field, value in (("fusion_theta", self.fusion_theta), ("budget", self.budget)):
+            if not (isinstance(value, float) or type(value) is int) or not 0 < value <= 1:
+                raise ValueError(f"{field} must be in (0, 1], got {value!r}")
+        if (raw := self.selection_layers) is not None:
+            layers = tuple(raw) if isinstance(raw, tuple | list) else (raw,)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
                 raise ValueError(f"selection_layers must be non-empty ints, got {layers!r}")
             self.selection_layers = layers

@@ -7,10 +7,11 @@ Kept apart from :mod:`registry` so that both the registry and the weight digests
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from filelock import FileLock
 
 __all__ = ["file_lock", "samkv_home"]
 
@@ -24,10 +25,12 @@ def samkv_home() -> Path:
 
 @contextlib.contextmanager
 def file_lock(name: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``$SAMKV_HOME/locks/<name>.lock`` (across processes)."""
+    """Hold an exclusive lock on ``$SAMKV_HOME/locks/<name>.lock`` (across processes).
+
+    ``filelock`` locks through ``fcntl`` on POSIX and ``msvcrt`` on Windows; the OS releases
+    the lock when the process dies, so a crashed holder never blocks the others.
+    """
     lock_dir = samkv_home() / "locks"
     lock_dir.mkdir(exist_ok=True)
-    # Closing the file releases the lock, also when the body raises or the process dies.
-    with open(lock_dir / f"{name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with FileLock(lock_dir / f"{name}.lock"):
         yield

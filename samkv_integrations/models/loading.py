@@ -30,9 +30,23 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: {device!r} is not a torch device") from e
+    # Asking torch for a device it lacks fails deep inside the load, without naming it.
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"device: {device!r} was asked for, but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"device: {device!r} was asked for, but torch sees {count} CUDA devices"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: {device!r} was asked for, but torch sees no MPS device")
+    elif dev.type == "meta":
+        raise ValueError("device: 'meta' holds no weights; use cpu or cuda")
+    return dev
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

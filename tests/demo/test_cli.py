@@ -9,6 +9,7 @@ from samkv_chroma_demo import cli as demo_cli
 from samkv_chroma_demo.cli import DemoSession, add_arguments, run
 from samkv_chroma_demo.pipeline import DemoIndex
 
+from samkv_integrations.cli import main
 from tests.demo.conftest import KeywordEmbedding
 
 
@@ -21,11 +22,10 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_bad_corpus_folder_is_an_error_before_any_loading(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert (
-        run(parse("--corpus", str(tmp_path / "nope"), "--chroma-path", str(tmp_path / "chroma")))
-        == 2
-    )
-    assert "samkv demo: error: corpus: " in capsys.readouterr().err
+    argv = ["demo", "--corpus", str(tmp_path / "nope"), "--chroma-path", str(tmp_path / "chroma")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "samkv demo: error: corpus: " in err and "Traceback" not in err
 
 
 def answer_rows(out: str, section: str) -> dict[str, str]:

@@ -20,7 +20,8 @@ QUESTION = "What is special about the glacier?"
 @pytest.fixture
 def client(demo_index: DemoIndex) -> TestClient:
     return TestClient(
-        create_app(demo_index, samples=[QUESTION], corpus_label="test corpus", max_new_tokens=6)
+        create_app(demo_index, samples=[QUESTION], corpus_label="test corpus", max_new_tokens=6),
+        base_url="http://127.0.0.1:8000",  # the app answers loopback names only
     )
 
 

@@ -25,7 +25,9 @@ def events(text: str) -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.fixture
 def client(demo_index: DemoIndex) -> TestClient:
-    return TestClient(create_app(demo_index, max_new_tokens=4, default_method=SPEC))
+    return TestClient(
+        create_app(demo_index, max_new_tokens=4, default_method=SPEC), base_url="http://localhost"
+    )
 
 
 def test_page_offers_the_default_spec_beside_the_methods(client: TestClient) -> None:

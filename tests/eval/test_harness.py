@@ -48,34 +48,6 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(METHODS, "toy", ToyMethod)
 
 
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    rows = [
-        {
-            "id": "q1",
-            "question": "Where was Ada born?",
-            "contexts": [
-                {"title": "Ada", "text": "Ada was born in London in 1815."},
-                {"title": "London", "text": "London is on the Thames."},
-                {"title": "Paris", "text": "Paris is on the Seine."},
-            ],
-            "answers": ["London"],
-        },
-        {
-            "id": "q2",
-            "question": "Which river runs through Paris?",
-            "contexts": [
-                {"title": "Seine", "text": "The Seine flows to the sea."},
-                {"title": "Paris", "text": "Paris is on the Seine."},
-            ],
-            "answers": ["the Seine", "Seine"],
-        },
-    ]
-    path = tmp_path / "tiny-qa.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def config(tmp_path: Path, data: Path, **overrides: Any) -> EvalConfig:
     settings: dict[str, Any] = dict(
         data=data,
@@ -309,8 +281,79 @@ def test_interrupted_run_resumes(tmp_path: Path, data: Path) -> None:
     assert resumed["methods"]["full"]["f1"] == pytest.approx((0.25 + rows[2]["f1"]) / 2)
     assert resumed["methods"]["reuse"] == complete["methods"]["reuse"] | {
         key: resumed["methods"]["reuse"][key]
-        for key in ("ttft_s_median", "ttft_s_p90", "ttft_s_mean")
+        for key in ("ttft_s_median", "ttft_s_p90", "ttft_s_mean", "vs_full")
     }
+    # The paired difference from full sees the kept (marked) full row of q1.
+    expected = ((rows[1]["f1"] - 0.25) + (rows[3]["f1"] - rows[2]["f1"])) / 2
+    assert resumed["methods"]["reuse"]["vs_full"]["f1"]["diff"] == pytest.approx(expected)
+
+
+def test_predictions_without_config_are_not_reused_for_another_model(
+    tmp_path: Path, data: Path
+) -> None:
+    # Issue 14 item 10: with config.json gone, tiny-qwen2 must not take tiny-llama's rows
+    # as its own answers.
+    run_dir = tmp_path / "run"
+    run_eval(config(tmp_path, data))
+    llama_rows = read_predictions(run_dir)
+    (run_dir / "config.json").unlink()
+    (run_dir / "metrics.json").unlink()
+    qwen = config(tmp_path, data, model="random:tiny-qwen2")
+    with pytest.raises(ValueError, match=r"no readable config\.json .*--force"):
+        run_eval(qwen)
+    assert read_predictions(run_dir) == llama_rows and not (run_dir / "config.json").exists()
+    # An unreadable config.json vouches for nothing either.
+    (run_dir / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"no readable config\.json"):
+        plan_run(qwen)
+    metrics = run_eval(config(tmp_path, data, model="random:tiny-qwen2", force=True))
+    qwen_rows = read_predictions(run_dir)
+    assert metrics["model"] == "random:tiny-qwen2" and len(qwen_rows) == len(llama_rows)
+    assert [r["ttft_s"] for r in qwen_rows] != [r["ttft_s"] for r in llama_rows]
+    # An empty predictions file holds no rows to misattribute.
+    (run_dir / "config.json").unlink()
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "predictions.jsonl").write_text("")
+    assert run_eval(qwen)["n"] == 2
+
+
+def test_conflicting_duplicate_rows_stop_the_resume(tmp_path: Path, data: Path) -> None:
+    # Issue 14 item 10: a second, different row for (q1, reuse) must not silently win.
+    run_dir = tmp_path / "run"
+    run_eval(config(tmp_path, data))
+    rows = read_predictions(run_dir)
+    (run_dir / "metrics.json").unlink()
+    path = run_dir / "predictions.jsonl"
+    identical = path.read_text() + json.dumps(rows[1]) + "\n"
+    path.write_text(identical + json.dumps({**rows[1], "prediction": "Paris", "f1": 0.0}) + "\n")
+    with pytest.raises(ValueError, match=r"lines 2 and 6 .*'q1', method 'reuse'.*--force"):
+        run_eval(config(tmp_path, data))
+    assert path.read_text().count("\n") == 6, "a refused resume must leave the file as it was"
+    # The same row twice is one row: the run resumes with nothing left to answer.
+    path.write_text(identical)
+    metrics = run_eval(config(tmp_path, data))
+    assert read_predictions(run_dir) == rows
+    assert metrics["methods"]["reuse"]["f1"] == pytest.approx((rows[1]["f1"] + rows[3]["f1"]) / 2)
+
+
+def test_metrics_and_table_compare_each_method_with_full(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    metrics = run_eval(config(tmp_path, data))
+    assert metrics["reference"] == "full"
+    assert metrics["bootstrap"] == {"resamples": 2000, "seed": 0, "level": 0.95}
+    assert metrics["methods"]["full"]["vs_full"] is None
+    rows = read_predictions(tmp_path / "run")
+    paired = metrics["methods"]["reuse"]["vs_full"]
+    assert paired["n"] == 2
+    diffs = [rows[i + 1]["f1"] - rows[i]["f1"] for i in (0, 2)]
+    assert paired["f1"]["diff"] == pytest.approx(sum(diffs) / 2)
+    assert min(diffs) - 1e-9 <= paired["f1"]["low"] <= paired["f1"]["high"] <= max(diffs) + 1e-9
+    table = cli.format_table(metrics).splitlines()
+    assert "dF1 [95% CI]" in table[0] and "dcontains [95% CI]" in table[0]
+    assert table[1].split()[-2:] == ["-", "-"]
+    f1 = paired["f1"]
+    assert f"{f1['diff']:+.3f} [{f1['low']:+.3f}, {f1['high']:+.3f}]" in table[2]
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

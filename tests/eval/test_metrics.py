@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from samkv_integrations.eval.metrics import (
     exact_match,
     first_token_kl,
     normalize_answer,
+    paired_bootstrap,
     percentile,
     summarize,
     token_f1,
@@ -145,3 +147,68 @@ def test_summarize_means_agreement_and_ttft() -> None:
     assert reuse["first_token_kl"] == pytest.approx(0.3)  # the unknown one is left out
     assert reuse["recomputed_fraction"] == 0.0
     assert summary["samkv"]["n"] == 0 and summary["samkv"]["f1"] is None
+
+
+def test_paired_bootstrap_of_identical_predictions_is_zero() -> None:
+    assert paired_bootstrap([0.0] * 50) == {"diff": 0.0, "low": 0.0, "high": 0.0}
+    assert paired_bootstrap([]) is None
+
+
+def test_paired_bootstrap_of_a_constant_shift_is_the_shift() -> None:
+    interval = paired_bootstrap([-0.3] * 40)
+    assert interval is not None
+    assert interval == pytest.approx({"diff": -0.3, "low": -0.3, "high": -0.3})
+
+
+def test_paired_bootstrap_matches_the_normal_interval_on_many_questions() -> None:
+    # With n large the mean is close to normal: the percentile bootstrap interval must
+    # agree with mean ± 1.96 s / sqrt(n) to within a tenth of its half-width.
+    rng = np.random.default_rng(1)
+    differences = rng.normal(0.1, 1.0, size=5000)
+    interval = paired_bootstrap(differences.tolist())
+    assert interval is not None
+    mean, sd = differences.mean(), differences.std(ddof=1)
+    half = 1.959964 * sd / math.sqrt(len(differences))
+    assert interval["diff"] == pytest.approx(mean)
+    assert interval["low"] == pytest.approx(mean - half, abs=0.1 * half)
+    assert interval["high"] == pytest.approx(mean + half, abs=0.1 * half)
+    # Binary scores (contains) too: differences in {-1, 0, 1}.
+    flips = rng.choice([-1.0, 0.0, 1.0], p=[0.1, 0.75, 0.15], size=4000)
+    binary = paired_bootstrap(flips.tolist())
+    assert binary is not None
+    half = 1.959964 * flips.std(ddof=1) / math.sqrt(len(flips))
+    assert binary["low"] == pytest.approx(flips.mean() - half, abs=0.1 * half)
+    assert binary["high"] == pytest.approx(flips.mean() + half, abs=0.1 * half)
+
+
+def test_paired_bootstrap_is_reproducible_and_validated() -> None:
+    values = [0.0, 1.0, 0.5, -0.5, 1.0, 0.0, 0.25]
+    assert paired_bootstrap(values) == paired_bootstrap(values)
+    assert paired_bootstrap(values, seed=1) != paired_bootstrap(values, seed=2)
+    narrow = paired_bootstrap(values, level=0.5)
+    wide = paired_bootstrap(values, level=0.99)
+    assert narrow is not None and wide is not None
+    assert wide["low"] <= narrow["low"] <= narrow["high"] <= wide["high"]
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap(values, level=1.0)
+    with pytest.raises(ValueError, match="resamples"):
+        paired_bootstrap(values, resamples=0)
+
+
+def test_summarize_pairs_each_method_with_the_reference_by_question() -> None:
+    records = [
+        record("full", id="a", f1=1.0, contains_gold=True),
+        record("full", id="b", f1=0.5, contains_gold=False),
+        # Listed out of order, and "c" has no reference row: it is left out of the pairs.
+        record("reuse", id="b", f1=0.0, contains_gold=False),
+        record("reuse", id="a", f1=0.5, contains_gold=True),
+        record("reuse", id="c", f1=1.0, contains_gold=True),
+    ]
+    summary = summarize(records, ["full", "reuse"], reference="full")
+    assert summary["full"]["vs_full"] is None
+    paired = summary["reuse"]["vs_full"]
+    assert paired["n"] == 2
+    # Differences: a -0.5, b -0.5 in F1; 0, 0 in contains.
+    assert paired["f1"] == pytest.approx({"diff": -0.5, "low": -0.5, "high": -0.5})
+    assert paired["contains_gold"] == {"diff": 0.0, "low": 0.0, "high": 0.0}
+    assert summarize(records, ["reuse"])["reuse"]["vs_full"] is None

@@ -88,7 +88,14 @@ def keyword_chroma() -> Callable[[list[str], list[Document]], Chroma]:
             embedding_function=KeywordEmbeddings(keywords),
             client=chromadb.EphemeralClient(),
         )
-        store.add_documents(docs)
+        if docs:
+            store.add_documents(docs)
         return store
 
     return build
+
+
+@pytest.fixture
+def keyword_embeddings() -> Callable[[list[str]], Embeddings]:
+    """``KeywordEmbeddings`` over the given keywords, for stores a test builds itself."""
+    return KeywordEmbeddings

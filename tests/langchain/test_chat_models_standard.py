@@ -114,6 +114,31 @@ class TestChatSamKVIntegration(_Capabilities, ChatModelIntegrationTests):
         # Short replies keep the suite fast on CPU; the unit suite passes max_tokens too.
         return {"max_tokens": 12}
 
+    @property
+    def supported_usage_metadata_details(self) -> dict[Any, list[Any]]:
+        details = ["cache_read_input", "cache_creation_input"]
+        return {"invoke": details, "stream": details}
+
+    def _over_documents(self, *, stream: bool, cached: bool) -> AIMessage:
+        llm = ChatSamKV(**self.chat_model_params, max_tokens=4)
+        docs = [Document("Paris is the capital of France."), Document("Fuji is in Japan.")]
+        if cached:
+            docs = list(SamKVCacheBuilder(llm).transform_documents(docs))
+        message = [document_message("Which mountain?", docs)]
+        if not stream:
+            return llm.invoke(message)  # type: ignore[return-value]
+        chunks = list(llm.stream(message))
+        full = chunks[0]
+        for chunk in chunks[1:]:
+            full += chunk
+        return AIMessage(content=full.text, usage_metadata=full.usage_metadata)
+
+    def invoke_with_cache_read_input(self, *, stream: bool = False) -> AIMessage:
+        return self._over_documents(stream=stream, cached=True)
+
+    def invoke_with_cache_creation_input(self, *, stream: bool = False) -> AIMessage:
+        return self._over_documents(stream=stream, cached=False)
+
 
 # --- Beyond the standard suites: what ChatSamKV itself promises -------------------------
 
@@ -153,7 +178,9 @@ def test_plain_chat_is_a_full_prefill_of_the_chat_template(
         "input_tokens": ids.shape[1],
         "output_tokens": 10,
         "total_tokens": ids.shape[1] + 10,
+        "input_token_details": {"cache_read": 0, "cache_creation": 0},  # no cache
     }
+    assert reply.response_metadata["model_provider"] == "samkv"
     assert reply.response_metadata["model_name"] == "random:tiny-llama"
     assert reply.response_metadata["finish_reason"] == "length"
     assert reply.response_metadata["method"] == "prompt"  # no documents: a plain prefill
@@ -175,6 +202,12 @@ def test_document_reply_reports_method_stats(llm: ChatSamKV, docs: list[Document
     assert reply.usage_metadata is not None
     assert reply.usage_metadata["input_tokens"] == prompt
     assert reply.usage_metadata["output_tokens"] == 10
+    # Every document token came from a stored cache; nothing was encoded during the call.
+    assert reply.usage_metadata["input_token_details"] == {
+        "cache_read": context,
+        "cache_creation": 0,
+    }
+    assert meta["model_provider"] == "samkv"
     default = llm.invoke([document_message(question, docs)])
     assert default.response_metadata["method"] == DEFAULT_METHOD
 
@@ -308,8 +341,10 @@ def test_invalid_requests_are_refused(llm: ChatSamKV, docs: list[Document]) -> N
         llm.invoke("Hello", top_k=3)
     with pytest.raises(ValueError, match="method"):
         llm.invoke("Hello", method="nope")
-    with pytest.raises(ValueError, match="single human message"):
-        llm.invoke([SystemMessage("Be brief."), document_message("Which mountain?", docs)])
+    with pytest.raises(ValueError, match="must be a human message; got 'ai' last"):
+        llm.invoke([document_message("Which mountain?", docs), AIMessage("Fuji.")])
+    with pytest.raises(ValueError, match="documents go in human messages"):
+        llm.invoke([SystemMessage(content_blocks=[document_block(docs[0])]), HumanMessage("Q?")])
     with pytest.raises(ValueError, match="text only"):
         llm.invoke([HumanMessage([{"type": "image", "url": "https://example.com/a.png"}])])
     with pytest.raises(ValueError, match="no question"):

@@ -15,11 +15,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 EXPECTED_ALL = [
     "ChatSamKV",
+    "FullPrefillWarning",
     "MiniLMEmbeddings",
     "SamKVCacheBuilder",
+    "SamKVVectorStore",
+    "StaleCacheKeyWarning",
     "create_samkv_rag_chain",
     "document_block",
     "document_message",
+    "format_docs_as_messages",
 ]
 
 

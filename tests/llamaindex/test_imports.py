@@ -9,9 +9,11 @@ import llama_index.llms.samkv
 EXPECTED_ALL = [
     "MiniLMEmbedding",
     "SamKVCacheBuilder",
+    "SamKVCachesSkippedWarning",
     "SamKVLLM",
     "SamKVQueryEngine",
     "SamKVSynthesizer",
+    "SamKVVectorStore",
 ]
 
 SOURCE = Path(llama_index.llms.samkv.__file__).resolve().parent

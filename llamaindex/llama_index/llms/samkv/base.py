@@ -1,10 +1,20 @@
-"""SamKVLLM: a LlamaIndex LLM over a SamKVEngine, with a cache-aware answer call."""
+"""SamKVLLM: a LlamaIndex LLM over a SamKVEngine, with a cache-aware answer call.
+
+Used as a plain LLM by a stock response synthesizer (``index.as_query_engine(llm=llm)``,
+``Settings.llm = llm``), it receives the retrieved text already formatted into a prompt and
+answers it like any LLM: the prompt templates and response modes are honoured, and the
+stored KV caches are not used. It says so once, with a :class:`SamKVCachesSkippedWarning`
+(and a log line) naming the wiring that does use them: :class:`SamKVQueryEngine` or
+``response_synthesizer=SamKVSynthesizer(llm)``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from llama_index.core.base.llms.generic_utils import (
@@ -28,10 +38,13 @@ from llama_index.core.bridge.pydantic import (
     PrivateAttr,
     field_serializer,
     field_validator,
+    model_validator,
 )
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.llms.llm import default_completion_to_prompt, generic_messages_to_prompt
+from llama_index.core.prompts import BasePromptTemplate
+from llama_index.core.types import TokenAsyncGen, TokenGen
 from pydantic import InstanceOf
 
 from samkv_integrations.bridge import aiter_in_thread, iter_in_thread
@@ -40,10 +53,56 @@ from samkv_integrations.lazy_engine import LazyEngine
 from samkv_integrations.methods import DEFAULT_METHOD, BaseMethod, get_method
 from samkv_integrations.records import CacheRef
 
+logger = logging.getLogger(__name__)
+
 OnForeignCache = Literal["error", "recompute"]
 Prompt = str | Sequence[ChatMessage]
 
 _GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+# Hugging Face ``generate`` names accepted for ours (``do_sample`` is handled on its own).
+_HF_NAMES = {"stop_strings": "stop"}
+
+
+class SamKVCachesSkippedWarning(UserWarning):
+    """A stock response synthesizer re-prompted retrieved text: stored KV caches were not used.
+
+    Emitted once per :class:`SamKVLLM`. Silence it with
+    ``warnings.filterwarnings("ignore", category=SamKVCachesSkippedWarning)``.
+    """
+
+
+_SKIPPED = (
+    "SamKVLLM was called by a stock LlamaIndex response synthesizer: the retrieved text is "
+    "re-prompted in full and the nodes' stored KV caches are not used. To answer from the "
+    "caches, use SamKVQueryEngine.from_index(index, llm) or index.as_query_engine(llm=llm, "
+    "response_synthesizer=SamKVSynthesizer(llm))."
+)
+
+
+def generation_options(options: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Our generation options from ours or Hugging Face ``generate`` names.
+
+    ``do_sample=False`` is greedy decoding (temperature 0); ``do_sample=True`` samples at
+    the given temperature, 1.0 if none is given; ``stop_strings`` is ``stop``.
+
+    Raises:
+        ValueError: An option we do not support; the message names ``what`` and the option.
+    """
+    unknown = sorted(set(options) - {*_GENERATION_FIELDS, *_HF_NAMES, "do_sample"})
+    if unknown:
+        raise ValueError(
+            f"unsupported {what} {unknown}; accepted: {', '.join(_GENERATION_FIELDS)} "
+            "(and Hugging Face's do_sample, stop_strings)"
+        )
+    out = {_HF_NAMES.get(name, name): value for name, value in options.items()}
+    sample = out.pop("do_sample", None)
+    if sample is False:
+        out["temperature"] = 0.0
+    elif sample is True:
+        if out.get("temperature", 1.0) == 0:
+            raise ValueError(f"{what}: do_sample=True contradicts temperature=0 (greedy)")
+        out.setdefault("temperature", 1.0)
+    return out
 
 
 def resolve_method(method: str | BaseMethod | Mapping[str, Any]) -> BaseMethod:
@@ -63,34 +122,63 @@ def method_payload(method: BaseMethod) -> dict[str, Any]:
     return {"name": method.name, "options": options}
 
 
+#: What builds the engine: not to be passed next to an already built ``engine``.
+_ENGINE_OPTIONS = (
+    "model",
+    "store",
+    "device",
+    "dtype",
+    "model_kwargs",
+    "memory_bytes",
+    "storage_options",
+    "pin_memory",
+)
+
+
 class SamKVLLM(CustomLLM):
     """A self-hosted Hugging Face causal LM that can answer from stored document KV caches.
 
     As a plain LlamaIndex LLM (``Settings.llm``, chat engines, agents) it renders the
     prompt with the model's chat template and generates. The cache-aware call
     :meth:`stream_answer` is what :class:`SamKVSynthesizer` uses: it answers a question
-    from the documents behind cache references with a method (default ``samkv``).
+    from the documents behind cache references with a method (default ``samkv``). Under a
+    stock response synthesizer it re-prompts the retrieved text (see the module docstring).
 
-    The constructor is cheap: the model loads on first use (or pass an existing engine).
+    The constructor is cheap: the model loads on first use (or pass an existing engine);
+    the options are checked here, each error naming its option.
 
     Args:
         model: A registry name, local directory, ``.gguf`` file or hub id; ``None`` is the
             embedded SmolLM2-135M-Instruct.
         store: KV cache store directory or fsspec URL; ``None`` is ``$SAMKV_HOME/kvcache``.
-        device: Torch device; defaults to CUDA when available.
-        dtype: ``bfloat16``, ``float16`` or ``float32``; defaults by device.
+        device: Torch device (``"cuda:1"``); defaults to CUDA when available.
+        dtype: ``bfloat16``, ``float16`` or ``float32``; defaults to bfloat16 on CUDA and
+            float32 on CPU. Caches are bound to the dtype that wrote them: a node cached in
+            another dtype raises ``CacheMismatchError`` naming the ``dtype`` that serves it
+            (or pass ``on_foreign_cache="recompute"`` to re-encode it in this one).
+        model_kwargs: Extra ``from_pretrained`` arguments (``revision``,
+            ``trust_remote_code``, ``quantization_config``, ...); ``dtype``, ``device_map``
+            and ``attn_implementation`` are set by the loader.
+        generate_kwargs: Generation defaults by name, ours or Hugging Face's
+            (``{"do_sample": False, "max_new_tokens": 64}``); folded into the fields below,
+            which they may not contradict.
+        memory_bytes: Cap, in tensor bytes, of the store's in-memory LRU tier (0: none).
+        storage_options: fsspec options for a store URL (credentials, endpoints).
+        pin_memory: Pin the memory tier's tensors for fast copies to the GPU.
         method: The method cache-aware answers use: a spec, ``name[+option=value...]``
             (``"samkv+budget=0.2"``), or a ``BaseMethod``. It is resolved here, so a bad
             name or option fails at construction.
         on_foreign_cache: What a cache written by another model means: ``"error"`` or
             ``"recompute"`` (re-encode it from the node's text).
         max_new_tokens, temperature, top_p, seed, stop: Generation defaults; each call may
-            override them by keyword.
+            override them by keyword (``do_sample`` and ``stop_strings`` are understood).
         engine: An already built :class:`SamKVEngine` (instead of ``model``/``store``/...).
 
     Examples:
         >>> from llama_index.llms.samkv import SamKVLLM
-        >>> llm = SamKVLLM(max_new_tokens=32)
+        >>> llm = SamKVLLM(max_new_tokens=32, generate_kwargs={"do_sample": False})
+        >>> llm.temperature
+        0.0
         >>> llm.complete("What is the capital of France?").text  # doctest: +SKIP
         'The capital of France is Paris.'
     """
@@ -99,6 +187,17 @@ class SamKVLLM(CustomLLM):
     store: str | None = Field(default=None, description="KV cache store directory or URL.")
     device: str | None = Field(default=None, description="Torch device.")
     dtype: str | None = Field(default=None, description="Model dtype.")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra from_pretrained arguments."
+    )
+    generate_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Generation defaults by name (HF names accepted)."
+    )
+    memory_bytes: int = Field(default=0, ge=0, description="In-memory cache tier, in bytes.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for a store URL.", exclude=True
+    )
+    pin_memory: bool = Field(default=False, description="Pin the memory tier (CUDA).")
     method: InstanceOf[BaseMethod] = Field(
         default_factory=lambda: get_method(DEFAULT_METHOD),
         description="Method for cache-aware answers (a spec such as 'samkv+budget=0.2').",
@@ -111,16 +210,40 @@ class SamKVLLM(CustomLLM):
     stop: list[str] = Field(default_factory=list, description="Strings that end the answer.")
 
     _engine: LazyEngine = PrivateAttr()
+    _skipped_warned: bool = PrivateAttr(default=False)
 
     def __init__(self, *, engine: SamKVEngine | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if engine is None:
-            self._engine = LazyEngine(self.model, self.store, self.device, self.dtype)
+            self._engine = LazyEngine(
+                self.model,
+                self.store,
+                self.device,
+                self.dtype,
+                model_kwargs=self.model_kwargs,
+                memory_bytes=self.memory_bytes,
+                storage_options=self.storage_options,
+                pin_memory=self.pin_memory,
+            )
             return
-        given = [name for name in ("model", "store", "device", "dtype") if name in kwargs]
+        given = [name for name in _ENGINE_OPTIONS if name in kwargs]
         if given:
             raise ValueError(f"engine: pass either an engine or {', '.join(given)}, not both")
         self._engine = LazyEngine.of(engine)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_generate_kwargs(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("generate_kwargs"):
+            return data
+        folded = dict(data)
+        for name, value in generation_options(data["generate_kwargs"], "generate_kwargs").items():
+            if name in data and data[name] != value:
+                raise ValueError(
+                    f"generate_kwargs: {name}={value!r} contradicts {name}={data[name]!r}"
+                )
+            folded[name] = value
+        return folded
 
     @field_validator("method", mode="before")
     @classmethod
@@ -184,11 +307,7 @@ class SamKVLLM(CustomLLM):
         )
 
     def _generation(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(overrides) - set(_GENERATION_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"unsupported keyword arguments {unknown}; accepted: {', '.join(_GENERATION_FIELDS)}"
-            )
+        overrides = generation_options(overrides, "keyword arguments")
         defaults = {name: getattr(self, name) for name in _GENERATION_FIELDS}
         return {**defaults, **overrides, "stop": tuple(overrides.get("stop", self.stop))}
 
@@ -213,33 +332,89 @@ class SamKVLLM(CustomLLM):
     def _encode(self, text: str) -> list[int]:
         return list(self.engine.model.tokenizer(text)["input_ids"])
 
-    def _stream(self, prompt: Prompt, formatted: bool, overrides: dict[str, Any]) -> AnswerStream:
-        """The one path from a prompt to text deltas, for every sync, async and stream call."""
-        ids = self._prompt_ids(prompt, formatted)
-        return self.engine.stream_prompt(ids, **self._generation(overrides))
+    def _stream(
+        self, prompt: Prompt, formatted: bool, overrides: dict[str, Any]
+    ) -> tuple[AnswerStream, int]:
+        """The one path from a prompt to text deltas, for every sync, async and stream call.
 
-    def _text(self, prompt: Prompt, formatted: bool, overrides: dict[str, Any]) -> str:
-        return "".join(self._stream(prompt, formatted, overrides))
+        Returns:
+            The stream and the number of prompt tokens.
+        """
+        ids = self._prompt_ids(prompt, formatted)
+        return self.engine.stream_prompt(ids, **self._generation(overrides)), len(ids)
+
+    def _text(
+        self, prompt: Prompt, formatted: bool, overrides: dict[str, Any]
+    ) -> CompletionResponse:
+        stream, n_prompt = self._stream(prompt, formatted, overrides)
+        text = "".join(stream)
+        return CompletionResponse(text=text, raw={"usage": usage(n_prompt, stream)})
 
     def _completions(
         self, prompt: Prompt, formatted: bool, overrides: dict[str, Any]
     ) -> CompletionResponseGen:
-        stream = self._stream(prompt, formatted, overrides)  # validates before returning
-        return _accumulate(iter_in_thread(lambda: iter(stream)))
+        stream, n_prompt = self._stream(prompt, formatted, overrides)  # validates first
+        return _accumulate(iter_in_thread(lambda: iter(stream)), lambda: usage(n_prompt, stream))
 
     async def _acompletions(
         self, prompt: Prompt, formatted: bool, overrides: dict[str, Any]
     ) -> CompletionResponseAsyncGen:
-        text = ""
-        deltas = aiter_in_thread(lambda: iter(self._stream(prompt, formatted, overrides)))
-        async for delta in deltas:
+        opened: list[tuple[AnswerStream, int]] = []
+
+        def start() -> Iterator[str]:
+            opened.append(self._stream(prompt, formatted, overrides))
+            return iter(opened[0][0])
+
+        def counts() -> dict[str, int]:
+            stream, n_prompt = opened[0]
+            return usage(n_prompt, stream)
+
+        text, raw = "", None
+        async for delta in aiter_in_thread(start):
             text += delta
-            yield CompletionResponse(text=text, delta=delta)
+            raw = {"usage": counts()}
+            yield CompletionResponse(text=text, delta=delta, raw=raw)
+        if raw is not None:  # the final counts, for the end event's token counters
+            raw["usage"] = counts()
+
+    def _note_stock_synthesis(self, prompt_args: Mapping[str, Any]) -> None:
+        """Warn once that a stock synthesizer re-prompts retrieved text (``context_str``)."""
+        # Every stock response synthesizer (compact, refine, tree_summarize, simple_summarize,
+        # accumulate) formats the retrieved text into its template as context_str.
+        if "context_str" not in prompt_args or self._skipped_warned:
+            return
+        self._skipped_warned = True
+        logger.warning(_SKIPPED)
+        warnings.warn(_SKIPPED, SamKVCachesSkippedWarning, stacklevel=3)
+
+    def predict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        """LlamaIndex's ``predict`` (see :class:`SamKVCachesSkippedWarning`)."""
+        self._note_stock_synthesis(prompt_args)
+        return super().predict(prompt, **prompt_args)
+
+    def stream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenGen:
+        """LlamaIndex's ``stream`` (see :class:`SamKVCachesSkippedWarning`)."""
+        self._note_stock_synthesis(prompt_args)
+        return super().stream(prompt, **prompt_args)
+
+    async def apredict(self, prompt: BasePromptTemplate, **prompt_args: Any) -> str:
+        """LlamaIndex's ``apredict`` (see :class:`SamKVCachesSkippedWarning`)."""
+        self._note_stock_synthesis(prompt_args)
+        return await super().apredict(prompt, **prompt_args)
+
+    async def astream(self, prompt: BasePromptTemplate, **prompt_args: Any) -> TokenAsyncGen:
+        """LlamaIndex's ``astream`` (see :class:`SamKVCachesSkippedWarning`)."""
+        self._note_stock_synthesis(prompt_args)
+        return await super().astream(prompt, **prompt_args)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        """Complete ``prompt`` (rendered as one user turn unless ``formatted``)."""
-        return CompletionResponse(text=self._text(prompt, formatted, kwargs))
+        """Complete ``prompt`` (rendered as one user turn unless ``formatted``).
+
+        ``raw["usage"]`` holds the prompt and completion token counts (as OpenAI reports
+        them), which LlamaIndex's ``TokenCountingHandler`` reads.
+        """
+        return self._text(prompt, formatted, kwargs)
 
     @llm_completion_callback()
     def stream_complete(
@@ -253,8 +428,7 @@ class SamKVLLM(CustomLLM):
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
         """:meth:`complete` in a worker thread."""
-        text = await asyncio.to_thread(self._text, prompt, formatted, kwargs)
-        return CompletionResponse(text=text)
+        return await asyncio.to_thread(self._text, prompt, formatted, kwargs)
 
     @llm_completion_callback()
     async def astream_complete(
@@ -266,8 +440,7 @@ class SamKVLLM(CustomLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Answer the last turn of ``messages`` (rendered with the model's chat template)."""
-        text = self._text(messages, False, kwargs)
-        return completion_response_to_chat_response(CompletionResponse(text=text))
+        return completion_response_to_chat_response(self._text(messages, False, kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -279,8 +452,8 @@ class SamKVLLM(CustomLLM):
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """:meth:`chat` in a worker thread."""
-        text = await asyncio.to_thread(self._text, messages, False, kwargs)
-        return completion_response_to_chat_response(CompletionResponse(text=text))
+        response = await asyncio.to_thread(self._text, messages, False, kwargs)
+        return completion_response_to_chat_response(response)
 
     @llm_chat_callback()
     async def astream_chat(
@@ -292,8 +465,23 @@ class SamKVLLM(CustomLLM):
         )
 
 
-def _accumulate(deltas: Iterator[str]) -> CompletionResponseGen:
-    text = ""
+def usage(prompt_tokens: int, stream: AnswerStream) -> dict[str, int]:
+    """Token counts as OpenAI reports them: what ``TokenCountingHandler`` reads from ``raw``."""
+    completion_tokens = len(stream.answer.token_ids)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _accumulate(
+    deltas: Iterator[str], counts: Callable[[], dict[str, int]]
+) -> CompletionResponseGen:
+    text, raw = "", None
     for delta in deltas:
         text += delta
-        yield CompletionResponse(text=text, delta=delta)
+        raw = {"usage": counts()}
+        yield CompletionResponse(text=text, delta=delta, raw=raw)
+    if raw is not None:  # the final counts, for the end event's token counters
+        raw["usage"] = counts()

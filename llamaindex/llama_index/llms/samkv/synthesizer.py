@@ -3,20 +3,14 @@
 LlamaIndex's built-in synthesizers turn the retrieved nodes into one prompt string before
 the LLM sees them, which throws the cache references away. This synthesizer takes the
 ``NodeWithScore`` list itself, maps each node to its cache reference and lets the engine's
-method (default ``samkv``) build the decode cache from the stored caches.
+method (default ``samkv``) build the decode cache from the stored caches. The answer is
+reported as an LLM completion (instrumentation events, ``CBEventType.LLM`` with token
+counts): see :mod:`llama_index.llms.samkv.events`.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
-    Callable,
-    Generator,
-    Iterator,
-    Sequence,
-)
+from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any
 
 import llama_index.core.instrumentation as instrument
@@ -39,7 +33,7 @@ from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
 
 from llama_index.llms.samkv.base import OnForeignCache, SamKVLLM, resolve_method
 from llama_index.llms.samkv.cache_builder import node_ref, node_text
-from samkv_integrations.bridge import aiter_in_thread, iter_in_thread
+from llama_index.llms.samkv.events import CacheCompletion
 from samkv_integrations.engine import AnswerStream
 from samkv_integrations.methods import BaseMethod
 from samkv_integrations.records import CacheRef, MethodStats
@@ -64,8 +58,13 @@ class SamKVSynthesizer(BaseSynthesizer):
     synthesizers do) and ``"samkv"`` to the method's stats: ``method``, ``model``,
     ``ttft_s``, ``kept_fraction``, ``kept_tokens_by_node``, ``recomputed_documents``,
     ``context_tokens``, ``prompt_tokens`` (what the prompt would prefill under ``full``),
-    ``seconds`` per phase and more. A streaming response returns after the first token,
-    with the stats already in place.
+    ``completion_tokens`` (once the answer is complete), ``seconds`` per phase and more. A
+    streaming response returns after the first token, with the stats already in place.
+
+    Each answer is reported as an LLM completion: ``LLMCompletionStartEvent`` /
+    ``LLMCompletionEndEvent`` on the instrumentation dispatcher, and ``CBEventType.LLM`` on
+    the callback managers of this synthesizer and of the LLM, with the token counts in
+    ``raw["usage"]``, so ``TokenCountingHandler`` counts them.
 
     Args:
         llm: The :class:`SamKVLLM` that answers.
@@ -159,8 +158,9 @@ class SamKVSynthesizer(BaseSynthesizer):
                     else Response(self._empty_response)
                 )
             else:
-                answer, stats = self._answer(bundle.query_str, used, response_kwargs)
-                metadata = self._response_metadata(bundle.query_str, sources, used, stats)
+                call = self._call(bundle.query_str, used, response_kwargs)
+                answer = call.stream() if self._streaming else call.text()
+                metadata = self._response_metadata(bundle.query_str, sources, used, call)
                 response = (
                     Response(answer, sources, metadata)
                     if isinstance(answer, str)
@@ -198,8 +198,9 @@ class SamKVSynthesizer(BaseSynthesizer):
                     else Response(self._empty_response)
                 )
             else:
-                answer, stats = await self._aanswer(bundle.query_str, used, response_kwargs)
-                metadata = self._response_metadata(bundle.query_str, sources, used, stats)
+                call = self._call(bundle.query_str, used, response_kwargs)
+                answer = await (call.astream() if self._streaming else call.atext())
+                metadata = self._response_metadata(bundle.query_str, sources, used, call)
                 response = (
                     Response(answer, sources, metadata)
                     if isinstance(answer, str)
@@ -213,23 +214,49 @@ class SamKVSynthesizer(BaseSynthesizer):
         self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any
     ) -> str | Generator[str, None, None]:
         """Answer from plain text chunks (each encoded, or read from the store if cached)."""
-        answer, _ = self._answer(query_str, list(text_chunks), response_kwargs)
-        return answer
+        call = self._call(query_str, list(text_chunks), response_kwargs)
+        return call.stream() if self._streaming else call.text()
 
     async def aget_response(
         self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any
     ) -> str | AsyncGenerator[str, None]:
         """:meth:`get_response` with the engine work in a worker thread."""
-        answer, _ = await self._aanswer(query_str, list(text_chunks), response_kwargs)
-        return answer
+        call = self._call(query_str, list(text_chunks), response_kwargs)
+        return await (call.astream() if self._streaming else call.atext())
+
+    def _call(
+        self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
+    ) -> CacheCompletion:
+        """One answer from the sources' caches, reported as an LLM completion."""
+        method = self._method or self._samkv.method
+        return CacheCompletion(
+            lambda: self._open(query_str, sources, kwargs),
+            prompt_tokens=lambda stats: self._prompt_tokens(query_str, stats),
+            callback_manager=self._llm_callbacks(),
+            model_dict=self._samkv.to_payload(),
+            prompt=query_str,
+            details={"samkv_method": method.name, "documents": len(sources), **kwargs},
+        )
+
+    def _llm_callbacks(self) -> CallbackManager:
+        """This synthesizer's and the LLM's callback handlers, each once.
+
+        A stock synthesizer hands its callback manager to its LLM, so the LLM events of a
+        stock query reach both; so do these, without changing the LLM.
+        """
+        handlers = [*self._callback_manager.handlers, *self._samkv.callback_manager.handlers]
+        return CallbackManager(list({id(h): h for h in handlers}.values()))
 
     def _open(
         self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
     ) -> AnswerStream:
         """Map sources to cache refs and start the engine's answer."""
         engine = self._samkv.engine
+        policy = self._on_foreign_cache or self._samkv.on_foreign_cache
+        if not (self._method or self._samkv.method).reads_cache:
+            policy = "recompute"  # a method that reads no stored KV meets no foreign cache
         refs: list[CacheRef] = [
-            engine.cache_ref(s, label=i) if isinstance(s, str) else node_ref(engine, s)
+            engine.cache_ref(s, label=i) if isinstance(s, str) else node_ref(engine, s, policy)
             for i, s in enumerate(sources)
         ]
         return self._samkv.stream_answer(
@@ -240,61 +267,27 @@ class SamKVSynthesizer(BaseSynthesizer):
             **kwargs,
         )
 
-    def _text(
-        self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
-    ) -> tuple[str, MethodStats]:
-        stream = self._open(query_str, sources, kwargs)
-        return "".join(stream), stream.stats
-
-    def _answer(
-        self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
-    ) -> tuple[str | Generator[str, None, None], MethodStats]:
-        if not self._streaming:
-            return self._text(query_str, sources, kwargs)
-        opened, start = self._starter(query_str, sources, kwargs)
-        deltas = iter_in_thread(start)
-        # Run up to the first token now: the stats are complete from then on.
-        first = next(deltas, None)
-        return _prepend(first, deltas), opened[0].stats
-
-    async def _aanswer(
-        self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
-    ) -> tuple[str | AsyncGenerator[str, None], MethodStats]:
-        if not self._streaming:
-            return await asyncio.to_thread(self._text, query_str, sources, kwargs)
-        opened, start = self._starter(query_str, sources, kwargs)
-        deltas = aiter_in_thread(start)
-        first = await anext(deltas, None)
-        return _aprepend(first, deltas), opened[0].stats
-
-    def _starter(
-        self, query_str: str, sources: Sequence[Source], kwargs: dict[str, Any]
-    ) -> tuple[list[AnswerStream], Callable[[], Iterator[str]]]:
-        """A stream opener for a worker thread, and the list it leaves the stream in."""
-        opened: list[AnswerStream] = []
-
-        def start() -> Iterator[str]:
-            opened.append(self._open(query_str, sources, kwargs))
-            return iter(opened[0])
-
-        return opened, start
+    def _prompt_tokens(self, query_str: str, stats: MethodStats) -> int:
+        """What the prompt would prefill under ``full``: prefix, documents as loaded, question."""
+        # A re-encoded foreign cache counts in this model's tokens.
+        return self._samkv.engine.prompt_tokens(query_str) + stats.context_tokens
 
     def _response_metadata(
         self,
         query_str: str,
         sources: list[NodeWithScore],
         used: list[BaseNode],
-        stats: MethodStats,
+        call: CacheCompletion,
     ) -> dict[str, Any]:
         metadata = self._get_metadata_for_response([n.node for n in sources]) or {}
-        engine = self._samkv.engine
+        stats = call.stats
         report = stats.as_dict()
-        report["model"] = engine.model.name
-        # The documents as loaded (a re-encoded foreign cache counts in this model's tokens).
-        report["prompt_tokens"] = engine.prompt_tokens(query_str) + stats.context_tokens
+        report["model"] = self._samkv.engine.model.name
+        report["prompt_tokens"] = self._prompt_tokens(query_str, stats)
         report["kept_tokens_by_node"] = {
             node.node_id: kept for node, kept in zip(used, stats.kept_tokens, strict=True)
         }
+        call.on_end(lambda usage: report.update(completion_tokens=usage["completion_tokens"]))
         metadata[STATS_KEY] = report
         return metadata
 
@@ -302,16 +295,3 @@ class SamKVSynthesizer(BaseSynthesizer):
 def _with_text(nodes: Sequence[NodeWithScore]) -> list[BaseNode]:
     """The nodes that have text to answer from (image-only nodes have none)."""
     return [n.node for n in nodes if node_text(n.node).strip()]
-
-
-def _prepend(first: str | None, rest: Iterator[str]) -> Generator[str, None, None]:
-    if first is not None:
-        yield first
-    yield from rest
-
-
-async def _aprepend(first: str | None, rest: AsyncIterator[str]) -> AsyncGenerator[str, None]:
-    if first is not None:
-        yield first
-    async for delta in rest:
-        yield delta

@@ -1,0 +1,150 @@
+"""SAGE-KV: full prefill, then one top-k eviction per KV head guided by the question's attention."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from samkv_integrations.methods.base import BaseMethod, ContextCache, DecodeState, MethodInput
+from samkv_integrations.methods.eviction import evict, top_per_head, window_attention
+from samkv_integrations.methods.full import FullMethod
+from samkv_integrations.methods.recompute import split_by_document
+from samkv_integrations.timing import Stopwatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SageKVMethod(BaseMethod):
+    """Self-attention guided eviction after a full prefill (Wang et al., 2025).
+
+    Paper: https://arxiv.org/abs/2503.08879 ("LLMs Know What to Drop").
+
+    ``build`` is ``full``'s: the prefix and every document token are prefilled from their
+    text, and the engine prefills the question on top. ``after_question`` then makes the one
+    selection: the last ``window`` question tokens' queries score every cache entry at every
+    layer (softmax over the whole cache, as the model attends), summed over the query heads
+    of each KV group and over the window, giving ``[n_layers, n_kv_heads, n_context]``; each
+    KV head of each layer keeps its own top ``k = floor(budget · n_context)`` document
+    tokens (``n_context``: the document tokens of the layout), gathered per head, so every
+    layer's cache stays ``[1, n_kv_heads, prefix + k + question, head_dim]``. Decoding then
+    runs on the reduced cache. Recomputing the window's queries costs one forward of
+    ``window`` tokens over the cache (``eviction.window_attention``).
+
+    Choices the paper leaves open, or that this layout decides:
+
+    - Window: the paper scores with the last input token's query (``window=1``); the
+      default pools the last 16 (SnapKV's observation window), capped at the question's
+      length so that no document token votes for itself. To be measured against 1.
+    - Pooling: probabilities summed over the group's query heads and the window (the
+      ranking equals the mean's).
+    - Sinks and recent window: the shared prefix (BOS and instructions, first in the
+      layout) and the whole question are always kept and not counted against the budget,
+      as in every method here; ``n_sink`` leading layout tokens are kept as sinks, which
+      touches document tokens (counted in ``k``) only when it exceeds the prefix. New
+      answer tokens are appended; the recent window does not slide (answers are short).
+    - Budget: the same ``k`` for every layer and head (rectangular caches; per-head or
+      per-layer budgets as in Ada-KV or PyramidKV would need ragged layers).
+    - Ties: the earlier token wins (stable sort).
+
+    Positions: heads keep different tokens, so no single ``[cache_len]`` vector can name
+    every entry. ``positions`` and ``kept_indices`` name the representative set of ``k``
+    tokens, the top ``k`` by the score summed over all layers and heads: the count and so
+    the kept fraction (``k / n_context``, exact for every head) are true, the identity of
+    each head's tokens is not. ``details`` says how far that set stands for the heads'
+    own: ``kept_per_head`` (``k``), ``union_fraction`` (document tokens that some head of
+    some layer kept, over ``n_context``) and ``head_agreement`` (the mean share of a head's
+    ``k`` tokens that are in the representative set). With ``per_head=False`` every head
+    keeps the representative set and ``positions`` is exact.
+
+    Attributes:
+        budget: Kept fraction of the document tokens per KV head, in (0, 1].
+        window: Question tokens whose queries score the cache (>= 1).
+        n_sink: Leading layout tokens always kept (>= 0).
+        per_head: Each KV head keeps its own tokens (SAGE-KV) or all keep one shared set.
+    """
+
+    name = "sagekv"
+    reads_cache = False  # the documents are prefilled from their text, as ``full`` does
+
+    budget: float = 0.15
+    window: int = 16
+    n_sink: int = 4
+    per_head: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
+        for field, low in (("window", 1), ("n_sink", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{field} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.per_head, bool):
+            raise ValueError(f"per_head must be true or false, got {self.per_head!r}")
+
+    def build(self, inputs: MethodInput, watch: Stopwatch) -> ContextCache:
+        """Prefill the prefix and documents (``[1, n_context]`` ids) from scratch, as ``full``."""
+        return FullMethod().build(inputs, watch)
+
+    @torch.inference_mode()
+    def after_question(self, state: DecodeState, watch: Stopwatch) -> DecodeState:
+        """Keep ``k`` document entries per KV head of each ``[1, n_kv_heads, L, head_dim]`` layer.
+
+        Works on any state whose cache is in global order (the document entries, kept or
+        not, lie between the prefix and the question). ``details`` gains ``kept_per_head``,
+        ``union_fraction`` and ``head_agreement``.
+        """
+        if not state.doc_starts:
+            return state
+        start, end = state.doc_starts[0], state.context_end
+        positions = state.positions
+        first = int(torch.searchsorted(positions, start))
+        last = int(torch.searchsorted(positions, end))
+        context = positions[first:last]
+        n_context = end - start
+        forced = context < self.n_sink
+        k = max(min(len(context), math.floor(self.budget * n_context)), int(forced.sum()))
+        if k == 0:
+            logger.info("sagekv: budget=%s keeps no document token", self.budget)
+        window = min(self.window, len(state.question_ids))
+        with watch.phase("select"):
+            tail = state.question_ids[-window:]
+            scores = window_attention(state.model, state.cache, positions, tail)[..., first:last]
+            shared = top_per_head(scores.sum(dim=(0, 1)), k, forced)
+            if self.per_head:
+                index = top_per_head(scores, k, forced)
+            else:
+                index = shared.expand(*scores.shape[:2], -1)
+        with watch.phase("evict"):
+            cache = evict(state.model, state.cache, first, last, index)
+        kept = context[shared]
+        lengths = torch.tensor([*state.doc_starts, end]).diff().tolist()
+        details = {**state.details, **self._agreement(index, shared, len(context), n_context)}
+        return dataclasses.replace(
+            state,
+            cache=cache,
+            positions=torch.cat([positions[:first], kept, positions[last:]]),
+            kept_indices=split_by_document(kept - start, lengths),
+            details=details,
+        )
+
+    @staticmethod
+    def _agreement(
+        index: torch.Tensor, shared: torch.Tensor, n_entries: int, n_context: int
+    ) -> dict[str, object]:
+        """How well ``[k]`` ``shared`` stands for ``[n_layers, n_kv_heads, k]`` ``index``."""
+        k = int(shared.numel())
+        union = torch.zeros(n_entries, dtype=torch.bool, device=index.device)
+        union[index.flatten()] = True
+        in_shared = torch.zeros_like(union)
+        in_shared[shared] = True
+        agreement = float(in_shared[index].float().mean()) if k else 1.0
+        return {
+            "kept_per_head": k,
+            "union_fraction": int(union.sum()) / n_context if n_context else 0.0,
+            "head_agreement": agreement,
+        }
