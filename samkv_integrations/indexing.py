@@ -8,7 +8,10 @@ extras); a broken entry is encoded again and replaces it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import platform
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -29,6 +32,30 @@ logger = logging.getLogger(__name__)
 
 #: Stored entries verified at once (reading and hashing release the GIL).
 VERIFY_THREADS = 4
+
+#: Size from which glibc serves an allocation by mmap (see ``_bound_heap_growth``).
+MMAP_THRESHOLD = 4 << 20
+
+
+@functools.cache
+def _bound_heap_growth() -> None:
+    """Make glibc return large freed blocks to the OS, once per process (Linux, glibc only).
+
+    Encoding a batch on the CPU interleaves the cache's long-lived per-layer tensors with
+    short-lived activations of the same size. glibc raises its mmap threshold as large
+    blocks are freed, so those come from the heap, whose freed holes it cannot give back:
+    resident memory then grew by the better part of a gigabyte over a run (measured on
+    SmolLM2-135M, 8192-token batches). A fixed threshold keeps blocks of 4 MiB and more
+    out of the heap, and memory flat from batch to batch.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ok = ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError) as e:
+        logger.debug("cannot set glibc's mmap threshold: %s", e)
+        return
+    logger.debug("glibc mmap threshold set to %d bytes: %s", MMAP_THRESHOLD, bool(ok))
 
 
 @dataclass(slots=True)
@@ -90,6 +117,8 @@ class Indexer:
             disable=not progress,
         ) as bar:
             if todo:
+                if self.model.device.type == "cpu":
+                    _bound_heap_growth()
                 with self.lock:
                     prefix = self.prefix()
                 batches = encode_batches(

@@ -28,10 +28,22 @@ from samkv_integrations.engine import SamKVEngine
 from samkv_integrations.models import LoadedModel, load_model, samkv_home
 from samkv_integrations.store import KVCacheStore
 
-__all__ = ["DTYPES", "LazyEngine", "dtype_mismatch", "dtype_name"]
+__all__ = ["DTYPES", "ENGINE_OPTIONS", "LazyEngine", "dtype_mismatch", "dtype_name"]
 
 #: The dtypes a model may be loaded in, by name.
 DTYPES = ("bfloat16", "float16", "float32")
+
+#: The adapters' settings that build an engine: not to be passed next to an already built one.
+ENGINE_OPTIONS = (
+    "model",
+    "store",
+    "device",
+    "dtype",
+    "model_kwargs",
+    "memory_bytes",
+    "storage_options",
+    "pin_memory",
+)
 
 # ``from_pretrained`` arguments the loader sets itself, and the option to use instead.
 _RESERVED_MODEL_KWARGS = {

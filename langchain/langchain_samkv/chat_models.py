@@ -30,7 +30,7 @@ from pydantic import (
 from langchain_samkv.conversation import document_refs, parse_messages
 from samkv_integrations import KVCacheStore, LoadedModel, SamKVEngine
 from samkv_integrations.bridge import aiter_in_thread
-from samkv_integrations.lazy_engine import LazyEngine
+from samkv_integrations.lazy_engine import ENGINE_OPTIONS, LazyEngine
 from samkv_integrations.methods import DEFAULT_METHOD, BaseMethod, get_method
 from samkv_integrations.records import MethodStats
 
@@ -43,17 +43,6 @@ PROVIDER = "samkv"
 #: it is answered with a full prefill (see ``FullPrefillWarning``).
 FULL_PREFILL_WARNING_TOKENS = 512
 
-#: What builds the engine: not to be passed next to an already built one (``from_engine``).
-_ENGINE_OPTIONS = (
-    "model",
-    "store",
-    "device",
-    "dtype",
-    "model_kwargs",
-    "memory_bytes",
-    "storage_options",
-    "pin_memory",
-)
 
 # Keyword arguments a call may override (``invoke(..., method="full")``, ``.bind(...)``).
 _CALL_OPTIONS = frozenset(
@@ -279,7 +268,7 @@ class ChatSamKV(BaseChatModel):
     @classmethod
     def from_engine(cls, engine: SamKVEngine, **kwargs: Any) -> ChatSamKV:
         """A chat model on an existing engine (shares its model, store and lock)."""
-        given = sorted(set(kwargs) & set(_ENGINE_OPTIONS))
+        given = sorted(set(kwargs) & set(ENGINE_OPTIONS))
         if given:
             raise ValueError(f"from_engine: the engine is built; {', '.join(given)} cannot apply")
         chat = cls(model=engine.model.name, store=engine.store.url, **kwargs)

@@ -49,7 +49,7 @@ from pydantic import InstanceOf
 
 from samkv_integrations.bridge import aiter_in_thread, iter_in_thread
 from samkv_integrations.engine import AnswerStream, SamKVEngine
-from samkv_integrations.lazy_engine import LazyEngine
+from samkv_integrations.lazy_engine import ENGINE_OPTIONS, LazyEngine
 from samkv_integrations.methods import DEFAULT_METHOD, BaseMethod, get_method
 from samkv_integrations.records import CacheRef
 
@@ -120,19 +120,6 @@ def method_payload(method: BaseMethod) -> dict[str, Any]:
     """A method as plain data: its name and hyperparameters (:func:`resolve_method` reads it)."""
     options = {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
     return {"name": method.name, "options": options}
-
-
-#: What builds the engine: not to be passed next to an already built ``engine``.
-_ENGINE_OPTIONS = (
-    "model",
-    "store",
-    "device",
-    "dtype",
-    "model_kwargs",
-    "memory_bytes",
-    "storage_options",
-    "pin_memory",
-)
 
 
 class SamKVLLM(CustomLLM):
@@ -226,7 +213,7 @@ class SamKVLLM(CustomLLM):
                 pin_memory=self.pin_memory,
             )
             return
-        given = [name for name in _ENGINE_OPTIONS if name in kwargs]
+        given = [name for name in ENGINE_OPTIONS if name in kwargs]
         if given:
             raise ValueError(f"engine: pass either an engine or {', '.join(given)}, not both")
         self._engine = LazyEngine.of(engine)
