@@ -16,7 +16,6 @@ fingerprint.
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 from collections.abc import Mapping
@@ -186,7 +185,7 @@ class LazyEngine:
                 model,  # type: ignore[arg-type]  # a LoadedModel was refused at construction
                 device=device,
                 dtype=dtype,
-                model_kwargs=self._model_kwargs,  # type: ignore[call-arg]  # checked in __init__
+                model_kwargs=self._model_kwargs,
             )
         return SamKVEngine.from_pretrained(model, store, device=device, dtype=dtype)
 
@@ -202,8 +201,4 @@ def _checked_model_kwargs(model: object, model_kwargs: Mapping[str, Any] | None)
             raise ValueError(
                 f"model_kwargs: {key!r} is set by the loader; use {_RESERVED_MODEL_KWARGS[key]}"
             )
-    if "model_kwargs" not in inspect.signature(load_model).parameters:
-        raise ValueError(
-            "model_kwargs: this samkv_integrations.models.load_model takes no model_kwargs"
-        )
     return kwargs

@@ -305,3 +305,19 @@ def test_touching_mtime_rehashes_to_the_same_fingerprint(
     second = load_model(path)
     assert calls == [weights.resolve()]
     assert second.fingerprint == first.fingerprint
+
+
+def test_random_weights_refuse_model_kwargs() -> None:
+    with pytest.raises(ValueError, match="model_kwargs"):
+        load_model("random:tiny-llama", device="cpu", model_kwargs={"revision": "v1"})
+
+
+def test_model_kwargs_reach_from_pretrained(tmp_path: Path) -> None:
+    loaded = load_model("random:tiny-llama", device="cpu")
+    loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    # Loading succeeds without it: the error shows the keyword reached from_pretrained.
+    with pytest.raises(ValueError):
+        load_model(str(tmp_path), device="cpu", model_kwargs={"subfolder": "missing"})
+    again = load_model(str(tmp_path), device="cpu", model_kwargs={"low_cpu_mem_usage": True})
+    assert again.fingerprint == load_model(str(tmp_path), device="cpu").fingerprint

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from samkv_integrations.models.shapes import random_model
 __all__ = ["RANDOM_PREFIX", "load_model"]
 
 logger = logging.getLogger(__name__)
+
+#: ``model_kwargs`` that also locate the tokenizer's files.
+_TOKENIZER_KWARGS = frozenset({"revision", "trust_remote_code", "token", "cache_dir", "subfolder"})
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -80,6 +84,7 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, with SDPA attention.
 
@@ -90,6 +95,9 @@ def load_model(
         device: Defaults to ``cuda`` when available, else ``cpu``.
         dtype: ``bfloat16``, ``float16`` or ``float32`` (dtype or name); defaults to
             bfloat16 on CUDA, float32 on CPU.
+        model_kwargs: Extra ``from_pretrained`` arguments (``revision``, ``trust_remote_code``,
+            ``quantization_config``, ...); the tokenizer gets the ones that locate files.
+            Whatever they change in the computation shows in the config the fingerprint hashes.
 
     Returns:
         The model, its tokenizer and its fingerprint.
@@ -103,7 +111,10 @@ def load_model(
     if name_or_path is None:
         name_or_path = registry.DEFAULT_MODEL
     name = os.fspath(name_or_path)
+    extra = dict(model_kwargs or {})
     if isinstance(name_or_path, str) and name.startswith(RANDOM_PREFIX):
+        if extra:
+            raise ValueError(f"model_kwargs: random weights of {name!r} take none")
         return random_model(name.removeprefix(RANDOM_PREFIX), device=dev, dtype=dt)
     kwargs: dict[str, Any] = {"local_files_only": True}
     source: str | Path
@@ -133,9 +144,10 @@ def load_model(
     start = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dt, attn_implementation="sdpa", device_map=dev, **kwargs
+            source, dtype=dt, attn_implementation="sdpa", device_map=dev, **kwargs, **extra
         )
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        located = {k: v for k, v in extra.items() if k in _TOKENIZER_KWARGS}
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs, **located)
     except OSError as e:
         raise ValueError(f"name_or_path: could not load {name!r}: {e}") from e
     model.eval()

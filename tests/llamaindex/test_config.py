@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from llama_index.vector_stores.chroma import ChromaVectorStore
 import samkv_integrations.lazy_engine as lazy_engine
 from llama_index.llms.samkv import SamKVLLM, SamKVQueryEngine
 from samkv_integrations import CacheMismatchError, KVCacheStore, SamKVEngine
-from samkv_integrations.models import LoadedModel, load_model
+from samkv_integrations.models import LoadedModel
 
 from .conftest import DOCS, KeywordEmbedding, ingest
 
@@ -107,12 +106,8 @@ def test_model_kwargs_reach_the_loader(
     assert calls == [{"name": "org/model", "device": None, "dtype": "float32", "revision": "v1"}]
 
 
-def test_model_kwargs_need_a_loader_that_takes_them() -> None:
-    if "model_kwargs" in inspect.signature(load_model).parameters:
-        assert SamKVLLM(model_kwargs={"revision": "v1"}).model_kwargs == {"revision": "v1"}
-    else:
-        with pytest.raises(ValueError, match=r"model_kwargs: .*load_model takes no model_kwargs"):
-            SamKVLLM(model_kwargs={"revision": "v1"})
+def test_model_kwargs_are_kept_for_the_loader() -> None:
+    assert SamKVLLM(model_kwargs={"revision": "v1"}).model_kwargs == {"revision": "v1"}
 
 
 def test_caches_of_another_dtype_name_the_dtype_that_serves_them(
