@@ -13,6 +13,12 @@ import torch
 from transformers import DynamicCache
 
 from samkv_integrations.answer import Answer, AnswerStream
+from samkv_integrations.argument_checks import (
+    check_method_options,
+    check_refs,
+    check_texts,
+    check_token_ids,
+)
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import PrefixKV, encode_prefix
 from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer, chat_ids
@@ -28,6 +34,7 @@ from samkv_integrations.models import LoadedModel, load_model, samkv_home
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import CacheRef, DocumentKV, MethodStats
 from samkv_integrations.resolve import KnownIds, OnForeignCache, RefLoader
+from samkv_integrations.static_decode import DecodeGraphs, decode_graphs_for, graphs_if_plain
 from samkv_integrations.store import KVCacheStore, cache_key
 from samkv_integrations.timing import Stopwatch
 
@@ -56,8 +63,12 @@ class SamKVEngine:
         *,
         system_prompt: str = SYSTEM_PROMPT,
         batch_tokens: int = 8192,
+        decode_graphs: DecodeGraphs = "auto",
     ) -> None:
         self.model = model
+        # Whether the plain decoder replays CUDA graphs on a static cache (``static_decode``):
+        # "auto" is on for a CUDA model the static path supports; True off CUDA is an error.
+        self.decode_graphs = decode_graphs_for(model.model, decode_graphs)
         self.store = store
         self.framer = PromptFramer.for_tokenizer(model.tokenizer, system_prompt)
         self.batch_tokens = batch_tokens
@@ -157,8 +168,7 @@ class SamKVEngine:
 
         Texts whose stored cache verifies are not recomputed; a broken one is replaced.
         """
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not one string")
+        check_texts(texts)
         ids = [self.document_ids(text, index=i) for i, text in enumerate(texts)]
         return self._index_ids(ids, list(texts), progress)
 
@@ -171,7 +181,11 @@ class SamKVEngine:
         remembers the ids of the last ``KNOWN_IDS`` such documents, so that a method that
         reads no stored KV (``full``) prefills them without loading their caches.
         """
-        ids = [list(doc) for doc in documents]
+        check_texts(documents)
+        vocab = self._vocab_size
+        ids = [
+            check_token_ids(doc, vocab, what=f"documents[{i}]") for i, doc in enumerate(documents)
+        ]
         refs = self._index_ids(ids, [None] * len(ids), progress)
         self._known_ids.remember({ref.key: doc for ref, doc in zip(refs, ids, strict=True)})
         return refs
@@ -224,11 +238,12 @@ class SamKVEngine:
 
         ``observe``, if given, is called once with the ``DecodeState`` decoding starts from:
         the method's cache with the question prefilled (``[1, n_kv_heads, cache_len,
-        head_dim]`` per layer), its positions and kept indices. Decoding then extends that
-        cache in place, so with ``max_new_tokens=1`` it is the decode cache once the answer
-        is done.
+        head_dim]`` per layer), its positions and kept indices. With ``max_new_tokens=1`` it
+        is the decode cache once the answer is done; longer answers may decode on a copy
+        (the static cache of CUDA-graph decoding), so read it inside ``observe``.
         """
-        chosen = get_method(method, **(method_options or {}))
+        chosen = get_method(method, **check_method_options(method_options))
+        refs = check_refs(refs)
         options = GenerationOptions(**generation)
         question_ids = self.framer.question_ids(question)
         if on_foreign_cache not in ("error", "recompute"):
@@ -236,9 +251,7 @@ class SamKVEngine:
                 f"on_foreign_cache must be 'error' or 'recompute', got {on_foreign_cache!r}"
             )
         answer = Answer(text="", stats=MethodStats(chosen.name, 0, []))
-        run = self._run(
-            question_ids, list(refs), chosen, options, on_foreign_cache, answer, observe
-        )
+        run = self._run(question_ids, refs, chosen, options, on_foreign_cache, answer, observe)
         return AnswerStream(run, answer)
 
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -252,11 +265,12 @@ class SamKVEngine:
         ``GenerationOptions`` fields.
         """
         options = GenerationOptions(**generation)
+        prompt_ids = check_token_ids(prompt_ids, self._vocab_size, what="prompt_ids")
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
         self._check_fits(len(prompt_ids), options.max_new_tokens)
         answer = Answer(text="", stats=MethodStats("prompt", 0, []))
-        return AnswerStream(self._run_prompt(list(prompt_ids), options, answer), answer)
+        return AnswerStream(self._run_prompt(prompt_ids, options, answer), answer)
 
     def _run_prompt(
         self, prompt_ids: list[int], options: GenerationOptions, answer: Answer
@@ -277,7 +291,7 @@ class SamKVEngine:
             len(prompt_ids),
             options,
             answer.token_ids,
-            Decoder(),
+            graphs_if_plain(Decoder(), self.decode_graphs, options.max_new_tokens),
         )
         yield from self._locked_steps(deltas)
 
@@ -338,7 +352,7 @@ class SamKVEngine:
             state.next_position,
             options,
             answer.token_ids,
-            method.decoder(state),
+            graphs_if_plain(method.decoder(state), self.decode_graphs, options.max_new_tokens),
         )
         yield from self._locked_steps(deltas)
 
@@ -353,6 +367,11 @@ class SamKVEngine:
             logits_to_keep=1,
         )
         return out.logits[0, -1]
+
+    @property
+    def _vocab_size(self) -> int:
+        """The token ids the model accepts: rows of its input embedding."""
+        return int(self.model.model.config.get_text_config(decoder=True).vocab_size)
 
     def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if prompt_tokens + max_new_tokens > self.model.max_context:

@@ -10,7 +10,12 @@ import torch
 
 from samkv_integrations.bench.cli import main as bench_main
 from samkv_integrations.bench.report import ratios
-from samkv_integrations.bench.throughput import cache_nbytes, decode_rate
+from samkv_integrations.bench.throughput import (
+    batch1_paths,
+    cache_nbytes,
+    decode_path_list,
+    decode_rate,
+)
 from samkv_integrations.bench.workloads import Workload, random_documents, vocabulary_ids
 from samkv_integrations.methods import METHODS
 from samkv_integrations.models import LoadedModel
@@ -51,6 +56,14 @@ def test_report_structure(report: dict[str, Any]) -> None:
         assert result["decode_tokens_per_s_batch1"] > 0
         assert 1 <= result["decode_max_batch"] <= 2
         assert result["peak_memory_bytes"] is None  # measured on CUDA only
+        # Off CUDA, auto times the plain decoder and the static cache run eagerly.
+        assert list(result["decode_paths_batch1"]) == ["eager", "static"]
+        for path in result["decode_paths_batch1"].values():
+            assert path["tokens_per_s"] > 0 and path["first_step_s"] > 0
+            assert path["of_memory_bound"] is None  # no bandwidth measured off CUDA
+        assert result["decode_memory_bound_tokens_per_s"] is None
+    assert report["settings"]["decode_path_list"] == ["eager", "static"]
+    assert report["environment"]["copy_bytes_per_s"] is None
 
 
 def test_ratios_are_against_full_of_the_same_run(report: dict[str, Any]) -> None:
@@ -145,3 +158,38 @@ def test_batched_decode_leaves_the_request_cache_alone(tiny_llama: LoadedModel) 
     assert before == 2 * 4 * 2 * 10 * 16 * 4  # k+v, layers, kv heads, tokens, head_dim, fp32
     assert decode_rate(model, cache, position=10, batch=3, steps=2) > 0
     assert cache_nbytes(cache) == before
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [("eager,turbo", "argument --decode-paths: expected auto or"), ("", "expected auto or")],
+)
+def test_bad_decode_paths_fail_at_parse_time(
+    paths: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        bench_main(["--shape", "tiny-llama", "--decode-paths", paths])
+    assert message in capsys.readouterr().err
+
+
+def test_graph_path_off_cuda_is_a_named_error() -> None:
+    with pytest.raises(ValueError, match="graphs need a CUDA device"):
+        decode_path_list("eager,graphs", torch.device("cpu"))
+    assert decode_path_list("auto", torch.device("cuda")) == ["eager", "graphs"]
+
+
+def test_decode_paths_are_timed_on_a_copy(tiny_llama: LoadedModel) -> None:
+    from transformers import DynamicCache
+
+    model = tiny_llama.model
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.arange(1, 11)[None], **with_cache(model, cache), use_cache=True)
+    keys = cache.layers[0].keys.clone()
+    measured = batch1_paths(model, cache, 10, ["eager", "static"], steps=3, bandwidth=1e9)
+    assert cache.get_seq_length() == 10 and torch.equal(cache.layers[0].keys, keys)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bound = measured["decode_memory_bound_tokens_per_s"]
+    assert bound == pytest.approx(1e9 / (weights + cache_nbytes(cache)))
+    for rates in measured["decode_paths_batch1"].values():
+        assert rates["of_memory_bound"] == pytest.approx(rates["tokens_per_s"] / bound)

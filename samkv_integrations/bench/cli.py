@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from samkv_integrations.bench.arguments import add_arguments
 from samkv_integrations.bench.report import (
     environment,
     median_runs,
@@ -30,7 +31,10 @@ from samkv_integrations.bench.report import (
 )
 from samkv_integrations.bench.throughput import (
     attention_backends,
+    batch1_paths,
     cache_nbytes,
+    copy_bandwidth,
+    decode_path_list,
     decode_rate,
     largest_batch_rate,
     profile_to,
@@ -38,22 +42,16 @@ from samkv_integrations.bench.throughput import (
     sync,
 )
 from samkv_integrations.bench.workloads import Workload, random_documents, vocabulary_ids
-from samkv_integrations.cli import (
-    add_engine_arguments,
-    int_at_least,
-    method_specs,
-    not_empty,
-    number_at_least,
-)
 from samkv_integrations.engine import SamKVEngine
-from samkv_integrations.methods import METHODS, BaseMethod, DecodeState, get_method
+from samkv_integrations.methods import BaseMethod, DecodeState, get_method
 from samkv_integrations.methods.specs import parse_methods
 from samkv_integrations.models import LoadedModel, load_model
 from samkv_integrations.store import KVCacheStore
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WORKLOADS = "8x512,8x1024,8x2048,16x2048"
+#: Namespace entries that are not settings: the dispatcher's, and the measured bandwidth.
+_NOT_SETTINGS = ("handler", "delegate", "copy_bandwidth")
 QUESTION = "Which two documents mention the same city, and what year do both of them give?"
 
 
@@ -153,6 +151,10 @@ def _bench_method(
         )
         result["decode_max_batch"] = batch
         result["decode_tokens_per_s_max_batch"] = rate
+        paths, bandwidth = args.decode_path_list, args.copy_bandwidth
+        result.update(
+            batch1_paths(model, state.cache, position, paths, args.decode_steps, bandwidth)
+        )
         if args.profile:
             where = Path(args.profile) / f"profile-{len(refs)}docs-{state.context_end}-{method}.txt"
             profile_to(
@@ -174,106 +176,6 @@ def _model(args: argparse.Namespace) -> LoadedModel:
         device = _resolve_device(args.device)  # a device torch lacks is named, as load_model does
         return random_model(args.shape, device=device, dtype=dtype, seed=args.seed)
     return load_model(args.model, device=args.device, dtype=args.dtype)
-
-
-def _workloads(text: str) -> str:
-    """Argparse ``type=`` for ``--workloads``: the text, once every ``DxT`` in it parses."""
-    try:
-        if not [Workload.parse(w) for w in text.split(",") if w.strip()]:
-            raise ValueError("no workload given, e.g. 8x2048")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("workloads: ")) from None
-    return text
-
-
-def _sdpa_backends(text: str) -> str:
-    """Argparse ``type=`` for ``--sdpa-backends``: the text, once every name in it is known."""
-    try:
-        attention_backends(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("sdpa backends: ")) from None
-    return text
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the bench's options to ``parser``."""
-    which = parser.add_mutually_exclusive_group()
-    add_engine_arguments(
-        parser,
-        store_help="KV cache store directory (default: a temporary one, removed after)",
-        model_group=which,
-    )
-    which.add_argument(
-        "--shape",
-        default=None,
-        help="random-weight model of a named shape (llama-3.1-8b, qwen2.5-7b, tiny-llama, ...)",
-    )
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=("bfloat16", "float16", "float32"),
-        help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)",
-    )
-    parser.add_argument(
-        "--workloads",
-        type=_workloads,
-        default=DEFAULT_WORKLOADS,
-        help=f"comma-separated DxT (default {DEFAULT_WORKLOADS})",
-    )
-    parser.add_argument(
-        "--methods",
-        type=method_specs,
-        default=",".join(METHODS),
-        metavar="SPECS",
-        help="comma-separated method specs name[+option=value...], e.g. full,samkv+budget=0.15 "
-        "(default: all registered); results are keyed by spec",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int_at_least(1),
-        default=3,
-        help="measured repetitions per method (median reported)",
-    )
-    parser.add_argument(
-        "--warmup", type=int_at_least(0), default=1, help="unmeasured repetitions before them"
-    )
-    parser.add_argument(
-        "--decode-steps",
-        type=int_at_least(0),
-        default=16,
-        help="decode steps timed per batch size (0: skip decoding)",
-    )
-    parser.add_argument(
-        "--max-batch", type=int_at_least(1), default=256, help="largest decode batch tried"
-    )
-    parser.add_argument(
-        "--memory-gib",
-        type=number_at_least(0),
-        default=0.0,
-        help="in-memory LRU tier of the store, GiB of host RAM",
-    )
-    parser.add_argument(
-        "--pin-memory", action="store_true", help="the store returns pinned host tensors"
-    )
-    parser.add_argument(
-        "--profile",
-        type=not_empty,
-        default=None,
-        help="directory for torch.profiler tables (one extra run per method)",
-    )
-    parser.add_argument(
-        "--sdpa-backends",
-        type=_sdpa_backends,
-        default=None,
-        help="comma-separated SDPA backends to allow: flash, efficient, math, cudnn (default: torch's choice)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--output",
-        type=not_empty,
-        default=None,
-        help="JSON path (default: benchmarks/results/bench-<model>-<time>.json)",
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,11 +200,13 @@ def run(args: argparse.Namespace) -> int:
     )
     engine = SamKVEngine(loaded, store)
     device = loaded.device
+    args.decode_path_list = decode_path_list(args.decode_paths, device)
+    args.copy_bandwidth = copy_bandwidth(device) if args.decode_steps > 0 else None
     config = loaded.model.config
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "environment": environment(device),
+        "environment": {**environment(device), "copy_bytes_per_s": args.copy_bandwidth},
         "model": {
             "name": loaded.name,
             "dtype": str(loaded.dtype).removeprefix("torch."),
@@ -310,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             "weights_bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
             "max_context": loaded.max_context,
         },
-        "settings": {k: v for k, v in vars(args).items() if k not in ("handler", "delegate")},
+        "settings": {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS},
         "workloads": [],
     }
     try:

@@ -89,6 +89,24 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{r.get('decode_tokens_per_s_batch1', 0):>10.1f}{r.get('decode_max_batch', 0):>5}"
                 f"{r.get('decode_tokens_per_s_max_batch', 0):>10.1f}{x('decode_max_batch'):>7}"
             )
+        _print_decode_paths(work["methods"])
+
+
+def _print_decode_paths(methods: dict[str, Any]) -> None:
+    """Batch-1 tokens/s per decode path, with the share of the memory bound where known."""
+    for method, r in methods.items():
+        paths = r.get("decode_paths_batch1")
+        if not paths:
+            continue
+        bound = r.get("decode_memory_bound_tokens_per_s")
+        cells = [
+            f"{path} {m['tokens_per_s']:.1f} tok/s"
+            + (f" ({m['of_memory_bound']:.0%} of bound)" if m["of_memory_bound"] else "")
+            + f", first step {m['first_step_s'] * 1000:.0f} ms"
+            for path, m in paths.items()
+        ]
+        limit = f"; bound {bound:.1f} tok/s" if bound else ""
+        print(f"  {method} batch 1: " + "; ".join(cells) + limit)
 
 
 def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,19 +1,33 @@
-"""Decode throughput on a request's decode cache, alone and batched, and profiler tables."""
+"""Decode throughput on a request's decode cache, alone and batched, and profiler tables.
+
+Batch 1 is timed two ways: ``decode_rate`` keeps the picked token on the device (the
+launch cost alone), while ``decoder_rate`` runs the engine's own ``Decoder`` step and picks
+each token on the host, as answering does, so that the eager, static and CUDA-graph paths
+are compared at what a user gets.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import gc
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from samkv_integrations.decode import Decoder
 from samkv_integrations.encode import layer_tensors
 from samkv_integrations.models.compat import with_cache
+from samkv_integrations.static_decode import StaticDecoder
+
+#: Batch-1 decode paths the bench can time: the plain ``Decoder`` on a ``DynamicCache``,
+#: the static cache run eagerly, and the static cache replayed as a CUDA graph.
+DECODE_PATHS = ("eager", "static", "graphs")
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +69,60 @@ def decode_rate(
         ids = out.logits[:, -1:].argmax(-1)
     sync(device)
     return batch * steps / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def decoder_rate(
+    model: PreTrainedModel, cache: DynamicCache, position: int, path: str, steps: int
+) -> dict[str, float]:
+    """Greedy batch-1 decoding through the engine's decoder of ``path``, on a copy of ``cache``.
+
+    Returns ``tokens_per_s`` over ``steps`` steps after two untimed ones, and ``first_step_s``:
+    the first step alone, which for the static paths copies the cache (and captures the graph).
+    """
+    if path not in DECODE_PATHS:
+        raise ValueError(f"decode paths: unknown path {path!r}; known: {', '.join(DECODE_PATHS)}")
+    device = next(model.parameters()).device
+    copy = DynamicCache(
+        ddp_cache_data=[(k.clone(), v.clone()) for k, v in layer_tensors(cache)],
+        config=model.config,
+    )
+    warmup = 2
+    decoder = (
+        Decoder() if path == "eager" else StaticDecoder(warmup + steps, graphs=path == "graphs")
+    )
+    token, first_step_s = 0, 0.0
+    sync(device)
+    start = time.perf_counter()
+    for step in range(warmup + steps):
+        if step == 1:
+            first_step_s = time.perf_counter() - start
+        if step == warmup:
+            sync(device)
+            start = time.perf_counter()
+        token = int(decoder.step(model, copy, token, position + step).argmax())  # syncs
+    rate = steps / (time.perf_counter() - start)
+    return {"tokens_per_s": rate, "first_step_s": first_step_s}
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Device memory bandwidth in bytes/s, as ``benchmarks/probe.py`` measures it (CUDA only).
+
+    A 1 GiB device-to-device copy reads and writes 2 GiB; the median of five copies.
+    """
+    if device.type != "cuda":
+        return None
+    source = torch.empty(2**30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(6):
+        sync(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    del source, target
+    return 2 * 2**30 / statistics.median(times[1:])
 
 
 def largest_batch_rate(
@@ -131,3 +199,40 @@ def attention_backends(names: str | None) -> contextlib.AbstractContextManager[N
         return sdpa_kernel([known[n.strip()] for n in names.split(",")])
     except KeyError as e:
         raise ValueError(f"sdpa backends: unknown backend {e}; known: {', '.join(known)}") from e
+
+
+def batch1_paths(
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    position: int,
+    paths: list[str],
+    steps: int,
+    bandwidth: float | None,
+) -> dict[str, Any]:
+    """Batch-1 rates of each decode path, and the memory bound they are read against.
+
+    Each step reads every weight and the whole decode cache once, so the bound is the copy
+    bandwidth over their bytes (``None`` where the bandwidth is not measured, off CUDA).
+    """
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bound = bandwidth / (weights + cache_nbytes(cache)) if bandwidth else None
+    measured: dict[str, dict[str, float | None]] = {}
+    for path in paths:
+        rates = decoder_rate(model, cache, position, path, steps)
+        share = rates["tokens_per_s"] / bound if bound else None
+        measured[path] = {**rates, "of_memory_bound": share}
+    return {"decode_paths_batch1": measured, "decode_memory_bound_tokens_per_s": bound}
+
+
+def decode_path_list(text: str, device: torch.device) -> list[str]:
+    """``--decode-paths``: the named paths; ``auto`` is eager and graphs on CUDA, else static.
+
+    Raises:
+        ValueError: ``graphs`` named for a model off CUDA.
+    """
+    if text == "auto":
+        return ["eager", "graphs" if device.type == "cuda" else "static"]
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    if "graphs" in paths and device.type != "cuda":
+        raise ValueError(f"decode paths: graphs need a CUDA device; the model is on {device.type}")
+    return paths

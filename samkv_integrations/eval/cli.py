@@ -44,6 +44,15 @@ generation:
   prompt does not fit the model's context is skipped by every method, with a warning, and
   listed under "skipped_too_long" in metrics.json.
 
+workers:
+  --workers N starts N processes, each loading the model onto --device once and answering
+  whole questions (every method) as they take them from a shared queue; the parent writes
+  the run directory and prints the table. Decoding short answers is launch-bound, so
+  several workers keep one GPU busy; results do not depend on N (TTFTs include their
+  contention: measure speed with samkv bench). On NVIDIA GPUs the MPS daemon
+  (nvidia-cuda-mps-control -d, started by you) lets the workers' kernels run
+  concurrently. An error in any worker stops them all and is reported once.
+
 run directory:
   Without --out: <runs-root>/<data stem>-<model>-n<limit|all>-<c<chunk>|para>-<run id>,
   where the run id hashes the settings that change results (data sha256, methods, model,
@@ -130,6 +139,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=1,
+        help="processes sharing the device, each with its own copy of the model (see "
+        "below; default: %(default)s, in this process)",
+    )
+    parser.add_argument(
         "--sweep",
         type=_sweep,
         default=None,
@@ -195,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.no_progress,
         sweep=args.sweep,
+        workers=args.workers,
     )
     plan = plan_run(config)
     if plan.completed is not None:

@@ -13,6 +13,11 @@ A run directory holds three files:
 With a sweep (``EvalConfig.sweep``), ``curves.json`` and ``curves.png`` follow
 (``eval.curves``).
 
+The questions are answered in this process, or by ``EvalConfig.workers`` processes
+(``eval.workers``) whose rows the parent appends as each question completes; once all are
+in, ``predictions.jsonl`` is rewritten in question order, so neither it nor the metrics
+depend on the worker count.
+
 A question whose prompt does not fit the model's context is skipped by every method and
 listed under ``skipped_too_long``; ``n`` counts the questions answered.
 
@@ -40,13 +45,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
+from samkv_integrations.eval.answering import STOP, AnswerJob, EngineInfo, InProcess, Rows
 from samkv_integrations.eval.curves import Sweep, draw_curves, require_matplotlib
-from samkv_integrations.eval.data import Question, file_sha256, pack_paragraphs, read_questions
-from samkv_integrations.eval.metrics import BOOTSTRAP, score_answer, summarize
+from samkv_integrations.eval.data import Question, file_sha256, read_questions
+from samkv_integrations.eval.metrics import BOOTSTRAP, summarize
 from samkv_integrations.eval.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -56,19 +62,13 @@ from samkv_integrations.eval.rundir import (
     resume_rows,
     write_atomic,
 )
+from samkv_integrations.eval.workers import WorkerPool
 from samkv_integrations.methods.specs import MethodSpec, default_methods, parse_methods
 from samkv_integrations.models.registry import DEFAULT_MODEL
-
-if TYPE_CHECKING:
-    from samkv_integrations.engine import Answer, SamKVEngine
 
 __all__ = ["EvalConfig", "RunPlan", "execute_run", "plan_run", "run_eval"]
 
 logger = logging.getLogger(__name__)
-
-#: Answers are cut at the first newline: HotpotQA answers are short spans, and a small
-#: model tends to continue with an explanation that would only dilute F1.
-STOP = ("\n",)
 
 
 @dataclass(slots=True)
@@ -92,6 +92,10 @@ class EvalConfig:
         progress: Show a progress bar over questions.
         sweep: ``option=v1,v2,...``: run every method but full once per value and draw
             accuracy-against-kept-fraction curves (``eval.curves``); ``None``: no sweep.
+        workers: Processes answering questions, each with its own copy of the model on
+            ``device`` (``eval.workers``); 1 answers them in this process. Results do not
+            depend on it, so it is not part of the run's identity; TTFTs measured with
+            several workers sharing a GPU include their contention.
     """
 
     data: Path
@@ -107,11 +111,14 @@ class EvalConfig:
     force: bool = False
     progress: bool = True
     sweep: str | None = None
+    workers: int = 1
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
         self.out = Path(self.out) if self.out is not None else None
         self.runs_root = Path(self.runs_root)
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         for name in ("limit", "chunk_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -220,7 +227,7 @@ def _package_version() -> str | None:
         return None
 
 
-def _config_record(plan: RunPlan, engine: SamKVEngine) -> dict[str, Any]:
+def _config_record(plan: RunPlan, info: EngineInfo) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -230,9 +237,9 @@ def _config_record(plan: RunPlan, engine: SamKVEngine) -> dict[str, Any]:
         "args": dataclasses.asdict(plan.config),
         "methods": [dataclasses.asdict(s) for s in plan.specs],
         "model": plan.config.model,
-        "fingerprint": engine.fingerprint,
-        "model_fingerprint": engine.model.fingerprint,
-        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "fingerprint": info.fingerprint,
+        "model_fingerprint": info.model_fingerprint,
+        "dtype": info.dtype,
         "device": plan.device,
         "data": str(plan.config.data),
         "data_sha256": plan.data_sha256,
@@ -250,48 +257,6 @@ def _config_record(plan: RunPlan, engine: SamKVEngine) -> dict[str, Any]:
         },
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-
-
-def _answer_question(
-    engine: SamKVEngine, question: Question, plan: RunPlan
-) -> list[dict[str, Any]] | None:
-    """Every method's scored answer, or ``None`` when the prompt does not fit the model."""
-    texts = [p.document_text for p in question.contexts]
-    limit = engine.model.max_context
-    try:
-        documents = pack_paragraphs(
-            texts, plan.config.chunk_tokens, lambda t: len(engine.document_ids(t))
-        )
-        framer = engine.framer
-        prompt = len(framer.prefix_ids()) + len(framer.question_ids(question.question))
-        prompt += sum(len(engine.document_ids(d)) for d in documents)
-        too_long = prompt + plan.config.max_new_tokens > limit
-        reason = f"{prompt} prompt tokens + max_new_tokens exceed the context of {limit}"
-    except ValueError as e:  # a single document longer than the context
-        too_long, reason = True, str(e)
-    if too_long:
-        # One long question should not sink a long run; every method skips it alike.
-        logger.warning("skipping question %r: %s", question.id, reason)
-        return None
-    refs = engine.index(documents, progress=False)
-    rows: list[dict[str, Any]] = []
-    reference: Answer | None = None
-    for spec in plan.specs:
-        try:
-            answer = engine.answer(
-                question.question,
-                refs,
-                method=spec.name,
-                method_options=spec.options,
-                max_new_tokens=plan.config.max_new_tokens,
-                stop=STOP,
-            )
-        except ValueError as e:
-            raise ValueError(f"question {question.id!r}, method {spec.label!r}: {e}") from e
-        # parse_methods puts full first, so the reference exists before any other method.
-        reference = reference or answer
-        rows.append(score_answer(question, spec.label, answer, reference, len(documents)))
-    return rows
 
 
 def execute_run(plan: RunPlan) -> dict[str, Any]:
@@ -313,40 +278,63 @@ def execute_run(plan: RunPlan) -> dict[str, Any]:
     if config.force:
         for name in (METRICS_FILE, PREDICTIONS_FILE):
             (run_dir / name).unlink(missing_ok=True)
-    from samkv_integrations.engine import SamKVEngine
-
-    engine = SamKVEngine.from_pretrained(config.model, config.store, device=plan.device)
-    previous = read_json(run_dir / CONFIG_FILE)
-    if (
-        previous is not None
-        and not config.force
-        and previous.get("fingerprint") != engine.fingerprint
-    ):
-        raise ValueError(
-            f"model: {run_dir} was run with fingerprint {str(previous.get('fingerprint'))[:12]}, "
-            f"the loaded {config.model} has {engine.fingerprint[:12]}; pass --force to start over"
-        )
-    write_atomic(
-        run_dir / CONFIG_FILE,
-        json.dumps(_config_record(plan, engine), indent=2, default=str) + "\n",
+    job = AnswerJob(
+        config.model,
+        config.store,
+        plan.device,
+        plan.specs,
+        plan.questions,
+        config.chunk_tokens,
+        config.max_new_tokens,
     )
-    labels = [s.label for s in plan.specs]
-    done = resume_rows(run_dir / PREDICTIONS_FILE, [q.id for q in plan.questions], labels)
-    records: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    with open(run_dir / PREDICTIONS_FILE, "a", encoding="utf-8") as fh:
-        for question in tqdm(plan.questions, desc="eval", unit="q", disable=not config.progress):
-            rows = done.get(question.id) or _answer_question(engine, question, plan)
-            if rows is None:
-                skipped.append(question.id)
-                continue
-            if question.id not in done:
-                fh.write("".join(json.dumps(row) + "\n" for row in rows))
+    workers = min(config.workers, len(plan.questions))
+    with WorkerPool(job, workers) if workers > 1 else InProcess(job) as answerer:
+        info = answerer.ready()
+        previous = read_json(run_dir / CONFIG_FILE)
+        if (
+            previous is not None
+            and not config.force
+            and previous.get("fingerprint") != info.fingerprint
+        ):
+            raise ValueError(
+                f"model: {run_dir} was run with fingerprint {str(previous.get('fingerprint'))[:12]}, "
+                f"the loaded {config.model} has {info.fingerprint[:12]}; pass --force to start over"
+            )
+        write_atomic(
+            run_dir / CONFIG_FILE,
+            json.dumps(_config_record(plan, info), indent=2, default=str) + "\n",
+        )
+        labels = [s.label for s in plan.specs]
+        done = resume_rows(run_dir / PREDICTIONS_FILE, [q.id for q in plan.questions], labels)
+        results: dict[int, Rows] = {
+            i: done[q.id] for i, q in enumerate(plan.questions) if q.id in done
+        }
+        todo = [i for i in range(len(plan.questions)) if i not in results]
+        with (
+            open(run_dir / PREDICTIONS_FILE, "a", encoding="utf-8") as fh,
+            tqdm(
+                total=len(plan.questions),
+                initial=len(results),
+                desc="eval",
+                unit="q",
+                disable=not config.progress,
+            ) as bar,
+        ):
+            for index, rows in answerer.answer(todo):
+                # Appended as each question completes, so that a killed run resumes.
+                fh.write("".join(json.dumps(row) + "\n" for row in rows or ()))
                 fh.flush()
-            records.extend(rows)
+                results[index] = rows
+                bar.update()
+    ordered = [results[i] for i in range(len(plan.questions))]
+    records = [row for rows in ordered if rows is not None for row in rows]
+    skipped = [q.id for q, rows in zip(plan.questions, ordered, strict=True) if rows is None]
+    # Workers complete questions in any order: put the file back in question order so
+    # that a run's files, like its metrics, do not depend on the worker count.
+    write_atomic(run_dir / PREDICTIONS_FILE, "".join(json.dumps(row) + "\n" for row in records))
     metrics = {
         "model": config.model,
-        "fingerprint": engine.fingerprint,
+        "fingerprint": info.fingerprint,
         "data": str(config.data),
         "data_sha256": plan.data_sha256,
         "n": len(plan.questions) - len(skipped),

@@ -6,10 +6,11 @@ from samkv_integrations.methods.base import BaseMethod, ContextCache, DecodeStat
 from samkv_integrations.methods.cacheblend import CacheBlendMethod
 from samkv_integrations.methods.epic import EpicMethod
 from samkv_integrations.methods.full import FullMethod
+from samkv_integrations.methods.retro import RetroMethod
 from samkv_integrations.methods.reuse import ReuseMethod
 from samkv_integrations.methods.sagekv import SageKVMethod
 from samkv_integrations.methods.samkv import SamKVMethod
-from samkv_integrations.methods.specs import MethodSpec, parse_spec
+from samkv_integrations.methods.specs import MethodSpec, parse_spec, split_decoding
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -22,6 +23,7 @@ __all__ = [
     "FullMethod",
     "MethodInput",
     "MethodSpec",
+    "RetroMethod",
     "ReuseMethod",
     "SageKVMethod",
     "SamKVMethod",
@@ -54,8 +56,8 @@ def get_method(method: str | BaseMethod, **options: Any) -> BaseMethod:
             f"method must be a spec string or a BaseMethod, got {type(method).__name__}"
         )
     spec = parse_spec(method)
-    merged = {**spec.options, **options}
     try:
-        return METHODS[spec.name](**merged)
+        merged, decoding = split_decoding({**spec.options, **spec.decoding, **options})
+        return MethodSpec(spec.label, spec.name, merged, decoding).build()
     except TypeError as e:
         raise ValueError(f"method {method!r}: {e}") from e

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -27,6 +27,9 @@ from samkv_integrations.encode import PrefixKV
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import shift_keys
 from samkv_integrations.timing import Stopwatch
+
+if TYPE_CHECKING:
+    from samkv_integrations.methods.pages import KVPool
 
 
 @dataclass(slots=True)
@@ -78,6 +81,8 @@ class ContextCache:
         recomputed_tokens: Document tokens whose KV was recomputed.
         seconds: Seconds per phase the method spent (``select``, ``recompute``, ...).
         details: Method-specific facts for display (e.g. SamKV's anchor indices).
+        pool: The dropped document tokens' KV, paged, for a decoder that fetches them back
+            (set by a decoding policy such as RetroAttention; None otherwise).
     """
 
     cache: DynamicCache
@@ -87,6 +92,7 @@ class ContextCache:
     recomputed_tokens: int
     seconds: dict[str, float] = field(default_factory=dict)
     details: dict[str, object] = field(default_factory=dict)
+    pool: KVPool | None = None
 
 
 @dataclass(slots=True)
@@ -106,6 +112,7 @@ class DecodeState:
         recomputed_tokens: Document tokens whose KV was recomputed.
         seconds: Seconds per phase so far (the method's, then ``question``).
         details: Method-specific facts for display (e.g. SamKV's anchor indices).
+        pool: The dropped document tokens' KV, paged (``ContextCache.pool``), or None.
     """
 
     model: PreTrainedModel
@@ -119,6 +126,7 @@ class DecodeState:
     recomputed_tokens: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     details: dict[str, object] = field(default_factory=dict)
+    pool: KVPool | None = None
 
     @classmethod
     def after_prefill(
@@ -143,6 +151,7 @@ class DecodeState:
             recomputed_tokens=context.recomputed_tokens,
             seconds={**context.seconds, **seconds},
             details=context.details,
+            pool=context.pool,
         )
 
     @property

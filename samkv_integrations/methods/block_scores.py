@@ -1,13 +1,16 @@
-"""Score blocks of cached documents against a question, as SamKV ranks them.
+"""Cut cached documents into anchors and blocks, and choose the blocks SamKV keeps.
 
-Queries and keys are compared before RoPE: ``mean_queries`` reads ``q_proj`` outputs and
+``select_blocks`` is SamKV's selection under either scoring. The paper's compares queries
+and keys before RoPE: ``question_queries`` reads ``q_proj`` outputs and
 ``segment_key_means`` un-rotates the cached keys per token before averaging them, since a
-mean of post-RoPE keys would mix in each block's rotation. The ranking helpers
-(``personalize``, ``adaptive_ratio``, ``fill_budget``) work on the resulting scores.
+mean of post-RoPE keys would mix in each block's rotation; ``personalize``,
+``adaptive_ratio`` and ``fill_budget`` rank by the resulting scores. The attention scoring
+lives in ``question_attention``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -15,10 +18,18 @@ from torch.nn.functional import cosine_similarity
 from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV, capture_queries
-from samkv_integrations.methods.recompute import assemble_cache
+from samkv_integrations.methods.base import MethodInput
+from samkv_integrations.methods.question_attention import (
+    keep_by_mass,
+    personal_queries,
+    question_block_mass,
+)
+from samkv_integrations.methods.recompute import assemble_cache, gather_aligned
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import shift_keys
+
+logger = logging.getLogger(__name__)
 
 #: Depths (fractions of the layer count) of the default selection layers.
 SELECTION_DEPTHS = (1 / 3, 1 / 2, 2 / 3, 5 / 6)
@@ -37,7 +48,32 @@ def selection_layer_indices(n_layers: int, wanted: tuple[int, ...] | None) -> li
     return sorted({i % n_layers for i in wanted})
 
 
-def mean_queries(
+def block_layout(
+    lengths: list[int], n_init: int, n_local: int, block_size: int, device: torch.device
+) -> tuple[list[list[int]], list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Anchors and blocks of documents laid end to end, as SamKV cuts them.
+
+    Returns:
+        Per document, its anchors' local indices (every token of a document shorter than
+        anchors plus one block) and its number of blocks; per token (``[n_context]`` each),
+        its document, its block (clamped to 0 before the first) and whether it is an anchor.
+    """
+    middle = [n - n_init - n_local for n in lengths]
+    n_blocks = [-(-m // block_size) if m >= block_size else 0 for m in middle]
+    anchors = [
+        [*range(n_init), *range(n - n_local, n)] if b else list(range(n))
+        for n, b in zip(lengths, n_blocks, strict=True)
+    ]
+    n = torch.tensor(lengths, dtype=torch.long, device=device)
+    doc = torch.arange(len(n), device=device).repeat_interleave(n, output_size=sum(lengths))
+    local = torch.arange(len(doc), device=device) - (n.cumsum(0) - n)[doc]
+    anchor = (torch.tensor(n_blocks, device=device)[doc] == 0) | (local < n_init)
+    anchor |= local >= n[doc] - n_local
+    block = (local - n_init).div(block_size, rounding_mode="floor").clamp(min=0)
+    return anchors, n_blocks, doc, block, anchor
+
+
+def question_queries(
     model: PreTrainedModel,
     prefix: PrefixKV,
     context: tuple[torch.Tensor, torch.Tensor],
@@ -45,14 +81,14 @@ def mean_queries(
     start: int,
     layers: list[int],
 ) -> torch.Tensor:
-    """Mean queries of ``token_ids`` run from position ``start`` over the prefix and ``context``.
+    """Per-token queries of ``token_ids`` run from position ``start`` over the prefix and ``context``.
 
     ``context`` holds keys (at global positions) and values ``[n_layers, n_kv_heads, n,
     head_dim]`` that follow the prefix; ``layers`` are the layers to read.
 
     Returns:
-        ``[len(layers), n_q_heads, head_dim]`` float32, the mean pre-RoPE query (``q_proj``
-        output, as stored per document) of the tokens at each of ``layers``.
+        ``[len(layers), len(token_ids), n_q_heads, head_dim]`` float32 pre-RoPE queries
+        (``q_proj`` outputs, as stored per document) at each of ``layers``.
     """
     positions = torch.arange(start, start + len(token_ids), device=model.device)
     with capture_queries(model) as captured:
@@ -63,8 +99,8 @@ def mean_queries(
             use_cache=True,
         )
     n_heads = model.config.get_text_config(decoder=True).num_attention_heads
-    means = [q[0].float().mean(0) for i, q in enumerate(captured) if q is not None and i in layers]
-    return torch.stack(means).unflatten(-1, (n_heads, -1))
+    queries = [q[0].float() for i, q in enumerate(captured) if q is not None and i in layers]
+    return torch.stack(queries).unflatten(-1, (n_heads, -1))
 
 
 def segment_key_means(
@@ -150,3 +186,76 @@ def fill_budget(
     order = margin.masked_fill(~valid, -math.inf).flatten().argsort(descending=True)
     fits = (block_tokens.flatten()[order].cumsum(0) <= room) & valid.flatten()[order]
     return torch.zeros_like(fits).scatter(0, order, fits).view_as(valid)
+
+
+def select_blocks(
+    inputs: MethodInput,
+    slot: torch.Tensor,
+    n_blocks: list[int],
+    anchors: list[list[int]],
+    budget: float,
+    selection_layers: tuple[int, ...] | None,
+    *,
+    scoring: str,
+    ranking: str,
+    personal_weight: float,
+    head_pool: str,
+    tau: float | None,
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """The blocks SamKV keeps, as ``SamKVMethod`` describes (its options, by name).
+
+    Args:
+        inputs: The method's input.
+        slot: ``[n_context]`` each token's slot: ``doc * (max_blocks + 1)``, plus 0 for an
+            anchor, ``1 + block`` for a block.
+        n_blocks: Blocks per document.
+        anchors: Per document, the local indices of its anchors.
+        budget: Kept fraction of the context tokens under global ranking, anchors counted.
+        selection_layers: ``SamKVMethod.selection_layers``.
+        scoring: ``"paper"`` or ``"attention"``.
+        ranking: ``"per_document"`` or ``"global"``.
+        personal_weight: Under attention scoring, the personalized query's weight.
+        head_pool: Under attention scoring, ``"mean"`` or ``"max"`` over layers and KV heads.
+        tau: Under attention scoring, the share of block mass to keep (``None``: all room).
+
+    Returns:
+        Kept blocks ``[D, max_blocks]``, and facts for ``details``: ``adaptive_ratio``
+        (per document ``P_i``) under the paper's scoring, else ``block_mass_kept``.
+    """
+    model, docs = inputs.model, inputs.documents
+    room = math.floor(budget * len(slot)) - sum(len(a) for a in anchors)
+    if room <= 0 and ranking == "global":
+        logger.info("samkv: anchors alone fill budget=%s; keeping anchors only", budget)
+    n_layers, n_kv_heads = docs[0].keys.shape[:2]
+    layers = selection_layer_indices(n_layers, selection_layers)
+    local = [torch.tensor(a, dtype=torch.long, device=model.device) for a in anchors]
+    anchor_kv = gather_aligned(model, docs, inputs.doc_starts, local)
+    start = inputs.context_end
+    queries = question_queries(model, inputs.prefix, anchor_kv, inputs.question_ids, start, layers)
+    own = torch.stack([d.query_means[layers].float() for d in docs])
+    width = max(n_blocks) + 1
+    sizes = torch.tensor(n_blocks, device=slot.device)
+    valid = torch.arange(width - 1, device=slot.device) < sizes[:, None]
+    block_tokens = torch.bincount(slot, minlength=len(docs) * width).view(len(docs), width)[:, 1:]
+    if scoring == "attention":
+        personal = personal_queries(queries.mean(1), own) if personal_weight else None
+        mass = question_block_mass(
+            model, inputs.prefix, docs, inputs.doc_starts, layers, queries, start,
+            personal, personal_weight, slot, len(docs) * width,
+        )  # fmt: skip
+        pooled = mass.mean(dim=(0, 1)) if head_pool == "mean" else mass.amax(dim=(0, 1))
+        block_mass = pooled.view(len(docs), width)[:, 1:]
+        kept = keep_by_mass(block_mass, valid, block_tokens, room, tau or 1.0)
+        share = block_mass[kept].sum() / block_mass[valid].sum().clamp(min=1e-30)
+        return kept, {"block_mass_kept": float(share)}
+    generic = personalize(queries.mean(1), own, n_kv_heads)
+    means, _ = segment_key_means(model, docs, layers, slot, len(docs) * width)
+    scores = torch.einsum("dshe,shdbe->dsb", generic, means.unflatten(2, (len(docs), width)))
+    anchor_score, block_scores = scores[..., 0], scores[..., 1:]
+    ratio = adaptive_ratio(block_scores, anchor_score, valid[:, None]).mean(1)
+    facts: dict[str, object] = {"adaptive_ratio": ratio.tolist()}
+    if ranking == "per_document":
+        top = block_scores.masked_fill(~valid[:, None], -math.inf)
+        rank = top.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+        return ((rank < (sizes * ratio).floor()[:, None, None]) & valid[:, None]).any(1), facts
+    return fill_budget(block_scores, anchor_score, valid, block_tokens, room), facts

@@ -1,7 +1,9 @@
 """Method specs as named on the command line: ``name[+option=value...]``, parsed and validated.
 
 Validation instantiates each method once with its options, so that an unknown method, an
-unknown option or a bad value is reported before any model loads.
+unknown option or a bad value is reported before any model loads. A decoding policy rides
+on any method: ``decode=`` and the ``retro_*`` options are peeled off and wrap the built
+method in ``RetroMethod`` (e.g. ``samkv+decode=retro+retro_pages=4``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,17 +42,43 @@ class MethodSpec:
         label: The full spec string, used as the method's name in every output.
         name: The registered method name.
         options: Hyperparameters passed to the method.
+        decoding: The decoding policy's options (``decode`` and ``retro_*``); empty for the
+            method's own decoding.
     """
 
     label: str
     name: str
     options: dict[str, Any]
+    decoding: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> BaseMethod:
-        """A new method instance with these options."""
+        """A new method instance with these options, wrapped in its decoding policy if any."""
         from samkv_integrations.methods import METHODS
+        from samkv_integrations.methods.retro import RetroMethod
 
-        return METHODS[self.name](**self.options)
+        method = METHODS[self.name](**self.options)
+        return RetroMethod(method, **self.decoding) if self.decoding else method
+
+
+def decoding_options() -> list[str]:
+    """The options that belong to the decoding policy rather than to the method."""
+    from samkv_integrations.methods.retro import RetroMethod
+
+    return [f.name for f in dataclasses.fields(RetroMethod) if f.init and f.name != "inner"]
+
+
+def split_decoding(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` split into the method's and the decoding policy's.
+
+    Raises:
+        ValueError: A ``retro_*`` option without ``decode``; the message names it.
+    """
+    names = decoding_options()
+    decoding = {k: v for k, v in options.items() if k in names}
+    stray = sorted(k for k in decoding if k != "decode")
+    if stray and "decode" not in decoding:
+        raise ValueError(f"option {stray[0]!r} needs a decoding policy: add +decode=retro")
+    return {k: v for k, v in options.items() if k not in names}, decoding
 
 
 def _parse_value(raw: str) -> Any:
@@ -84,7 +112,7 @@ def parse_spec(label: str) -> MethodSpec:
         )
     cls = METHODS[name]
     fields = {f.name: f.type for f in dataclasses.fields(cls) if f.init}
-    known = list(fields)
+    known = list(fields) + decoding_options()
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -100,14 +128,16 @@ def parse_spec(label: str) -> MethodSpec:
         except ValueError as e:
             raise ValueError(f"methods: option {key!r} of {label!r}: {e}") from None
         # A one-element list has no '/': read it as a tuple where the field is one.
-        if type(value) is int and str(fields[key]).startswith("tuple"):
+        if type(value) is int and str(fields.get(key)).startswith("tuple"):
             value = (value,)
         options[key] = value
     try:
-        cls(**options)
+        method_options, decoding = split_decoding(options)
+        spec = MethodSpec(label, name, method_options, decoding)
+        spec.build()
     except (TypeError, ValueError) as e:
         raise ValueError(f"methods: {label!r}: {e}") from e
-    return MethodSpec(label, name, options)
+    return spec
 
 
 def parse_methods(methods: str | Sequence[str], *, reference: bool = True) -> list[MethodSpec]:
@@ -132,13 +162,14 @@ def parse_methods(methods: str | Sequence[str], *, reference: bool = True) -> li
         raise ValueError(f"methods: repeated {', '.join(repeated)}")
     if not reference:
         return specs
-    first = [s for s in specs if s.name == REFERENCE]
+    # ``full+decode=retro`` decodes differently from the reference: it is not the reference.
+    first = [s for s in specs if s.name == REFERENCE and not s.decoding]
     if not first:
         logger.warning(
             "methods: adding %r, the reference that agree_full and KL compare with", REFERENCE
         )
         first = [MethodSpec(REFERENCE, REFERENCE, {})]
-    return first + [s for s in specs if s.name != REFERENCE]
+    return first + [s for s in specs if s not in first]
 
 
 def default_methods() -> tuple[str, ...]:

