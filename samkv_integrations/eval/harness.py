@@ -64,6 +64,7 @@ from samkv_integrations.eval.rundir import (
 )
 from samkv_integrations.eval.workers import WorkerPool
 from samkv_integrations.methods.specs import MethodSpec, default_methods, parse_methods
+from samkv_integrations.models.loading import local_model_path
 from samkv_integrations.models.registry import DEFAULT_MODEL
 
 __all__ = ["EvalConfig", "RunPlan", "execute_run", "plan_run", "run_eval"]
@@ -288,6 +289,8 @@ def execute_run(plan: RunPlan) -> dict[str, Any]:
         config.max_new_tokens,
     )
     workers = min(config.workers, len(plan.questions))
+    if workers > 1 and config.model is not None:
+        local_model_path(config.model)  # a missing path fails now, not in every worker
     with WorkerPool(job, workers) if workers > 1 else InProcess(job) as answerer:
         info = answerer.ready()
         previous = read_json(run_dir / CONFIG_FILE)

@@ -79,6 +79,27 @@ def _looks_local(name: str) -> bool:
 RANDOM_PREFIX = "random:"
 
 
+def local_model_path(name_or_path: str | os.PathLike[str]) -> Path | None:
+    """The path ``load_model`` would read for ``name_or_path``; ``None`` for other sources.
+
+    Cheap (no torch work), so that a caller about to start processes can check first.
+
+    Raises:
+        ValueError: It names a local path that does not exist.
+    """
+    name = os.fspath(name_or_path)
+    if isinstance(name_or_path, str) and (
+        name.startswith(RANDOM_PREFIX) or name in registry.MODELS
+    ):
+        return None
+    if not (isinstance(name_or_path, os.PathLike) or _looks_local(name) or Path(name).exists()):
+        return None
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ValueError(f"name_or_path: local path {name!r} does not exist")
+    return path
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     *,
@@ -119,13 +140,10 @@ def load_model(
     kwargs: dict[str, Any] = {"local_files_only": True}
     source: str | Path
     if not isinstance(name_or_path, os.PathLike) and name in registry.MODELS:
-        path = registry.ensure_model(name)
+        built = registry.ensure_model(name)
         # The pinned sha256: ensure_model rebuilt the directory if its files were modified.
-        source, identity = path, weights_identity_of_dir(path)
-    elif isinstance(name_or_path, os.PathLike) or _looks_local(name) or Path(name).exists():
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise ValueError(f"name_or_path: local path {name!r} does not exist")
+        source, identity = built, weights_identity_of_dir(built)
+    elif (path := local_model_path(name_or_path)) is not None:
         if path.is_file() and path.suffix == ".gguf":
             source, kwargs["gguf_file"] = path.parent, path.name
         elif (path / "config.json").is_file():

@@ -131,10 +131,10 @@ def test_workers_answer_as_one_process_does_and_resume(
 @pytest.mark.parametrize(
     ("overrides", "message", "via_cli"),
     [
-        # Fails while every worker loads the model.
+        # Fails while every worker loads the model: the folder exists but holds no model.
         (
-            {"model": "/nonexistent/model-dir"},
-            r"local path '/nonexistent/model-dir' does not exist",
+            {"model": "{tmp}/not-a-model"},
+            r"not-a-model' is neither a .gguf file nor has config.json",
             False,
         ),
         # Valid as a spec, fails when a worker builds it: tiny-llama has 4 layers.
@@ -154,6 +154,8 @@ def test_a_failing_worker_is_one_error(
     via_cli: bool,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    (tmp_path / "not-a-model").mkdir()
+    overrides = {k: v.format(tmp=tmp_path) for k, v in overrides.items()}
     run = config(tmp_path, questions, "run", workers=2, **overrides)
     if via_cli:
         # One line on stderr, with the status of a user's mistake.
@@ -170,6 +172,16 @@ def test_a_failing_worker_is_one_error(
         assert "in eval worker" in str(info.value.__cause__)  # the worker's own traceback
     assert multiprocessing.active_children() == []
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_missing_model_path_fails_before_any_worker_starts(
+    tmp_path: Path, questions: Path
+) -> None:
+    run = config(tmp_path, questions, "run", workers=2, model=str(tmp_path / "no-such-dir"))
+    with pytest.raises(ValueError, match="no-such-dir' does not exist") as info:
+        run_eval(run)
+    assert info.value.__cause__ is None  # raised here, not relayed from a worker
+    assert multiprocessing.active_children() == []
 
 
 def test_a_killed_worker_is_reported_not_waited_for(tmp_path: Path, questions: Path) -> None:

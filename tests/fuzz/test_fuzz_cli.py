@@ -195,6 +195,7 @@ EVAL_CASES = [
             ("--chunk-tokens", "zero", "0"), ("--chunk-tokens", "negative", "-5"),
             ("--max-new-tokens", "zero", "0"), ("--out", "empty", ""), ("--runs-root", "empty", ""),
             ("--store", "empty", ""), ("--model", "empty", ""),
+            ("--workers", "zero", "0"), ("--workers", "text", "many"),
         ]
     ],
     cli("eval-methods-empty", "no method given", data("good.jsonl", "--methods", "")),
