@@ -193,3 +193,42 @@ def test_decode_paths_are_timed_on_a_copy(tiny_llama: LoadedModel) -> None:
     assert bound == pytest.approx(1e9 / (weights + cache_nbytes(cache)))
     for rates in measured["decode_paths_batch1"].values():
         assert rates["of_memory_bound"] == pytest.approx(rates["tokens_per_s"] / bound)
+
+
+def test_the_method_path_times_the_methods_own_decoder(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from samkv_integrations.bench import cli as bench_cli
+    from samkv_integrations.methods.retro_attention import RetroDecoder
+
+    built: list[type] = []
+    original = bench_cli._method_decoder
+
+    def recording(*args: Any) -> Any:
+        decoder = original(*args)
+        built.append(type(decoder))
+        return decoder
+
+    monkeypatch.setattr(bench_cli, "_method_decoder", recording)
+    spec = DROPPING["samkv"] + "+decode=retro+retro_pages=1+retro_page_size=4"
+    out = tmp_path / "bench.json"
+    code = bench_main(
+        ["--shape", "tiny-llama", "--device", "cpu", "--workloads", "2x32", "--methods", spec,
+         "--repeats", "1", "--warmup", "0", "--decode-steps", "2", "--max-batch", "1",
+         "--decode-paths", "eager,method", "--output", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    (work,) = json.loads(out.read_text())["workloads"]
+    paths = work["methods"][spec]["decode_paths_batch1"]
+    assert list(paths) == ["eager", "method"] and paths["method"]["tokens_per_s"] > 0
+    assert built == [RetroDecoder]
+
+
+def test_the_method_path_needs_the_methods_decoder(tiny_llama: LoadedModel) -> None:
+    from transformers import DynamicCache
+
+    from samkv_integrations.bench.throughput import decoder_rate
+
+    cache = DynamicCache(config=tiny_llama.model.config)
+    with pytest.raises(ValueError, match="method path needs"):
+        decoder_rate(tiny_llama.model, cache, 0, "method", 1)

@@ -10,6 +10,7 @@ memory; they say nothing about accuracy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -17,10 +18,12 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from samkv_integrations.bench.arguments import add_arguments
 from samkv_integrations.bench.report import (
@@ -42,6 +45,7 @@ from samkv_integrations.bench.throughput import (
     sync,
 )
 from samkv_integrations.bench.workloads import Workload, random_documents, vocabulary_ids
+from samkv_integrations.decode import Decoder
 from samkv_integrations.engine import SamKVEngine
 from samkv_integrations.methods import BaseMethod, DecodeState, get_method
 from samkv_integrations.methods.specs import parse_methods
@@ -126,6 +130,11 @@ def bench_workload(
     }
 
 
+def _method_decoder(method: BaseMethod, state: DecodeState, cache: DynamicCache) -> Decoder:
+    """The method's own decoder for ``state`` decoding on ``cache`` (a copy of its cache)."""
+    return method.decoder(dataclasses.replace(state, cache=cache))
+
+
 def _bench_method(
     engine: SamKVEngine, refs: list[Any], method: str, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -152,8 +161,9 @@ def _bench_method(
         result["decode_max_batch"] = batch
         result["decode_tokens_per_s_max_batch"] = rate
         paths, bandwidth = args.decode_path_list, args.copy_bandwidth
+        own = partial(_method_decoder, instance, state)
         result.update(
-            batch1_paths(model, state.cache, position, paths, args.decode_steps, bandwidth)
+            batch1_paths(model, state.cache, position, paths, args.decode_steps, bandwidth, own)
         )
         if args.profile:
             where = Path(args.profile) / f"profile-{len(refs)}docs-{state.context_end}-{method}.txt"

@@ -26,8 +26,13 @@ from samkv_integrations.models.compat import with_cache
 from samkv_integrations.static_decode import StaticDecoder
 
 #: Batch-1 decode paths the bench can time: the plain ``Decoder`` on a ``DynamicCache``,
-#: the static cache run eagerly, and the static cache replayed as a CUDA graph.
-DECODE_PATHS = ("eager", "static", "graphs")
+#: the static cache run eagerly, the static cache replayed as a CUDA graph, and the
+#: method's own decoder (a decoding policy such as ``+decode=retro``; plain otherwise).
+DECODE_PATHS = ("eager", "static", "graphs", "method")
+
+#: Builds the method's own decoder for a decode cache (``BaseMethod.decoder`` on the state
+#: that holds it).
+MethodDecoder = Callable[[DynamicCache], Decoder]
 
 logger = logging.getLogger(__name__)
 
@@ -73,24 +78,35 @@ def decode_rate(
 
 @torch.inference_mode()
 def decoder_rate(
-    model: PreTrainedModel, cache: DynamicCache, position: int, path: str, steps: int
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    position: int,
+    path: str,
+    steps: int,
+    method_decoder: MethodDecoder | None = None,
 ) -> dict[str, float]:
     """Greedy batch-1 decoding through the engine's decoder of ``path``, on a copy of ``cache``.
 
     Returns ``tokens_per_s`` over ``steps`` steps after two untimed ones, and ``first_step_s``:
     the first step alone, which for the static paths copies the cache (and captures the graph).
+    The ``method`` path needs ``method_decoder``.
     """
     if path not in DECODE_PATHS:
         raise ValueError(f"decode paths: unknown path {path!r}; known: {', '.join(DECODE_PATHS)}")
+    if path == "method" and method_decoder is None:
+        raise ValueError("decode paths: the method path needs the method's decoder")
     device = next(model.parameters()).device
     copy = DynamicCache(
         ddp_cache_data=[(k.clone(), v.clone()) for k, v in layer_tensors(cache)],
         config=model.config,
     )
     warmup = 2
-    decoder = (
-        Decoder() if path == "eager" else StaticDecoder(warmup + steps, graphs=path == "graphs")
-    )
+    if path == "method" and method_decoder is not None:
+        decoder = method_decoder(copy)
+    elif path == "eager":
+        decoder = Decoder()
+    else:
+        decoder = StaticDecoder(warmup + steps, graphs=path == "graphs")
     token, first_step_s = 0, 0.0
     sync(device)
     start = time.perf_counter()
@@ -208,6 +224,7 @@ def batch1_paths(
     paths: list[str],
     steps: int,
     bandwidth: float | None,
+    method_decoder: MethodDecoder | None = None,
 ) -> dict[str, Any]:
     """Batch-1 rates of each decode path, and the memory bound they are read against.
 
@@ -218,7 +235,7 @@ def batch1_paths(
     bound = bandwidth / (weights + cache_nbytes(cache)) if bandwidth else None
     measured: dict[str, dict[str, float | None]] = {}
     for path in paths:
-        rates = decoder_rate(model, cache, position, path, steps)
+        rates = decoder_rate(model, cache, position, path, steps, method_decoder)
         share = rates["tokens_per_s"] / bound if bound else None
         measured[path] = {**rates, "of_memory_bound": share}
     return {"decode_paths_batch1": measured, "decode_memory_bound_tokens_per_s": bound}
