@@ -232,3 +232,15 @@ def test_the_method_path_needs_the_methods_decoder(tiny_llama: LoadedModel) -> N
     cache = DynamicCache(config=tiny_llama.model.config)
     with pytest.raises(ValueError, match="method path needs"):
         decoder_rate(tiny_llama.model, cache, 0, "method", 1)
+
+
+def test_the_default_methods_include_samkv_at_both_reported_budgets() -> None:
+    import argparse
+
+    from samkv_integrations.bench.arguments import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    labels = parser.parse_args([]).methods.split(",")
+    assert "samkv" in labels and "samkv+budget=0.3" in labels  # 0.15 is samkv's default
+    assert set(METHODS) <= set(labels)
