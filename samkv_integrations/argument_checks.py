@@ -13,12 +13,12 @@ from typing import Any
 from samkv_integrations.records import CacheRef
 
 
-def check_texts(texts: Any) -> None:
-    """``texts`` is a sequence of documents (each checked later), not one string or a scalar."""
-    if isinstance(texts, str):
-        raise TypeError("texts must be a sequence of strings, not one string")
-    if not isinstance(texts, Sequence):
-        raise TypeError(f"texts must be a sequence of strings, got {type(texts).__name__}")
+def check_sequence(value: Any, what: str, of: str) -> None:
+    """``value`` is a sequence (of ``of``, each checked later), not one string, bytes or a scalar."""
+    if isinstance(value, str):
+        raise TypeError(f"{what} must be a sequence of {of}, not one string")
+    if isinstance(value, bytes) or not isinstance(value, Sequence):
+        raise TypeError(f"{what} must be a sequence of {of}, got {type(value).__name__}")
 
 
 def check_token_ids(ids: Any, vocab_size: int, *, what: str) -> list[int]:
@@ -33,8 +33,7 @@ def check_token_ids(ids: Any, vocab_size: int, *, what: str) -> list[int]:
         TypeError: ``ids`` is not a sequence of ints.
         ValueError: A token id lies outside the vocabulary.
     """
-    if isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
-        raise TypeError(f"{what} must be a sequence of int token ids, got {type(ids).__name__}")
+    check_sequence(ids, what, "int token ids")
     for position, token in enumerate(ids):
         if isinstance(token, bool) or not isinstance(token, int):
             raise TypeError(f"{what}[{position}]: token id must be an int, got {token!r}")
@@ -47,8 +46,7 @@ def check_token_ids(ids: Any, vocab_size: int, *, what: str) -> list[int]:
 
 def check_refs(refs: Any) -> list[CacheRef]:
     """``refs`` as a list of ``CacheRef`` (what ``index`` and ``cache_ref`` return)."""
-    if isinstance(refs, str | bytes) or not isinstance(refs, Sequence):
-        raise TypeError(f"refs must be a sequence of CacheRef, got {type(refs).__name__}")
+    check_sequence(refs, "refs", "CacheRef")
     for position, ref in enumerate(refs):
         if not isinstance(ref, CacheRef):
             raise TypeError(

@@ -16,7 +16,7 @@ from samkv_integrations.answer import Answer, AnswerStream
 from samkv_integrations.argument_checks import (
     check_method_options,
     check_refs,
-    check_texts,
+    check_sequence,
     check_token_ids,
 )
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
@@ -168,7 +168,7 @@ class SamKVEngine:
 
         Texts whose stored cache verifies are not recomputed; a broken one is replaced.
         """
-        check_texts(texts)
+        check_sequence(texts, "texts", "strings")
         ids = [self.document_ids(text, index=i) for i, text in enumerate(texts)]
         return self._index_ids(ids, list(texts), progress)
 
@@ -181,7 +181,7 @@ class SamKVEngine:
         remembers the ids of the last ``KNOWN_IDS`` such documents, so that a method that
         reads no stored KV (``full``) prefills them without loading their caches.
         """
-        check_texts(documents)
+        check_sequence(documents, "documents", "token-id sequences")
         vocab = self._vocab_size
         ids = [
             check_token_ids(doc, vocab, what=f"documents[{i}]") for i, doc in enumerate(documents)

@@ -279,6 +279,8 @@ REF_CASES = [
         "messages[1]",
         lambda e, r: e.chat_ids([{"role": "user", "content": "a"}, {"role": "user", "content": 5}]),
     ),
+    api("ids-documents-none", "documents", lambda e, r: e.index_token_ids(None, progress=False)),
+    api("ids-documents-string", "documents", lambda e, r: e.index_token_ids("ab", progress=False)),
     api("ids-empty-document", "token ids", lambda e, r: e.index_token_ids([[]], progress=False)),
     api("ids-too-long", "token ids", lambda e, r: e.index_token_ids([[1] * 5000], progress=False)),
     api(
