@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from samkv_integrations.errors import CacheError
+from samkv_integrations.framing import checked_text
 from samkv_integrations.methods import DEFAULT_METHOD
 
 if TYPE_CHECKING:
@@ -81,23 +82,6 @@ def _read_documents(paths: Sequence[str]) -> list[str]:
             raise ValueError(f"{name}: the file is empty")
         texts.append(text)
     return texts
-
-
-def checked_text(text: str, field: str) -> str:
-    """``text`` if it is non-blank and encodable as UTF-8; else a ``ValueError`` naming ``field``.
-
-    A lone surrogate (U+DC80 is what Python makes of an undecodable byte in ``argv``) is
-    not text any tokenizer can take.
-    """
-    if not text.strip():
-        raise ValueError(f"{field} is empty")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(
-            f"{field} is not valid text: {e.reason} ({text[e.start]!a} at character {e.start})"
-        ) from None
-    return text
 
 
 def _typed(check: Callable[[str], T]) -> Callable[[str], T]:

@@ -76,15 +76,20 @@ class PromptFramer:
 
     def document_ids(self, text: str) -> list[int]:
         """Token ids of one framed document; identical wherever the document is placed."""
-        return self._encode(f"Document: {_text(text, 'document text')}\n\n")
+        return self._encode(f"Document: {checked_text(text, 'document text').strip()}\n\n")
 
     def question_ids(self, question: str) -> list[int]:
         """Token ids of the question suffix, ending with the generation prompt."""
-        return self._encode(self.question_template.format(question=_text(question, "question")))
+        return self._encode(
+            self.question_template.format(question=checked_text(question, "question").strip())
+        )
 
 
-def _text(value: object, field: str) -> str:
-    """``value`` stripped, once it is a non-empty ``str`` a tokenizer can take.
+def checked_text(value: object, field: str) -> str:
+    """``value``, once it is a non-blank ``str`` a tokenizer can take.
+
+    A lone surrogate (U+DC80 is what Python makes of an undecodable byte in ``argv``) is
+    not text any tokenizer can take.
 
     Raises:
         TypeError: Not a ``str`` (an int, ``bytes``, ``None``...); the message names ``field``.
@@ -100,7 +105,7 @@ def _text(value: object, field: str) -> str:
         raise ValueError(
             f"{field} is not valid text: {e.reason} ({value[e.start]!a} at character {e.start})"
         ) from None
-    return value.strip()
+    return value
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:

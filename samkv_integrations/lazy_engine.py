@@ -152,6 +152,11 @@ class LazyEngine:
         self._lock = threading.Lock()
 
     @classmethod
+    def from_settings(cls, settings: object) -> LazyEngine:
+        """One built from an adapter's fields named in :data:`ENGINE_OPTIONS`."""
+        return cls(**{name: getattr(settings, name) for name in ENGINE_OPTIONS})
+
+    @classmethod
     def of(cls, engine: SamKVEngine) -> LazyEngine:
         """One that hands out an engine that is already built."""
         if not isinstance(engine, SamKVEngine):

@@ -26,7 +26,8 @@ def rotary_module(model: PreTrainedModel) -> nn.Module:
     return rotary
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's pairing of the last dimension: ``(x1, x2) -> (-x2, x1)``, for ``x·cos + rot·sin``."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -69,4 +70,4 @@ def shift_keys(
         delta = torch.full((keys.shape[-2],), delta, device=keys.device)
     cos, sin = rotation(model, delta.to(keys.device))
     k = keys.float()
-    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
+    return (k * cos + rotate_half(k) * sin).to(keys.dtype)

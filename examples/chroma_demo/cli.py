@@ -25,12 +25,12 @@ from samkv_chroma_demo.corpus import (
 
 from samkv_integrations.cli import (
     add_engine_arguments,
-    checked_text,
     int_at_least,
     method_spec,
     not_empty,
     port_number,
 )
+from samkv_integrations.framing import checked_text
 
 __all__ = ["DemoSession", "add_arguments", "add_setup_arguments", "open_demo", "run"]
 

@@ -224,16 +224,7 @@ class ChatSamKV(BaseChatModel):
     def model_post_init(self, context: Any, /) -> None:
         """Prepare the engine, to be built on first use."""
         super().model_post_init(context)
-        self._engine = LazyEngine(
-            self.model,
-            self.store,
-            self.device,
-            self.dtype,
-            model_kwargs=self.model_kwargs,
-            memory_bytes=self.memory_bytes,
-            storage_options=self.storage_options,
-            pin_memory=self.pin_memory,
-        )
+        self._engine = LazyEngine.from_settings(self)
 
     @model_validator(mode="before")
     @classmethod

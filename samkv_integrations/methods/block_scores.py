@@ -14,7 +14,6 @@ import logging
 import math
 
 import torch
-from torch.nn.functional import cosine_similarity
 from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV, capture_queries
@@ -139,9 +138,7 @@ def personalize(generic: torch.Tensor, own: torch.Tensor, n_kv_heads: int) -> to
 
     ``generic`` (Qq) ``[S, Hq, d]``, ``own`` (Qj) ``[D, S, Hq, d]``; -> ``[D, S, H_kv, d]``.
     """
-    weighted = cosine_similarity(own, generic[None], dim=-1).abs()[..., None] * own
-    personal = generic + (weighted.sum(0) - weighted) / max(len(own) - 1, 1)
-    return personal.unflatten(2, (n_kv_heads, -1)).mean(3)
+    return personal_queries(generic, own).unflatten(2, (n_kv_heads, -1)).mean(3)
 
 
 def adaptive_ratio(

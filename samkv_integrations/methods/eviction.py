@@ -26,7 +26,7 @@ from samkv_integrations.encode import layer_tensors
 from samkv_integrations.methods.base import cache_from_layers
 from samkv_integrations.methods.recompute import check_model, embed, position_mask
 from samkv_integrations.models.compat import with_cache
-from samkv_integrations.rope import rotary_module
+from samkv_integrations.rope import rotary_module, rotate_half
 
 
 class FrozenLayer(DynamicLayer):
@@ -59,11 +59,6 @@ class FrozenCache(Cache):
         super().__init__(layers=list(self.frozen_layers))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def pooled_attention(
     attention: torch.nn.Module,
     normed: torch.Tensor,
@@ -92,7 +87,7 @@ def pooled_attention(
         query = q_norm(query)
     query = query[0].transpose(0, 1).float()  # [n_q_heads, n, head_dim]
     cos, sin = (t[0].float() for t in position_embeddings)
-    query = query * cos + _rotate_half(query) * sin
+    query = query * cos + rotate_half(query) * sin
     grouped = query.unflatten(0, (keys.shape[0], -1))  # [n_kv_heads, group, n, head_dim]
     scaling = float(getattr(attention, "scaling", head_dim**-0.5))
     logits = torch.einsum("hgnd,hld->hgnl", grouped, keys.float()) * scaling

@@ -44,16 +44,11 @@ from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV
 from samkv_integrations.records import DocumentKV
-from samkv_integrations.rope import rotary_module, shift_keys
+from samkv_integrations.rope import rotary_module, rotate_half, shift_keys
 
 #: Logit elements (query heads x queries x keys) computed at once; bounds the scratch memory
 #: to a few hundred MB in float32 on long contexts with long questions.
 _CHUNK_ELEMENTS = 1 << 26
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rotate_queries(
@@ -71,7 +66,7 @@ def rotate_queries(
         queries = q_norm(queries.to(model.dtype)).float()
     cos, sin = rotary_module(model)(queries, position_ids=positions[None])
     queries = queries.transpose(-3, -2)
-    return queries * cos[0].float() + _rotate_half(queries) * sin[0].float()
+    return queries * cos[0].float() + rotate_half(queries) * sin[0].float()
 
 
 def _scaling(model: PreTrainedModel, layer: int, head_dim: int) -> float:

@@ -27,6 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from samkv_integrations.decode import Decoder
 from samkv_integrations.methods.pages import KVPool, merge_partials, partial_attention
+from samkv_integrations.rope import rotate_half
 
 __all__ = ["RetroDecoder"]
 
@@ -66,11 +67,6 @@ class _Stats:
     corrections: int = 0
     refreshed: int = 0
     max_pages: int = 0
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class RetroDecoder(Decoder):
@@ -305,7 +301,7 @@ class RetroDecoder(Decoder):
         keys = keys.transpose(1, 2)
         values = attention.v_proj(normed).view(1, 1, -1, head_dim).transpose(1, 2)
         cos, sin = (t.unsqueeze(1) for t in past.rotary)
-        keys = keys * cos + _rotate_half(keys) * sin
+        keys = keys * cos + rotate_half(keys) * sin
         target: Any = cache.layers[layer + 1]
         target.keys[0, :, past.cache_index] = keys[0, :, 0].to(target.keys.dtype)
         target.values[0, :, past.cache_index] = values[0, :, 0].to(target.values.dtype)

@@ -202,16 +202,7 @@ class SamKVLLM(CustomLLM):
     def __init__(self, *, engine: SamKVEngine | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if engine is None:
-            self._engine = LazyEngine(
-                self.model,
-                self.store,
-                self.device,
-                self.dtype,
-                model_kwargs=self.model_kwargs,
-                memory_bytes=self.memory_bytes,
-                storage_options=self.storage_options,
-                pin_memory=self.pin_memory,
-            )
+            self._engine = LazyEngine.from_settings(self)
             return
         given = [name for name in ENGINE_OPTIONS if name in kwargs]
         if given:
