@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from samkv_integrations.eval.data import Question, pack_paragraphs
 from samkv_integrations.eval.metrics import score_answer
+from samkv_integrations.eval.tasks import TASKS
 from samkv_integrations.methods.specs import MethodSpec
 
 if TYPE_CHECKING:
@@ -26,9 +27,8 @@ __all__ = ["STOP", "AnswerJob", "EngineInfo", "InProcess", "answer_question"]
 
 logger = logging.getLogger(__name__)
 
-#: Answers are cut at the first newline: HotpotQA answers are short spans, and a small
-#: model tends to continue with an explanation that would only dilute F1.
-STOP = ("\n",)
+#: The ``qa`` task's stop strings (``eval.tasks``): answers are cut at the first newline.
+STOP = TASKS["qa"].stop
 
 #: One question's scored rows, one per method in spec order; ``None``: too long, skipped.
 Rows = list[dict[str, Any]] | None
@@ -45,7 +45,8 @@ class AnswerJob:
         specs: The methods, ``full`` first (the reference of ``agree_full`` and KL).
         questions: The run's questions; answerers take indices into this list.
         chunk_tokens: Pack paragraphs into documents of at most this many tokens.
-        max_new_tokens: Greedy decoding stops after this many tokens or at ``STOP``.
+        max_new_tokens: Greedy decoding stops after this many tokens or at ``stop``.
+        stop: Strings that end an answer (the task's, ``eval.tasks``).
     """
 
     model: str
@@ -55,6 +56,7 @@ class AnswerJob:
     questions: Sequence[Question]
     chunk_tokens: int | None
     max_new_tokens: int
+    stop: tuple[str, ...] = STOP
 
     def engine(self) -> SamKVEngine:
         """Load the model and open the store."""
@@ -114,9 +116,9 @@ def answer_question(engine: SamKVEngine, question: Question, job: AnswerJob) -> 
                 question.question,
                 refs,
                 method=spec.name,
-                method_options=spec.options,
+                method_options={**spec.options, **spec.decoding},
                 max_new_tokens=job.max_new_tokens,
-                stop=STOP,
+                stop=job.stop,
             )
         except ValueError as e:
             raise ValueError(f"question {question.id!r}, method {spec.label!r}: {e}") from e

@@ -8,7 +8,12 @@ A run directory holds three files:
   completes;
 - ``metrics.json``: the per-method summary, written atomically once every question is done;
   each method's F1 and contains are compared with full's question by question (mean paired
-  difference and 95% bootstrap interval, ``metrics.paired_bootstrap``).
+  difference and 95% bootstrap interval, ``metrics.paired_bootstrap``), and its answer
+  with full's (token agreement and ROUGE-L, means with intervals, ``metrics.mean_interval``).
+
+The task (``eval.tasks``) says what is asked: ``qa`` the questions as written, short
+answers cut at a newline; ``summarize`` a long-answer prompt built from each question, 256
+new tokens by default and no stop string.
 
 With a sweep (``EvalConfig.sweep``), ``curves.json`` and ``curves.png`` follow
 (``eval.curves``).
@@ -22,10 +27,11 @@ A question whose prompt does not fit the model's context is skipped by every met
 listed under ``skipped_too_long``; ``n`` counts the questions answered.
 
 Run directory rule: the default directory is ``<runs_root>/<data stem>-<model>-<limit>-
-<chunking>-<run id>``, where the run id hashes everything that changes the results (data
-sha256, method specs, model, device, limit, chunk size, generation settings). A second
-identical run therefore finds the same directory: when its ``metrics.json`` exists the run
-is skipped and those metrics are returned; when only predictions exist (an interrupted
+<chunking>[-<task>]-<run id>`` (``rundir.default_run_name``), where the run id hashes
+everything that changes the results (data sha256, method specs, model, device, limit,
+chunk size, generation settings, and the task and its prompt for any task but ``qa``, so
+that ``qa`` run ids from before tasks existed still hold). A second identical run
+therefore finds the same directory: when its ``metrics.json`` exists the run is skipped and those metrics are returned; when only predictions exist (an interrupted
 run), the questions already answered by every method are kept and the rest are run.
 ``force`` starts the directory over. A directory holding a different run is an error, and
 so are predictions without a readable ``config.json`` or with two different rows for one
@@ -38,7 +44,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +54,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from samkv_integrations.eval.answering import STOP, AnswerJob, EngineInfo, InProcess, Rows
+from samkv_integrations.eval.answering import AnswerJob, EngineInfo, InProcess, Rows
 from samkv_integrations.eval.curves import Sweep, draw_curves, require_matplotlib
 from samkv_integrations.eval.data import Question, file_sha256, read_questions
 from samkv_integrations.eval.metrics import BOOTSTRAP, summarize
@@ -58,10 +63,13 @@ from samkv_integrations.eval.rundir import (
     METRICS_FILE,
     PREDICTIONS_FILE,
     check_provenance,
+    check_same_run,
+    default_run_name,
     read_json,
     resume_rows,
     write_atomic,
 )
+from samkv_integrations.eval.tasks import DEFAULT_TASK, Task, get_task
 from samkv_integrations.eval.workers import WorkerPool
 from samkv_integrations.methods.specs import MethodSpec, default_methods, parse_methods
 from samkv_integrations.models.loading import local_model_path
@@ -85,7 +93,8 @@ class EvalConfig:
         limit: Evaluate the first ``limit`` questions; ``None`` for all.
         chunk_tokens: Pack consecutive paragraphs into documents of at most this many
             tokens (a longer paragraph stays whole); ``None``: one paragraph per document.
-        max_new_tokens: Greedy decoding stops after this many tokens or at a newline.
+        max_new_tokens: Greedy decoding stops after this many tokens or at the task's stop
+            strings; ``None``: the task's default (32 for ``qa``, 256 for ``summarize``).
         out: The run directory; ``None`` derives it under ``runs_root`` (module docstring).
         runs_root: Where default run directories go.
         store: KV cache store directory or URL; ``None``: ``$SAMKV_HOME/kvcache``.
@@ -97,6 +106,7 @@ class EvalConfig:
             ``device`` (``eval.workers``); 1 answers them in this process. Results do not
             depend on it, so it is not part of the run's identity; TTFTs measured with
             several workers sharing a GPU include their contention.
+        task: What is asked about each question (``eval.tasks``): ``qa`` or ``summarize``.
     """
 
     data: Path
@@ -105,7 +115,7 @@ class EvalConfig:
     device: str | None = None
     limit: int | None = None
     chunk_tokens: int | None = None
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None
     out: Path | None = None
     runs_root: Path = Path("runs/eval")
     store: str | None = None
@@ -113,6 +123,7 @@ class EvalConfig:
     progress: bool = True
     sweep: str | None = None
     workers: int = 1
+    task: str = DEFAULT_TASK
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -124,7 +135,8 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None), got {value}")
-        if self.max_new_tokens < 1:
+        get_task(self.task)  # an unknown task fails here, naming the known ones
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
@@ -137,13 +149,15 @@ class RunPlan:
     Attributes:
         config: The settings.
         specs: The parsed methods, ``full`` first.
-        questions: The questions to answer.
+        questions: The questions to answer, rewritten into the task's prompts.
         data_sha256: sha256 of the data file.
         device: The resolved device.
         identity: The settings that change results.
         run_id: Hash of ``identity``.
         run_dir: The run directory.
         completed: The metrics of a finished identical run in ``run_dir`` (then nothing runs).
+        task: The task.
+        max_new_tokens: The answer length cap: the config's, else the task's default.
         sweep: The parsed sweep, if any.
     """
 
@@ -156,11 +170,9 @@ class RunPlan:
     run_id: str
     run_dir: Path
     completed: dict[str, Any] | None
+    task: Task
+    max_new_tokens: int
     sweep: Sweep | None = None
-
-
-def _slug(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.replace(":", "-")).name or model).strip("-")
 
 
 def plan_run(config: EvalConfig) -> RunPlan:
@@ -176,7 +188,9 @@ def plan_run(config: EvalConfig) -> RunPlan:
     if sweep is not None:
         require_matplotlib()
     specs = parse_methods(sweep.expand(config.methods) if sweep else config.methods)
-    questions = read_questions(config.data, config.limit)
+    task = get_task(config.task)
+    max_new_tokens = config.max_new_tokens or task.max_new_tokens
+    questions = task.rewrite(read_questions(config.data, config.limit))
     data_sha256 = file_sha256(config.data)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -188,18 +202,19 @@ def plan_run(config: EvalConfig) -> RunPlan:
         "device": device,
         "limit": config.limit,
         "chunk_tokens": config.chunk_tokens,
-        "max_new_tokens": config.max_new_tokens,
-        "stop": list(STOP),
+        "max_new_tokens": max_new_tokens,
+        "stop": list(task.stop),
     }
+    if task.name != DEFAULT_TASK:
+        identity |= {"task": task.name, "prompt_template": task.template}
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    name = "-".join(
-        [
-            config.data.stem,
-            _slug(config.model),
-            f"n{config.limit or 'all'}",
-            f"c{config.chunk_tokens}" if config.chunk_tokens else "para",
-            run_id[:8],
-        ]
+    name = default_run_name(
+        config.data,
+        config.model,
+        config.limit,
+        config.chunk_tokens,
+        None if task.name == DEFAULT_TASK else task.name,
+        run_id,
     )
     run_dir = config.out or config.runs_root / name
     previous = read_json(run_dir / CONFIG_FILE)
@@ -207,16 +222,21 @@ def plan_run(config: EvalConfig) -> RunPlan:
     if not config.force:
         check_provenance(run_dir, previous)
     if previous is not None and not config.force:
-        if previous.get("run_id") != run_id:
-            theirs = previous.get("identity", {})
-            differ = sorted(k for k in identity if theirs.get(k) != identity[k])
-            raise ValueError(
-                f"out: {run_dir} holds another run (differs in {', '.join(differ) or 'run_id'}); "
-                "pass --force to overwrite it or choose another --out"
-            )
+        check_same_run(run_dir, previous, identity, run_id)
         completed = read_json(run_dir / METRICS_FILE)
     return RunPlan(
-        config, specs, questions, data_sha256, device, identity, run_id, run_dir, completed, sweep
+        config=config,
+        specs=specs,
+        questions=questions,
+        data_sha256=data_sha256,
+        device=device,
+        identity=identity,
+        run_id=run_id,
+        run_dir=run_dir,
+        completed=completed,
+        task=task,
+        max_new_tokens=max_new_tokens,
+        sweep=sweep,
     )
 
 
@@ -245,10 +265,11 @@ def _config_record(plan: RunPlan, info: EngineInfo) -> dict[str, Any]:
         "data": str(plan.config.data),
         "data_sha256": plan.data_sha256,
         "n_questions": len(plan.questions),
+        "task": {"name": plan.task.name, "prompt_template": plan.task.template},
         "generation": {
             "greedy": True,
-            "max_new_tokens": plan.config.max_new_tokens,
-            "stop": list(STOP),
+            "max_new_tokens": plan.max_new_tokens,
+            "stop": list(plan.task.stop),
         },
         "versions": {
             "python": sys.version.split()[0],
@@ -286,7 +307,8 @@ def execute_run(plan: RunPlan) -> dict[str, Any]:
         plan.specs,
         plan.questions,
         config.chunk_tokens,
-        config.max_new_tokens,
+        plan.max_new_tokens,
+        plan.task.stop,
     )
     workers = min(config.workers, len(plan.questions))
     if workers > 1 and config.model is not None:
@@ -344,7 +366,9 @@ def execute_run(plan: RunPlan) -> dict[str, Any]:
         "skipped_too_long": skipped,
         "device": plan.device,
         "chunk_tokens": config.chunk_tokens,
-        "max_new_tokens": config.max_new_tokens,
+        "max_new_tokens": plan.max_new_tokens,
+        "task": plan.task.name,
+        "prompt_template": plan.task.template,
         "reference": labels[0],
         "bootstrap": BOOTSTRAP,
         "methods": summarize(records, labels, reference=labels[0]),

@@ -1,8 +1,14 @@
-"""Answer metrics (SQuAD F1 and exact match), distribution divergence, and per-method summaries.
+"""Answer metrics (SQuAD F1 and exact match, agreement with full), divergence, and summaries.
 
 The text metrics follow the SQuAD v1.1 evaluation: both strings are normalised (lower
 case, punctuation and the articles a/an/the removed, whitespace collapsed), and a
 prediction is scored against each gold answer, keeping the best.
+
+Long answers (the ``summarize`` task, ``eval.tasks``) have no gold text to match; they
+are scored against full recompute's answer to the same prompt: position-wise token
+agreement, common-prefix agreement (``token_agreement``, ``prefix_agreement``) and
+ROUGE-L F1 (``rouge_l_f1``). Full scores 1.0 on all three by construction; the others'
+means come with a bootstrap interval over questions (``mean_interval``).
 
 A method is compared with the reference (full recompute) question by question: the mean
 of the paired differences in F1 and in contains, with a percentile bootstrap interval
@@ -31,11 +37,16 @@ __all__ = [
     "contains_gold",
     "exact_match",
     "first_token_kl",
+    "lcs_length",
+    "mean_interval",
     "normalize_answer",
     "paired_bootstrap",
     "percentile",
+    "prefix_agreement",
+    "rouge_l_f1",
     "score_answer",
     "summarize",
+    "token_agreement",
     "token_f1",
 ]
 
@@ -44,6 +55,8 @@ __all__ = [
 BOOTSTRAP: dict[str, Any] = {"resamples": 2000, "seed": 0, "level": 0.95}
 #: The scores compared with the reference, question by question.
 PAIRED_SCORES = ("f1", "contains_gold")
+#: Scores computed against full's answer: means with a bootstrap interval in the summary.
+FULL_ANSWER_SCORES = ("rouge_l_full", "token_agreement_full", "prefix_agreement_full")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -90,6 +103,76 @@ def contains_gold(prediction: str, golds: Sequence[str]) -> float:
     """
     pred = normalize_answer(prediction)
     return float(any(gold and gold in pred for gold in map(normalize_answer, golds)))
+
+
+def token_agreement(token_ids: Sequence[int], reference: Sequence[int]) -> float:
+    """The fraction of the reference's positions where ``token_ids`` has the same token.
+
+    ``|{i < len(reference) : i < len(token_ids) and token_ids[i] == reference[i]}| /
+    len(reference)``: positions past the end of the shorter answer count as disagreement,
+    tokens the method adds past the reference's end are ignored. Once the answers part,
+    later positions agree only where the two happen to realign, so this counts tokens
+    reproduced in place, not text reproduced somewhere. An empty reference (full stopped
+    at once) gives 1.0 if ``token_ids`` is empty too, else 0.0.
+
+    Args:
+        token_ids: The method's answer token ids.
+        reference: Full recompute's answer token ids.
+    """
+    if not reference:
+        return float(not token_ids)
+    same = sum(a == b for a, b in zip(token_ids, reference, strict=False))
+    return same / len(reference)
+
+
+def prefix_agreement(token_ids: Sequence[int], reference: Sequence[int]) -> float:
+    """The length of the common prefix of ``token_ids`` and ``reference``, over ``len(reference)``.
+
+    The fraction of full's answer that greedy decoding reproduced before it first chose a
+    different token; the empty-reference convention of ``token_agreement`` applies.
+    """
+    if not reference:
+        return float(not token_ids)
+    common = 0
+    for a, b in zip(token_ids, reference, strict=False):
+        if a != b:
+            break
+        common += 1
+    return common / len(reference)
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """The length of the longest common subsequence of ``a`` and ``b`` (``O(len(a) len(b))``)."""
+    # One row of the dynamic programme at a time: row[j] = LCS(a[:i], b[:j]).
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0  # LCS(a[:i-1], b[:j-1]), before row[j-1] was overwritten
+        for j, y in enumerate(b, start=1):
+            above = row[j]  # LCS(a[:i-1], b[:j])
+            row[j] = diagonal + 1 if x == y else max(above, row[j - 1])
+            diagonal = above
+    return row[-1]
+
+
+def rouge_l_f1(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 of ``prediction`` against ``reference``, on normalised word tokens.
+
+    ROUGE-L (Lin, 2004, "ROUGE: A Package for Automatic Evaluation of Summaries", section
+    3.1): with ``X`` the reference's words, ``Y`` the prediction's and ``LCS`` the length
+    of their longest common subsequence, ``R = LCS / |X|``, ``P = LCS / |Y|`` and ``F =
+    (1 + β²) R P / (R + β² P)``; here ``β = 1`` (F1). Words are ``normalize_answer``'s
+    tokens (lower case, no punctuation or articles). Two empty texts score 1.0, one empty
+    text 0.0.
+    """
+    ref_words = normalize_answer(reference).split()
+    pred_words = normalize_answer(prediction).split()
+    if not ref_words or not pred_words:
+        return float(ref_words == pred_words)
+    common = lcs_length(pred_words, ref_words)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred_words), common / len(ref_words)
+    return 2 * precision * recall / (precision + recall)
 
 
 def first_token_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -157,6 +240,21 @@ def paired_bootstrap(
     return {"diff": float(values.mean()), "low": float(low), "high": float(high)}
 
 
+def mean_interval(values: Sequence[float]) -> dict[str, float] | None:
+    """The mean of per-question scores and its percentile bootstrap interval.
+
+    The same resampling as ``paired_bootstrap`` (``BOOTSTRAP`` settings), for scores that
+    are already comparisons with the reference (``FULL_ANSWER_SCORES``).
+
+    Returns:
+        ``{"mean", "low", "high"}``, or ``None`` when there are no values.
+    """
+    interval = paired_bootstrap(values)
+    if interval is None:
+        return None
+    return {"mean": interval["diff"], "low": interval["low"], "high": interval["high"]}
+
+
 def compare_with_reference(
     rows: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
@@ -189,16 +287,21 @@ def summarize(
     Args:
         records: Prediction records with ``id``, ``method``, ``f1``, ``em``,
             ``contains_gold``, ``agree_full``, ``first_token_kl`` (``None`` when unknown),
-            ``kept_fraction``, ``recomputed_fraction``, ``ttft_s`` and ``context_tokens``.
+            ``kept_fraction``, ``recomputed_fraction``, ``ttft_s`` and ``context_tokens``,
+            and optionally the ``FULL_ANSWER_SCORES`` (rows written before they existed
+            lack them).
         labels: Method labels, in the order the summary should list them.
         reference: The label the others are compared with, question by question.
 
     Returns:
         ``{label: {"n", "f1", "em", "contains_gold", "agree_full", "first_token_kl",
-        "kept_fraction", "recomputed_fraction", "ttft_s_median", "ttft_s_p90",
-        "ttft_s_mean", "context_tokens_mean", "vs_full"}}``; means are ``None`` for a label
+        "rouge_l_full", "token_agreement_full", "prefix_agreement_full", "kept_fraction",
+        "recomputed_fraction", "ttft_s_median", "ttft_s_p90", "ttft_s_mean",
+        "context_tokens_mean", "vs_full", "intervals"}}``; means are ``None`` for a label
         with no records; ``vs_full`` (``compare_with_reference``) is ``None`` for the
-        reference itself and when no reference is given.
+        reference itself and when no reference is given; ``intervals`` maps each of
+        ``FULL_ANSWER_SCORES`` to ``mean_interval`` of its values, ``None`` for the
+        reference (which scores 1.0 against itself).
     """
     summary: dict[str, dict[str, Any]] = {}
     reference_rows = [r for r in records if r["method"] == reference]
@@ -206,7 +309,7 @@ def summarize(
         rows = [r for r in records if r["method"] == label]
 
         def column(key: str, rows: list[Mapping[str, Any]] = rows) -> list[float]:
-            return [float(r[key]) for r in rows if r[key] is not None]
+            return [float(r[key]) for r in rows if r.get(key) is not None]
 
         ttft = column("ttft_s")
         summary[label] = {
@@ -219,6 +322,7 @@ def summarize(
                     "contains_gold",
                     "agree_full",
                     "first_token_kl",
+                    *FULL_ANSWER_SCORES,
                     "kept_fraction",
                     "recomputed_fraction",
                 )
@@ -230,6 +334,11 @@ def summarize(
             "vs_full": (
                 compare_with_reference(rows, reference_rows)
                 if reference is not None and label != reference
+                else None
+            ),
+            "intervals": (
+                {key: mean_interval(column(key)) for key in FULL_ANSWER_SCORES}
+                if label != reference
                 else None
             ),
         }
@@ -245,7 +354,8 @@ def score_answer(
         question: The question, with its gold answers.
         label: The method's label.
         answer: The method's answer.
-        reference: Full recompute's answer to the same question (``agree_full``, KL).
+        reference: Full recompute's answer to the same question (``agree_full``, KL and
+            the ``FULL_ANSWER_SCORES``).
         n_documents: Documents the context was packed into.
     """
     stats = answer.stats
@@ -262,6 +372,9 @@ def score_answer(
         "contains_gold": bool(contains_gold(answer.text, question.answers)),
         "agree_full": normalize_answer(answer.text) == normalize_answer(reference.text),
         "first_token_kl": kl,
+        "rouge_l_full": rouge_l_f1(answer.text, reference.text),
+        "token_agreement_full": token_agreement(answer.token_ids, reference.token_ids),
+        "prefix_agreement_full": prefix_agreement(answer.token_ids, reference.token_ids),
         "kept_fraction": stats.kept_fraction,
         "recomputed_fraction": stats.recomputed_fraction,
         "ttft_s": stats.ttft_s,

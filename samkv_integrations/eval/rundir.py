@@ -2,7 +2,8 @@
 
 ``config.json`` is written before the first question, so any predictions a run appends
 come after a config that names their run. Rows are reused only under that config
-(``check_provenance``), and only where the file is consistent (``resume_rows``): a
+(``check_provenance``), only when it records the same settings (``check_same_run``: data,
+methods, model, generation and, for any task but ``qa``, the task and its prompt), and only where the file is consistent (``resume_rows``): a
 directory whose ``predictions.jsonl`` has no readable ``config.json`` beside it, or holds
 two different rows for one question and method, mixes runs, and resuming it would score
 one run's answers under another's labels. Both are errors that name the way out
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ __all__ = [
     "METRICS_FILE",
     "PREDICTIONS_FILE",
     "check_provenance",
+    "check_same_run",
+    "default_run_name",
     "read_json",
     "resume_rows",
     "write_atomic",
@@ -31,6 +35,31 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, PREDICTIONS_FILE, METRICS_FILE = "config.json", "predictions.jsonl", "metrics.json"
+
+
+def default_run_name(
+    data: Path,
+    model: str,
+    limit: int | None,
+    chunk_tokens: int | None,
+    task: str | None,
+    run_id: str,
+) -> str:
+    """``<data stem>-<model>-n<limit|all>-<c<chunk>|para>[-<task>]-<run id[:8]>``.
+
+    The name is for people (what ran, at a glance); the run id in it is what tells runs
+    apart. ``task`` is ``None`` for the default task, whose names predate tasks.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.replace(":", "-")).name or model)
+    parts = [
+        data.stem,
+        slug.strip("-"),
+        f"n{limit or 'all'}",
+        f"c{chunk_tokens}" if chunk_tokens else "para",
+        *([task] if task else []),
+        run_id[:8],
+    ]
+    return "-".join(parts)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -75,6 +104,33 @@ def check_provenance(run_dir: Path, config: dict[str, Any] | None) -> None:
             "model, data or methods wrote its rows; pass --force to start over or choose "
             "another --out"
         )
+
+
+def check_same_run(
+    run_dir: Path, config: dict[str, Any], identity: dict[str, Any], run_id: str
+) -> None:
+    """Refuse a run directory whose ``config.json`` records another run.
+
+    Args:
+        run_dir: The run directory.
+        config: Its ``config.json``.
+        identity: This run's settings that change results (``harness.plan_run``).
+        run_id: The hash of ``identity``.
+
+    Raises:
+        ValueError: ``config`` has another run id; the message names the settings that
+            differ, including those only one side records (a ``summarize`` run records its
+            task, a ``qa`` run does not).
+    """
+    if config.get("run_id") == run_id:
+        return
+    theirs = config.get("identity")
+    theirs = theirs if isinstance(theirs, dict) else {}
+    differ = sorted(k for k in identity.keys() | theirs.keys() if theirs.get(k) != identity.get(k))
+    raise ValueError(
+        f"out: {run_dir} holds another run (differs in {', '.join(differ) or 'run_id'}); "
+        "pass --force to overwrite it or choose another --out"
+    )
 
 
 def resume_rows(

@@ -3,18 +3,21 @@
 A method has up to three stages, each but the first with a default:
 
 1. ``build``: from the shared prefix, the documents' cached KV (at their local positions)
-   and the question, build the context cache the question prefill starts from;
+   and the question, build the context cache the question prefill starts from
+   (``question_scope`` may change how that prefill attends: a decoding policy's pool);
 2. ``after_question``: once the question is prefilled, change the decode cache (a one-shot
    eviction that reads the question's attention or the first logits); default: no change;
 3. ``decoder``: what runs each answer token through the model; default: a plain forward.
 
-The engine calls ``method(inputs)``, ``method.run_after_question(state)`` and
+The engine calls ``method(inputs)``, prefills the question under
+``method.question_scope(inputs, context)``, then calls ``method.run_after_question(state)`` and
 ``method.decoder(state)`` and never asks which method it runs: anything that differs
 between methods is a class attribute or one of these stages.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -221,6 +224,16 @@ class BaseMethod(ABC):
         Returns:
             The compacted cache at global positions and what was kept and recomputed.
         """
+
+    def question_scope(
+        self, inputs: MethodInput, context: ContextCache
+    ) -> contextlib.AbstractContextManager[None]:
+        """What the question prefill runs under; by default nothing (plain attention).
+
+        A decoding policy that pools the dropped tokens (``ContextCache.pool``) returns a
+        scope whose attention also reads the pool, as Quest's dense prefill would.
+        """
+        return contextlib.nullcontext()
 
     def run_after_question(self, state: DecodeState) -> DecodeState:
         """Run ``after_question``, adding the seconds of its phases to the state's."""

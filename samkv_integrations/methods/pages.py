@@ -26,24 +26,26 @@ def partial_attention(
     scaling: float,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of one query per head over a subset of entries, with its normaliser.
+    """Softmax attention of each KV head's queries over a subset of entries, with its normaliser.
 
     Args:
-        query: ``[n_kv_heads, group, head_dim]``: each KV head's query heads (GQA groups).
+        query: ``[n_kv_heads, rows, head_dim]``: each KV head's queries (its GQA group of
+            query heads, for one token or several).
         keys: ``[n_kv_heads, n, head_dim]`` post-RoPE keys.
         values: ``[n_kv_heads, n, head_dim]``.
         scaling: The score scale (``head_dim ** -0.5`` for Llama and Qwen2).
-        mask: ``[n_kv_heads, n]``, True where the entry takes part; None: all do.
+        mask: Broadcastable to ``[n_kv_heads, rows, n]``, True where the entry takes part
+            (e.g. ``[n_kv_heads, 1, n]`` for one set per head); None: all do.
 
     Returns:
-        ``(out, lse)``: ``[n_kv_heads, group, head_dim]`` attention output normalised over
-        the subset and ``[n_kv_heads, group]`` log-sum-exp of its scores, both float32.
+        ``(out, lse)``: ``[n_kv_heads, rows, head_dim]`` attention output normalised over
+        the subset and ``[n_kv_heads, rows]`` log-sum-exp of its scores, both float32.
         A head with no entry gets a zero output and ``lse = -inf`` (it weighs nothing in
         ``merge_partials``).
     """
     scores = torch.matmul(query, keys.transpose(-1, -2)).float() * scaling
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # exp(-inf - -inf) is NaN where a head has no entry: those weights are zero.
     weights = torch.exp(scores - lse[..., None]).nan_to_num(0.0)

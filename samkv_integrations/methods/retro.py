@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from samkv_integrations.decode import Decoder
 from samkv_integrations.methods.base import BaseMethod, ContextCache, DecodeState, MethodInput
 from samkv_integrations.methods.pages import KVPool
+from samkv_integrations.methods.pooled_question import PooledQuestion
 from samkv_integrations.methods.retro_attention import RetroDecoder
 from samkv_integrations.rope import shift_keys
 from samkv_integrations.timing import Stopwatch
@@ -17,6 +19,8 @@ __all__ = ["DECODE_POLICIES", "RetroMethod", "dropped_pool"]
 
 #: Decoding policies a spec may name with ``+decode=``.
 DECODE_POLICIES = ("retro", "quest")
+#: What the question prefill attends to under a decoding policy (``retro_question``).
+QUESTION_SCOPES = ("pool", "compact")
 
 
 def dropped_pool(
@@ -64,7 +68,10 @@ class RetroMethod(BaseMethod):
     ``retro_pages`` pool pages by Quest's bound, merged by log-sum-exp (exact softmax over
     both); with ``decode=retro`` it corrects the last ``retro_window - 1`` steps' outputs
     with pages they had not seen and refreshes their next-layer K/V
-    (``retro_attention.RetroDecoder``). ``decode=quest`` is the retrieval alone.
+    (``retro_attention.RetroDecoder``). ``decode=quest`` is the retrieval alone. With
+    ``retro_question=pool`` the question prefill attends densely to the compact cache and
+    the whole pool (``pooled_question.PooledQuestion``), as Quest's prefill is dense; the
+    pool is read, not added to the cache, so decoding still starts from the compact cache.
 
     Choices the papers leave open, or that this setting decides:
 
@@ -98,6 +105,9 @@ class RetroMethod(BaseMethod):
             ``decode=quest`` ignores it.
         retro_pool: Where the pool lives: ``device`` or ``host`` (pinned memory; each
             fetch copies its pages to the device).
+        retro_question: What the question prefill attends to: ``pool`` (the compact
+            cache and every pooled token) or ``compact`` (the compact cache alone, as the
+            inner method's question prefill does).
     """
 
     inner: BaseMethod
@@ -106,6 +116,7 @@ class RetroMethod(BaseMethod):
     retro_page_size: int = 16
     retro_window: int = 2
     retro_pool: str = "device"
+    retro_question: str = "pool"
 
     def __post_init__(self) -> None:
         if not isinstance(self.inner, BaseMethod):
@@ -118,6 +129,10 @@ class RetroMethod(BaseMethod):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if self.retro_pool not in ("device", "host"):
             raise ValueError(f"retro_pool must be 'device' or 'host', got {self.retro_pool!r}")
+        if self.retro_question not in QUESTION_SCOPES:
+            raise ValueError(
+                f"retro_question must be one of {QUESTION_SCOPES}, got {self.retro_question!r}"
+            )
 
     @property  # type: ignore[misc]
     def name(self) -> str:  # type: ignore[override]
@@ -141,6 +156,14 @@ class RetroMethod(BaseMethod):
                 inputs, context.kept_indices, self.retro_page_size, self.retro_pool == "host"
             )
         return context
+
+    def question_scope(
+        self, inputs: MethodInput, context: ContextCache
+    ) -> contextlib.AbstractContextManager[None]:
+        """With ``retro_question=pool`` and a pool, the question also reads every pooled token."""
+        if self.retro_question == "compact" or context.pool is None:
+            return self.inner.question_scope(inputs, context)
+        return PooledQuestion(inputs.model, context.pool, context.details).installed()
 
     def after_question(self, state: DecodeState, watch: Stopwatch) -> DecodeState:
         """``inner``'s after-question stage."""

@@ -224,7 +224,7 @@ class RetroDecoder(Decoder):
         out, lse = partial_attention(q, key[0], value[0], scaling)
         chosen = pool.scores(layer, q).topk(self.pages, dim=-1).indices  # [n_kv_heads, k]
         page_keys, page_values, valid = pool.fetch(layer, chosen)
-        page_out, page_lse = partial_attention(q, page_keys, page_values, scaling, valid)
+        page_out, page_lse = partial_attention(q, page_keys, page_values, scaling, valid[:, None])
         out, lse = merge_partials(out, lse, page_out, page_lse)
         self.stats.pages += chosen.numel()
         if pool.on_host:
@@ -260,7 +260,7 @@ class RetroDecoder(Decoder):
         # Only the pages this step already fetched are read: no extra transfer.
         unseen = new_pages.gather(1, chosen).repeat_interleave(self.pool_page_size, dim=1)
         extra_out, extra_lse = partial_attention(
-            past_query, page_keys, page_values, scaling, unseen & valid
+            past_query, page_keys, page_values, scaling, (unseen & valid)[:, None]
         )
         past.out[layer], past.lse[layer] = merge_partials(past_out, past_lse, extra_out, extra_lse)
         past.seen[layer] = past_seen | seen

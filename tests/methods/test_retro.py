@@ -9,6 +9,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from samkv_integrations.decode import Decoder
 from samkv_integrations.methods import (
+    ContextCache,
     DecodeState,
     MethodInput,
     RetroMethod,
@@ -27,22 +28,29 @@ from .contract import Case, MethodContract
 SMALL = SamKVMethod(ranking="global", budget=0.2)
 
 
-def decode_state(inputs: MethodInput, method: RetroMethod) -> DecodeState:
-    """Build with ``method`` and prefill the question, as the engine does."""
-    context = method(inputs)
-    model = inputs.model
+def prefill(inputs: MethodInput, cache: DynamicCache, start: int) -> torch.Tensor:
+    """Prefill the question into ``cache`` at positions ``start ..``; the next logits."""
     n = len(inputs.question_ids)
-    out = model(
-        input_ids=torch.tensor([inputs.question_ids]),
-        position_ids=(torch.arange(n) + context.next_position)[None],
-        **with_cache(model, context.cache),
-        use_cache=True,
-    )
-    return DecodeState.after_prefill(inputs, context, out.logits[0, -1], {})
+    with torch.inference_mode():
+        out = inputs.model(
+            input_ids=torch.tensor([inputs.question_ids]),
+            position_ids=(torch.arange(n) + start)[None],
+            **with_cache(inputs.model, cache),
+            use_cache=True,
+        )
+    return out.logits[0, -1]
 
 
-def with_pool(state: DecodeState) -> DynamicCache:
-    """A copy of the decode cache with every pooled token appended to each layer."""
+def decode_state(inputs: MethodInput, method: RetroMethod) -> DecodeState:
+    """Build with ``method`` and prefill the question under its scope, as the engine does."""
+    context = method(inputs)
+    with method.question_scope(inputs, context):
+        logits = prefill(inputs, context.cache, context.next_position)
+    return DecodeState.after_prefill(inputs, context, logits, {})
+
+
+def with_pool(state: DecodeState | ContextCache) -> DynamicCache:
+    """A copy of the cache with every pooled token appended to each layer."""
     pool = state.pool
     assert pool is not None
     _, n_kv_heads, n_pages, page_size, head_dim = pool.keys.shape
@@ -54,7 +62,7 @@ def with_pool(state: DecodeState) -> DynamicCache:
         data.append(
             (torch.cat([layer.keys, keys[None]], dim=2), torch.cat([layer.values, values[None]], 2))
         )
-    return DynamicCache(ddp_cache_data=data, config=state.model.config)
+    return DynamicCache(ddp_cache_data=data)
 
 
 def forced_logits(
@@ -118,9 +126,35 @@ class TestRetroMethod(MethodContract):
             == state.pool.n_pages * len(state.cache.layers) * (state.cache.layers[0].keys.shape[1])
         )
 
+    def test_pooled_question_prefill_reads_the_whole_pool(self, case: Case) -> None:
+        # Dense over compact cache + pool = a plain prefill on a cache holding both.
+        inputs = case.inputs
+        method = RetroMethod(SMALL, retro_page_size=4, retro_pool="host")
+        context = method(inputs)
+        assert context.pool is not None and context.pool.n_tokens > 0
+        reference = prefill(inputs, with_pool(context), context.next_position)
+        compact = prefill(inputs, method(inputs).cache, context.next_position)
+        with method.question_scope(inputs, context):
+            pooled = prefill(inputs, context.cache, context.next_position)
+        torch.testing.assert_close(pooled, reference, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(pooled, compact, atol=1e-3)
+        # The pool was read, not added: the cache holds the compact entries and the question.
+        n_kept = sum(int(k.numel()) for k in context.kept_indices)
+        expected_len = inputs.prefix.length + n_kept + len(inputs.question_ids)
+        assert context.cache.get_seq_length() == expected_len
+        stats = context.details["question_pool"]
+        assert isinstance(stats, dict) and stats["tokens"] == context.pool.n_tokens
+        assert stats["bytes_moved"] == context.pool.nbytes  # each layer's pages, once
+
+    def test_compact_question_scope_is_the_inner_methods(self, case: Case) -> None:
+        plain = case.answer(SMALL)
+        got = case.answer(RetroMethod(SMALL, retro_pages=0, retro_question="compact"))
+        assert got.first_token_logprobs is not None and plain.first_token_logprobs is not None
+        assert torch.equal(got.first_token_logprobs, plain.first_token_logprobs)
+
     def test_zero_pages_decode_as_the_compact_cache(self, case: Case) -> None:
         plain = case.answer(SMALL)
-        got = case.answer(RetroMethod(SMALL, retro_pages=0))
+        got = case.answer(RetroMethod(SMALL, retro_pages=0, retro_question="compact"))
         assert got.token_ids == plain.token_ids
         assert got.first_token_logprobs is not None and plain.first_token_logprobs is not None
         assert torch.equal(got.first_token_logprobs, plain.first_token_logprobs)
@@ -206,8 +240,8 @@ def test_log_sum_exp_merge_is_exact_attention() -> None:
     gen = torch.Generator().manual_seed(0)
     query = torch.randn(2, 3, 8, generator=gen)
     keys, values = torch.randn(2, 20, 8, generator=gen), torch.randn(2, 20, 8, generator=gen)
-    split = torch.zeros(2, 20, dtype=torch.bool)
-    split[0, ::3], split[1, 5:] = True, True
+    split = torch.zeros(2, 1, 20, dtype=torch.bool)
+    split[0, :, ::3], split[1, :, 5:] = True, True
     out_a, lse_a = partial_attention(query, keys, values, 0.3, split)
     out_b, lse_b = partial_attention(query, keys, values, 0.3, ~split)
     merged, lse = merge_partials(out_a, lse_a, out_b, lse_b)
@@ -229,6 +263,7 @@ def test_log_sum_exp_merge_is_exact_attention() -> None:
         ("samkv+decode=retro+retro_page_size=0", "retro_page_size"),
         ("samkv+decode=retro+retro_window=0", "retro_window"),
         ("samkv+decode=retro+retro_pool=disk", "retro_pool"),
+        ("samkv+decode=quest+retro_question=all", "retro_question"),
         ("samkv+retro_pages=4", "retro_pages"),
         ("samkv+decode=retro+retro_pages=1.5", "retro_pages"),
     ],
