@@ -19,8 +19,10 @@ from samkv_integrations.argument_checks import (
     check_sequence,
     check_token_ids,
 )
+from samkv_integrations.batching import batcher_for, runs_plain_step
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import PrefixKV, encode_prefix
+from samkv_integrations.fair_lock import FairLock
 from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer, chat_ids
 from samkv_integrations.indexing import Indexer
 from samkv_integrations.methods import (
@@ -64,6 +66,8 @@ class SamKVEngine:
         system_prompt: str = SYSTEM_PROMPT,
         batch_tokens: int = 8192,
         decode_graphs: DecodeGraphs = "auto",
+        batch_decoding: bool = True,
+        max_batch: int = 64,
     ) -> None:
         self.model = model
         # Whether the plain decoder replays CUDA graphs on a static cache (``static_decode``):
@@ -75,9 +79,11 @@ class SamKVEngine:
         self._prefix: PrefixKV | None = None
         self._fingerprint: str | None = None
         self._known_ids = KnownIds(KNOWN_IDS)
-        # One request at a time per model: generation mutates per-request caches only,
-        # but interleaving requests would make every TTFT meaningless.
-        self._lock = threading.RLock()
+        # Prefills run one at a time (interleaved, no TTFT would mean anything); with
+        # ``batch_decoding`` the answers in flight decode together (``batching``, at most
+        # ``max_batch`` per step), taking turns with prefills on a FIFO lock.
+        self._lock: FairLock | threading.RLock = FairLock() if batch_decoding else threading.RLock()
+        self._batcher = batcher_for(model.model, self._lock, batch_decoding, max_batch)
 
     @classmethod
     def from_pretrained(
@@ -283,17 +289,7 @@ class SamKVEngine:
                 first_logits = self._prefill(prompt_ids, cache, 0)
             answer.stats = MethodStats("prompt", 0, [], seconds=dict(watch.seconds))
             answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
-        deltas = generate_deltas(
-            model,
-            self.model.tokenizer,
-            cache,
-            first_logits,
-            len(prompt_ids),
-            options,
-            answer.token_ids,
-            graphs_if_plain(Decoder(), self.decode_graphs, options.max_new_tokens),
-        )
-        yield from self._locked_steps(deltas)
+        yield from self._decode(cache, first_logits, len(prompt_ids), options, answer, Decoder())
 
     def _locked_steps(self, deltas: Iterator[str]) -> Iterator[str]:
         """Advance ``deltas`` one step at a time under the model lock.
@@ -327,7 +323,7 @@ class SamKVEngine:
             inputs = MethodInput(model, self.prefix, docs, question_ids)
             self._check_fits(inputs.context_end + len(question_ids), options.max_new_tokens)
             context = method(inputs)
-            with watch.phase("question"):
+            with watch.phase("question"), method.question_scope(inputs, context):
                 first_logits = self._prefill(question_ids, context.cache, context.next_position)
             state = method.run_after_question(
                 DecodeState.after_prefill(
@@ -344,17 +340,25 @@ class SamKVEngine:
             del inputs, context, docs  # decoding needs the documents' KV no more
             if observe is not None:
                 observe(state)
-        deltas = generate_deltas(
-            model,
-            self.model.tokenizer,
-            state.cache,
-            state.first_logits,
-            state.next_position,
-            options,
-            answer.token_ids,
-            graphs_if_plain(method.decoder(state), self.decode_graphs, options.max_new_tokens),
-        )
-        yield from self._locked_steps(deltas)
+        cache, logits, position = state.cache, state.first_logits, state.next_position
+        yield from self._decode(cache, logits, position, options, answer, method.decoder(state))
+
+    def _decode(
+        self,
+        cache: DynamicCache,
+        logits: torch.Tensor,
+        position: int,
+        options: GenerationOptions,
+        answer: Answer,
+        decoder: Decoder,
+    ) -> Iterator[str]:
+        """Decode from ``cache``: in the batch of answers in flight if it takes ``decoder``."""
+        model, tokenizer, ids = self.model.model, self.model.tokenizer, answer.token_ids
+        if self._batcher is not None and runs_plain_step(decoder):
+            return self._batcher.deltas(tokenizer, cache, logits, position, options, ids)
+        decoder = graphs_if_plain(decoder, self.decode_graphs, options.max_new_tokens)
+        deltas = generate_deltas(model, tokenizer, cache, logits, position, options, ids, decoder)
+        return self._locked_steps(deltas)
 
     def _prefill(self, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
         """Prefill ``ids`` at global positions ``start ..`` into ``cache``; ``[vocab]`` next logits."""

@@ -87,7 +87,8 @@ def indexed(talkative_llama: LoadedModel, talkative_qwen2: LoadedModel) -> dict[
     """The documents indexed once per model for this module (models that never pick EOS)."""
     out = {}
     for name, loaded in (("llama", talkative_llama), ("qwen2", talkative_qwen2)):
-        engine = SamKVEngine(loaded, KVCacheStore(f"memory://static-decode-{uuid.uuid4().hex}"))
+        store = KVCacheStore(f"memory://static-decode-{uuid.uuid4().hex}")
+        engine = SamKVEngine(loaded, store, batch_decoding=False)  # the one-at-a-time path
         out[name] = Indexed(engine, engine.index(DOCUMENTS, progress=False))
     return out
 

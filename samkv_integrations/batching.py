@@ -1,0 +1,400 @@
+"""Decode steps of concurrent answers, run together: one forward per step for all of them.
+
+Batch-1 decoding is launch-bound (issue 16): a step costs about the same for one answer as
+for sixteen. Each answer arrives, once prefilled, with its own compact cache (its length,
+global positions with gaps). Its ``generate_deltas`` runs in its own thread, unchanged
+(token picking, stop strings and detokenizing stay in ``decode``), with a ``BatchedDecoder``
+that hands each ``(token, position)`` to one worker thread and waits for the logits. The
+worker runs the waiting steps as one ``[batch, 1]`` forward on a stacked cache: each
+answer's KV left-padded into ``[batch, n_kv_heads, capacity, head_dim]`` buffers
+(``static_decode.SlotLayer``), every row writing its new KV at the same slot, per-row
+``position_ids``, and an additive mask hiding each row's padding and the unused tail.
+Answers join and leave between steps; the stacked cache is rebuilt (every row copied)
+whenever the set of answers in a step changes, which is simple and cheap next to the steps
+between changes. An answer slow to ask for its next step is left out after ``gather_s``.
+
+Prefills are not batched: they stay serialized under the engine's model lock, which the
+worker holds for each step too. Each is long and of its own shape (load, method, question),
+and a waiting prefill gets the lock before the next step (``FairLock``).
+
+transformers' continuous batching (``generate_batch``, ``ContinuousBatchingManager``, paged
+caches) is not used: it takes prompts as token ids and prefills them into its own paged
+cache, with positions that follow the cache. Our answers bring caches the methods built
+(kept tokens only, positions with gaps), for which its scheduler has no entry point.
+
+Only decoders that run the plain step join (``runs_plain_step``); a method's own decoder
+(``+decode=retro``) keeps the one-at-a-time path. Steps run eagerly, without CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicLayer
+
+from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
+from samkv_integrations.encode import layer_tensors
+from samkv_integrations.models.compat import with_cache
+from samkv_integrations.static_decode import SlotLayer, static_unsupported
+
+__all__ = ["BatchedDecoder", "DecodeBatcher", "batcher_for", "runs_plain_step"]
+
+logger = logging.getLogger(__name__)
+
+#: How long a step waits for the answers of the previous step to ask for their next token.
+GATHER_S = 0.01
+_EMPTY = torch.zeros(0)
+#: How long the worker thread waits, with no answer in flight, before it ends.
+IDLE_S = 1.0
+
+
+def runs_plain_step(decoder: Decoder) -> bool:
+    """Whether ``decoder`` runs the plain forward (``Decoder.step`` not overridden)."""
+    return type(decoder).step is Decoder.step
+
+
+@dataclass(eq=False)
+class _Member:
+    """One answer's decoding, as the batcher sees it (guarded by the batcher's condition)."""
+
+    max_steps: int
+    #: Its KV while outside the stacked cache: ``(keys, values)`` ``[1, heads, n, dim]`` per layer.
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    steps_done: int = 0
+    open: bool = True
+    #: The step it asked for: ``(token, position)``; then its logits or the error.
+    request: tuple[int, int] | None = None
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+    #: Row and left padding in the stacked cache (row -1: not in it).
+    row: int = -1
+    pad: int = 0
+    _joined: bool = field(default=False, repr=False)
+
+
+class BatchedDecoder(Decoder):
+    """The plain decode step, run by a ``DecodeBatcher`` together with other answers' steps.
+
+    One instance serves one answer; ``close`` it when the answer ends (``DecodeBatcher.deltas``
+    does). Its first ``step`` moves the answer's KV out of ``cache`` into the batch and leaves
+    ``cache`` empty: later steps do not extend it (as with the static decoder).
+    """
+
+    def __init__(self, batcher: DecodeBatcher, max_new_tokens: int) -> None:
+        self._batcher = batcher
+        self._member = _Member(max_steps=max_new_tokens)
+
+    def step(
+        self, model: PreTrainedModel, cache: DynamicCache, token: int, position: int
+    ) -> torch.Tensor:
+        """Feed ``token`` at global ``position`` in the next batched step; ``[vocab]`` logits."""
+        if model is not self._batcher.model:
+            raise ValueError("batched decoding: the decoder's batcher serves another model")
+        return self._batcher.step(self._member, cache, token, position)
+
+    def close(self) -> None:
+        """Leave the batch (idempotent)."""
+        self._batcher.leave(self._member)
+
+
+class DecodeBatcher:
+    """Runs the decode steps of concurrent answers as one forward each (see the module doc).
+
+    Args:
+        model: The model (all of its cache layers full attention, ``sdpa`` or ``eager``).
+        lock: The engine's model lock, held for each step (and for each prefill elsewhere);
+            a ``FairLock``, so that a waiting prefill goes before the next step.
+        max_batch: Most answers in one step; more wait for a free row.
+        gather_s: How long a step waits for the previous step's answers to ask again.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        lock: AbstractContextManager[Any],
+        *,
+        max_batch: int = 64,
+        gather_s: float = GATHER_S,
+    ) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        reason = static_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"batched decoding: {reason}")
+        self.model = model
+        self.max_batch = max_batch
+        self.gather_s = gather_s
+        self._lock = lock
+        self._cond = threading.Condition()
+        self._pending: list[_Member] = []
+        self._open = 0
+        self._worker: threading.Thread | None = None
+        # The stacked cache, touched only by the worker thread.
+        self._rows: list[_Member] = []
+        self._layers: list[SlotLayer] = []
+        self._cache: Cache | None = None
+        self._pads = self._slot = torch.zeros(0, dtype=torch.long)
+        self._next_slot = self._capacity = 0
+        self.steps = 0  # forwards run, for tests and logs
+        self._stopping = False
+        _BATCHERS.add(self)
+
+    def deltas(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        cache: DynamicCache,
+        logits: torch.Tensor,
+        position: int,
+        options: GenerationOptions,
+        ids: list[int],
+    ) -> Iterator[str]:
+        """``generate_deltas`` (same arguments) with a decoder of this batch, closed at the end."""
+        decoder = BatchedDecoder(self, options.max_new_tokens)
+        try:
+            yield from generate_deltas(
+                self.model, tokenizer, cache, logits, position, options, ids, decoder
+            )
+        finally:
+            decoder.close()
+
+    def step(self, member: _Member, cache: DynamicCache, token: int, position: int) -> torch.Tensor:
+        """Queue ``member``'s step and wait for its ``[vocab]`` logits (called by its thread)."""
+        if not member._joined:
+            member.kv = self._take_kv(cache)
+            member._joined = True
+            with self._cond:
+                self._open += 1
+        with self._cond:
+            if not member.open:
+                raise member.error or ValueError("batched decoding: this answer left the batch")
+            if member.steps_done >= member.max_steps:
+                raise ValueError(f"max_new_tokens: the decoder was sized for {member.max_steps}")
+            member.request, member.logits, member.error = (token, position), None, None
+            self._pending.append(member)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="samkv-decode", daemon=True)
+                self._worker.start()
+            self._cond.notify_all()
+            while member.logits is None and member.error is None:
+                self._cond.wait()
+            logits, error = member.logits, member.error
+            member.logits = None
+        if error is not None:
+            raise error
+        if logits is None:  # the loop above ends only with one of them set
+            raise RuntimeError("batched decoding: no logits")
+        return logits
+
+    def leave(self, member: _Member) -> None:
+        """End ``member``'s decoding; its rows are dropped at the next rebuild."""
+        with self._cond:
+            if member.open and member._joined:
+                self._open -= 1
+            member.open, member.kv = False, None
+            self._cond.notify_all()
+
+    def _take_kv(self, cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Check ``cache`` fits the model, take its tensors and leave it empty."""
+        tensors = layer_tensors(cache)
+        device = next(self.model.parameters()).device
+        expected = len(DynamicCache(config=self.model.config).layers)
+        if len(tensors) != expected:
+            raise ValueError(f"batched decoding: cache has {len(tensors)} layers, model {expected}")
+        for i, (keys, values) in enumerate(tensors):
+            if keys.shape[0] != 1 or keys.shape[:3] != values.shape[:3] or keys.shape[2] < 1:
+                raise ValueError(
+                    f"batched decoding: cache layer {i} holds keys {tuple(keys.shape)} and "
+                    f"values {tuple(values.shape)}; expected [1, heads, n >= 1, dim] each"
+                )
+            if keys.device != device or keys.dtype != self.model.dtype:
+                raise ValueError(
+                    f"batched decoding: cache layer {i} is {keys.dtype} on {keys.device}; "
+                    f"the model is {self.model.dtype} on {device}"
+                )
+        # The batch holds the only copy from here: free the request's tensors as rows move.
+        for layer, (keys, values) in zip(cache.layers, tensors, strict=True):
+            emptied = cast(DynamicLayer, layer)  # layer_tensors checked it holds tensors
+            emptied.keys, emptied.values = keys[:, :, :0].clone(), values[:, :, :0].clone()
+        return tensors
+
+    def _loop(self) -> None:
+        """The worker: gather a step's answers, run it, hand out the logits, until idle."""
+        while True:
+            batch = self._gather()
+            if batch is None:
+                return
+            stacked = list(self._rows)
+            try:
+                with self._lock, torch.inference_mode():
+                    batch = self._take(batch)  # and whoever asked while it waited for the lock
+                    logits = self._forward(batch)
+            except Exception as e:  # a failed step fails the answers it held, never the worker
+                logger.warning("batched decode step of %d answers failed: %s", len(batch), e)
+                lost = {*batch, *(m for m in stacked if m.kv is None)}
+                self._drop_stack()
+                with self._cond:
+                    for member in lost:
+                        self._open -= member.open
+                        member.open, member.error, member.kv, member.row = False, e, None, -1
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                for member in batch:
+                    member.logits = logits[member.row]
+                    member.steps_done += 1
+                self._cond.notify_all()
+
+    def stop(self) -> None:
+        """End the worker (at exit: a daemon worker left waiting can abort the process)."""
+        with self._cond:
+            self._stopping = True
+            worker = self._worker
+            self._cond.notify_all()
+        if worker is not None:
+            worker.join(timeout=10)
+
+    def _drop_stack(self) -> None:
+        """Forget the stacked cache (its buffers are freed once no step holds them)."""
+        self._rows, self._layers, self._cache = [], [], None
+        self._next_slot = self._capacity = 0
+
+    def _gather(self) -> list[_Member] | None:
+        """The answers of the next step, or ``None`` once nothing is in flight for ``IDLE_S``."""
+        with self._cond:
+            while not self._pending or self._stopping:
+                if self._stopping:
+                    for member in self._pending:
+                        member.error = RuntimeError("batched decoding: the interpreter is exiting")
+                    self._pending, self._worker = [], None
+                    self._cond.notify_all()
+                    return None
+                if not any(m.open for m in self._rows):
+                    self._drop_stack()  # nobody decodes on it any more: free it now
+                idle = self._open == 0
+                if not self._cond.wait(IDLE_S) and idle and self._open == 0 and not self._pending:
+                    self._worker = None
+                    return None
+            # Wait briefly for the rows of the last step, so the batch (and cache) stays put.
+            deadline = time.monotonic() + self.gather_s
+            while len(self._pending) < self.max_batch:
+                missing = [m for m in self._rows if m.open and m not in self._pending]
+                left = deadline - time.monotonic()
+                if not missing or left <= 0:
+                    break
+                self._cond.wait(left)
+            return self._take([])
+
+    def _take(self, batch: list[_Member]) -> list[_Member]:
+        """``batch`` topped up from the waiting steps: rows of the last step first, to ``max_batch``."""
+        with self._cond:
+            order = {id(m): i for i, m in enumerate(self._rows)}
+            ranked = sorted(self._pending, key=lambda m: order.get(id(m), len(order)))
+            batch = batch + ranked[: self.max_batch - len(batch)]
+            self._pending = [m for m in self._pending if m not in batch]
+            return batch
+
+    def _forward(self, batch: list[_Member]) -> torch.Tensor:
+        """One step for ``batch``: ``[batch, vocab]`` logits, row ``member.row`` each."""
+        if set(map(id, batch)) != set(map(id, self._rows)) or self._next_slot >= self._capacity:
+            self._rebuild(batch)
+        model, device = self.model, self._pads.device
+        rows = sorted(batch, key=lambda m: m.row)
+        requests = [m.request for m in rows if m.request is not None]
+        tokens = torch.tensor([[t] for t, _ in requests], device=device)
+        positions = torch.tensor([[p] for _, p in requests], device=device)
+        self._slot.fill_(self._next_slot)
+        index = torch.arange(self._capacity, device=device)
+        visible = (index[None, :] >= self._pads[:, None]) & (index[None, :] <= self._slot)
+        mask = torch.zeros(visible.shape, dtype=model.dtype, device=device)
+        mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)[:, None, None, :]
+        out = model(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=mask,
+            **with_cache(model, self._cache),
+            use_cache=True,
+        )
+        self._next_slot += 1
+        self.steps += 1
+        return out.logits[:, -1]
+
+    def _rebuild(self, batch: list[_Member]) -> None:
+        """Stack ``batch``'s KV into new buffers, left-padded to a common length.
+
+        Rows of the old stack that are still open but not in ``batch`` get their own copy
+        first; the old buffers are freed layer by layer as the new ones fill.
+        """
+        old_rows, old_layers, old_slot = self._rows, self._layers, self._next_slot
+        self._drop_stack()
+        for member in old_rows:
+            if member.open and member not in batch:
+                member.kv = [
+                    (k[member.row : member.row + 1, :, member.pad : old_slot].clone(),
+                     v[member.row : member.row + 1, :, member.pad : old_slot].clone())
+                    for k, v in (layer.buffers for layer in old_layers)
+                ]  # fmt: skip
+                member.row = -1
+        lengths = [old_slot - m.pad if m.kv is None else m.kv[0][0].shape[2] for m in batch]
+        n = max(lengths)
+        capacity = n + max(m.max_steps - m.steps_done for m in batch)
+        n_layers = len(old_layers) if old_layers else len(batch[0].kv or [])
+        device = next(self.model.parameters()).device
+        slot = torch.zeros(1, dtype=torch.long, device=device)
+        for i in range(n_layers):
+            sources = [
+                (old_layers[i].buffers[0][m.row, :, m.pad : old_slot],
+                 old_layers[i].buffers[1][m.row, :, m.pad : old_slot])
+                if m.kv is None else (m.kv[i][0][0], m.kv[i][1][0])
+                for m in batch
+            ]  # fmt: skip
+            keys, values = sources[0]
+            shape = (len(batch), keys.shape[0], 0, keys.shape[-1])
+            layer = SlotLayer(keys.new_zeros(shape), values.new_zeros(shape), capacity, slot)
+            for row, ((k, v), length) in enumerate(zip(sources, lengths, strict=True)):
+                layer.buffers[0][row, :, n - length : n] = k
+                layer.buffers[1][row, :, n - length : n] = v
+            self._layers.append(layer)
+            if old_layers:
+                old_layers[i] = layer  # drop the old buffers of this layer
+            for m in batch:
+                if m.kv is not None:  # moved: drop this layer of the answer's own copy
+                    m.kv[i] = (_EMPTY, _EMPTY)
+        for row, (member, length) in enumerate(zip(batch, lengths, strict=True)):
+            member.row, member.pad, member.kv = row, n - length, None
+        self._rows = list(batch)
+        self._pads = torch.tensor([m.pad for m in batch], device=device)
+        self._slot, self._next_slot, self._capacity = slot, n, capacity
+        self._cache = Cache(layers=list(self._layers))
+        logger.debug("decode batch rebuilt: %d answers, %d slots", len(batch), capacity)
+
+
+_BATCHERS: weakref.WeakSet[DecodeBatcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for batcher in list(_BATCHERS):
+        batcher.stop()
+
+
+def batcher_for(
+    model: PreTrainedModel, lock: AbstractContextManager[Any], enabled: bool, max_batch: int
+) -> DecodeBatcher | None:
+    """The engine's batcher: ``None`` when off, or when the model's cache cannot be stacked."""
+    if not enabled:
+        return None
+    reason = static_unsupported(model)
+    if reason is not None:
+        logger.info("decoding answers one at a time: %s", reason)
+        return None
+    return DecodeBatcher(model, lock, max_batch=max_batch)

@@ -1,0 +1,297 @@
+"""Batched decoding of concurrent answers: the same tokens as one at a time, per request.
+
+Every check compares the batched engine with an engine that decodes each answer alone
+(``batch_decoding=False``) on the same model and store, so any drift in the stacked cache,
+its padding mask or the per-row positions shows up as a different token.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from samkv_integrations import KVCacheStore, SamKVEngine
+from samkv_integrations.batching import BatchedDecoder, DecodeBatcher, runs_plain_step
+from samkv_integrations.decode import Decoder, GenerationOptions
+from samkv_integrations.fair_lock import FairLock
+from samkv_integrations.methods import DecodeState
+from samkv_integrations.models import LoadedModel
+from samkv_integrations.records import CacheRef
+from samkv_integrations.static_decode import StaticDecoder
+
+DOCS = [
+    "Alpha is the first letter.",
+    "Omega is the last letter of the Greek alphabet, after psi.",
+    "Lyon sits where the Rhone meets the Saone; it was founded in 43 BC.",
+    "A short one.",
+]
+
+#: (question, documents by index, method, generation options): lengths, methods and
+#: options differ, so rows are padded differently and leave at different steps.
+REQUESTS: list[tuple[str, list[int], str, dict[str, Any]]] = [
+    ("Which letter is last?", [0, 1], "samkv", {"max_new_tokens": 14}),
+    ("Where is Lyon?", [2], "full", {"max_new_tokens": 5}),
+    ("Which?", [3, 0, 2], "reuse", {"max_new_tokens": 20}),
+    ("Name a city.", [1, 2, 3], "samkv", {"max_new_tokens": 9}),
+    ("And now?", [0], "reuse", {"max_new_tokens": 11, "temperature": 0.8, "seed": 5}),
+    ("Top p?", [2, 1], "full", {"max_new_tokens": 8, "temperature": 1.2, "top_p": 0.7, "seed": 1}),
+]
+
+
+@pytest.fixture(scope="module")
+def store() -> KVCacheStore:
+    return KVCacheStore("memory://samkv-test-batching")
+
+
+@pytest.fixture(scope="module")
+def engines(talkative_llama: LoadedModel, store: KVCacheStore) -> tuple[SamKVEngine, SamKVEngine]:
+    """(one answer at a time, batched), on one model and one store."""
+    alone = SamKVEngine(talkative_llama, store, batch_decoding=False)
+    batched = SamKVEngine(talkative_llama, store, batch_decoding=True)
+    return alone, batched
+
+
+@pytest.fixture(scope="module")
+def refs(engines: tuple[SamKVEngine, SamKVEngine]) -> list[CacheRef]:
+    return engines[0].index(DOCS, progress=False)
+
+
+def _ask(engine: SamKVEngine, refs: list[CacheRef], request: tuple[Any, ...]) -> Any:
+    question, docs, method, options = request
+    return engine.answer(question, [refs[i] for i in docs], method=method, **options)
+
+
+def _in_threads(
+    calls: list[Callable[[], Any]], lock: FairLock | None = None, waiters: int | None = None
+) -> list[Any]:
+    """Run ``calls`` in threads at once; results (or raised errors) in call order.
+
+    With ``lock`` (the engine's), the threads are started while the test holds it and
+    released once ``waiters`` of them (default: all) wait for it, so their prefills run
+    back to back and their first decode steps meet in one batch.
+    """
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    if lock is not None:
+        lock.acquire()
+    for thread in threads:
+        thread.start()
+    if lock is not None:
+        deadline = time.monotonic() + 10
+        while len(lock._queue) < (waiters or len(calls)) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        lock.release()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_concurrent_answers_equal_the_answers_alone(
+    engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
+) -> None:
+    alone, batched = engines
+    expected = [_ask(alone, refs, r) for r in REQUESTS]
+    assert batched._batcher is not None and isinstance(batched._lock, FairLock)
+    steps_before = batched._batcher.steps
+    got = _in_threads([lambda r=r: _ask(batched, refs, r) for r in REQUESTS], batched._lock)
+    for request, want, answer in zip(REQUESTS, expected, got, strict=True):
+        assert not isinstance(answer, Exception), f"{request}: {answer!r}"
+        assert answer.token_ids == want.token_ids, request
+        assert answer.text == want.text
+        assert answer.stats.kept_tokens == want.stats.kept_tokens
+        assert len(answer.token_ids) == request[3]["max_new_tokens"]  # talkative: no EOS
+    # Decoding really was shared: fewer forwards than the answers' steps one by one.
+    alone_steps = sum(r[3]["max_new_tokens"] - 1 for r in REQUESTS)
+    assert batched._batcher.steps - steps_before < alone_steps
+
+
+def test_joining_and_leaving_mid_answer_disturbs_no_one(
+    engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
+) -> None:
+    alone, batched = engines
+    long, short, late = REQUESTS[2], REQUESTS[1], REQUESTS[3]
+    expected = [_ask(alone, refs, r).token_ids for r in (long, short, late)]
+    question, docs, method, options = long
+    stream = batched.stream(question, [refs[i] for i in docs], method=method, **options)
+    deltas = iter(stream)
+    for _ in range(3):  # the long answer decodes alone for a few steps
+        next(deltas)
+    others: list[Any] = []
+    joiner = threading.Thread(
+        target=lambda: others.extend(
+            _in_threads([lambda r=r: _ask(batched, refs, r) for r in (short, late)])
+        )
+    )
+    joiner.start()
+    for _ in deltas:  # ... then with them, then alone again once they are done
+        pass
+    joiner.join(timeout=60)
+    assert stream.answer.token_ids == expected[0]
+    assert [a.token_ids for a in others] == expected[1:]
+
+
+def test_stop_strings_and_lengths_apply_per_answer(
+    engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
+) -> None:
+    alone, batched = engines
+    free = _ask(alone, refs, REQUESTS[0]).text
+    stop = free[4:6]
+    cut = (REQUESTS[0][0], REQUESTS[0][1], "samkv", {"max_new_tokens": 14, "stop": [stop]})
+    shorter = (*REQUESTS[0][:3], {"max_new_tokens": 3})
+    longer = (*REQUESTS[0][:3], {"max_new_tokens": 24})
+    got = _in_threads(
+        [lambda r=r: _ask(batched, refs, r) for r in (cut, shorter, longer)], batched._lock
+    )
+    assert got[0].text == free[: free.index(stop)]
+    assert len(got[1].token_ids) == 3 and len(got[2].token_ids) == 24
+    assert got[2].token_ids[:14] == _ask(alone, refs, REQUESTS[0]).token_ids
+    assert got[1].token_ids == got[2].token_ids[:3]
+
+
+def test_a_bad_request_fails_alone(
+    engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
+) -> None:
+    alone, batched = engines
+    good = REQUESTS[:2]
+    expected = [_ask(alone, refs, r).token_ids for r in good]
+    too_long = ("Which?", [0], "samkv", {"max_new_tokens": 10**6})
+
+    def foreign_cache() -> Any:
+        """A cache of another dtype, straight into the batcher: refused when it joins."""
+        batcher = batched._batcher
+        assert batcher is not None
+        model = batched.model.model
+        cache = DynamicCache(config=model.config)
+        for layer in range(len(cache.layers)):
+            kv = torch.zeros(1, 2, 5, 16, dtype=torch.float64)
+            cache.update(kv, kv, layer)
+        logits = torch.zeros(model.config.vocab_size)
+        options = GenerationOptions(max_new_tokens=4)
+        return list(batcher.deltas(batched.model.tokenizer, cache, logits, 7, options, []))
+
+    calls = [lambda r=r: _ask(batched, refs, r) for r in (*good, too_long)] + [foreign_cache]
+    got = _in_threads(calls, batched._lock, waiters=3)
+    assert [a.token_ids for a in got[:2]] == expected
+    assert isinstance(got[2], ValueError) and "max_new_tokens" in str(got[2])
+    assert isinstance(got[3], ValueError) and "float64" in str(got[3])
+    # The batcher still serves answers afterwards.
+    assert _ask(batched, refs, good[0]).token_ids == expected[0]
+
+
+def test_only_plain_decoders_are_batched() -> None:
+    class Correcting(Decoder):
+        def step(self, model: Any, cache: DynamicCache, token: int, position: int) -> torch.Tensor:
+            return super().step(model, cache, token, position)
+
+    assert runs_plain_step(Decoder())
+    assert not runs_plain_step(Correcting())
+    assert not runs_plain_step(StaticDecoder(4))
+
+
+def test_batching_off_is_the_serial_engine(
+    talkative_llama: LoadedModel, store: KVCacheStore
+) -> None:
+    engine = SamKVEngine(talkative_llama, store, batch_decoding=False)
+    assert engine._batcher is None
+    assert not isinstance(engine._lock, FairLock)
+    with pytest.raises(ValueError, match="max_batch"):
+        DecodeBatcher(talkative_llama.model, FairLock(), max_batch=0)
+
+
+def test_max_batch_caps_each_step(
+    talkative_llama: LoadedModel, store: KVCacheStore, refs: list[CacheRef]
+) -> None:
+    alone = SamKVEngine(talkative_llama, store, batch_decoding=False)
+    capped = SamKVEngine(talkative_llama, store, max_batch=2)
+    assert capped._batcher is not None
+    sizes: list[int] = []
+    forward = capped._batcher._forward
+    capped._batcher._forward = lambda batch: sizes.append(len(batch)) or forward(batch)  # type: ignore[method-assign]
+    requests = REQUESTS[:4]
+    got = _in_threads([lambda r=r: _ask(capped, refs, r) for r in requests], capped._lock)
+    assert [a.token_ids for a in got] == [_ask(alone, refs, r).token_ids for r in requests]
+    assert max(sizes) == 2
+
+
+def test_the_fair_lock_serves_waiters_in_order() -> None:
+    lock = FairLock()
+    order: list[int] = []
+    lock.acquire()
+    with lock:  # reentrant
+        pass
+
+    def wait(i: int) -> None:
+        with lock:
+            order.append(i)
+
+    threads = []
+    for i in range(4):
+        threads.append(threading.Thread(target=wait, args=(i,)))
+        threads[-1].start()
+        while len(lock._queue) < i + 1:
+            time.sleep(0.001)
+    timed_out: list[bool] = []
+    other = threading.Thread(target=lambda: timed_out.append(not lock.acquire(timeout=0.01)))
+    other.start()
+    other.join(timeout=10)
+    assert timed_out == [True]
+    lock.release()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert order == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="does not hold"):
+        lock.release()
+
+
+def test_each_batched_step_gives_the_logits_of_the_step_alone(
+    engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
+) -> None:
+    """Logits, not just tokens: a random tiny model's argmax hides small RoPE or mask errors."""
+    alone, batched = engines
+    batcher = batched._batcher
+    assert batcher is not None
+    model = alone.model.model
+    states = []
+    for question, docs, method, _ in REQUESTS[:3]:
+        seen: list[DecodeState] = []
+        ask = [refs[i] for i in docs]
+        alone.answer(question, ask, method=method, max_new_tokens=1, observe=seen.append)
+        states.append(seen[0])
+    tokens = [[7, 40, 99, 3, 250], [12, 12, 80], [5, 61, 200, 9]]
+
+    def decode(state: DecodeState, ids: list[int], decoder: Decoder) -> list[torch.Tensor]:
+        cache = copy.deepcopy(state.cache)
+        logits = []
+        for i, token in enumerate(ids):
+            logits.append(decoder.step(model, cache, token, state.next_position + i))
+        if isinstance(decoder, BatchedDecoder):
+            decoder.close()
+        return logits
+
+    with torch.inference_mode():
+        expected = [decode(s, ids, Decoder()) for s, ids in zip(states, tokens, strict=True)]
+    calls = [
+        lambda s=s, ids=ids: decode(s, ids, BatchedDecoder(batcher, len(ids)))
+        for s, ids in zip(states, tokens, strict=True)
+    ]
+    steps_before = batcher.steps
+    got = _in_threads(calls)
+    for want, have in zip(expected, got, strict=True):
+        assert not isinstance(have, Exception), have
+        for a, b in zip(want, have, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert batcher.steps - steps_before <= sum(map(len, tokens))

@@ -1,0 +1,54 @@
+"""The load test script runs end to end on a tiny shape and writes a complete JSON report.
+
+It runs in a subprocess: the demo server listens on a loopback port, which the test
+process itself may not open (pytest-socket). Only fields and sanity are checked, never speed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_load_test_reports_every_round(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "load_test.py"),
+        "--shape", "tiny-llama",
+        "--device", "cpu",
+        "--workload", "2x40",
+        "--concurrency", "1,2",
+        "--methods", "samkv,full",
+        "--max-new-tokens", "3",
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert "load_test.py" in report["command"] and "--out" in report["command"]
+    assert report["device"].startswith("cpu")
+    assert (report["shape"], report["workload"], report["max_new_tokens"]) == (
+        "tiny-llama",
+        "2x40",
+        3,
+    )
+    rounds = {(r["interface"], r["method"], r["concurrency"]): r for r in report["results"]}
+    assert set(rounds) == {
+        (i, m, n) for i in ("serial", "api", "server") for m in ("samkv", "full") for n in (1, 2)
+    }
+    for (_, _, n), r in rounds.items():
+        assert r["errors"] == [] and r["requests"] == r["completed"] == n
+        assert r["generated_tokens"] == 3 * n  # every answer runs to max_new_tokens
+        assert r["tokens_per_s"] > 0 and r["wall_s"] > 0
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["wall_s"]
+        assert r["request_tokens_per_s_p50"] > 0
+        assert len(r["timings"]) == n
+    assert {(s["interface"], s["method"], s["concurrency"]) for s in report["speedups"]} == {
+        (i, m, n) for i in ("api", "server") for m in ("samkv", "full") for n in (1, 2)
+    }
+    assert all(s["over_serial"] > 0 for s in report["speedups"])
