@@ -5,13 +5,11 @@ for sixteen. Each answer arrives, once prefilled, with its own compact cache (it
 global positions with gaps). Its ``generate_deltas`` runs in its own thread, unchanged
 (token picking, stop strings and detokenizing stay in ``decode``), with a ``BatchedDecoder``
 that hands each ``(token, position)`` to one worker thread and waits for the logits. The
-worker runs the waiting steps as one ``[batch, 1]`` forward on a stacked cache: each
-answer's KV left-padded into ``[batch, n_kv_heads, capacity, head_dim]`` buffers
-(``static_decode.SlotLayer``), every row writing its new KV at the same slot, per-row
-``position_ids``, and an additive mask hiding each row's padding and the unused tail.
-Answers join and leave between steps; the stacked cache is rebuilt (every row copied)
-whenever the set of answers in a step changes, which is simple and cheap next to the steps
-between changes. An answer slow to ask for its next step is left out after ``gather_s``.
+worker runs the waiting steps as one forward on the answers' stacked KV
+(``stacked_cache.StackedCache``). Answers join and leave between steps; an answer slow to
+ask for its next step (after ``gather_s``) sits that step out in its row, hidden from
+itself, so only a join, running out of slots or most rows having ended rebuilds the stack
+(every row copied). H200 measurements: ``benchmarks/results/issue16-load/`` and the README.
 
 Prefills are not batched: they stay serialized under the engine's model lock, which the
 worker holds for each step too. Each is long and of its own shape (load, method, question),
@@ -35,17 +33,16 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import layer_tensors
-from samkv_integrations.models.compat import with_cache
-from samkv_integrations.static_decode import SlotLayer, static_unsupported
+from samkv_integrations.stacked_cache import Member, StackedCache
+from samkv_integrations.static_decode import static_unsupported
 
 __all__ = ["BatchedDecoder", "DecodeBatcher", "batcher_for", "runs_plain_step"]
 
@@ -53,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 #: How long a step waits for the answers of the previous step to ask for their next token.
 GATHER_S = 0.01
-_EMPTY = torch.zeros(0)
 #: How long the worker thread waits, with no answer in flight, before it ends.
 IDLE_S = 1.0
 
@@ -61,25 +57,6 @@ IDLE_S = 1.0
 def runs_plain_step(decoder: Decoder) -> bool:
     """Whether ``decoder`` runs the plain forward (``Decoder.step`` not overridden)."""
     return type(decoder).step is Decoder.step
-
-
-@dataclass(eq=False)
-class _Member:
-    """One answer's decoding, as the batcher sees it (guarded by the batcher's condition)."""
-
-    max_steps: int
-    #: Its KV while outside the stacked cache: ``(keys, values)`` ``[1, heads, n, dim]`` per layer.
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    steps_done: int = 0
-    open: bool = True
-    #: The step it asked for: ``(token, position)``; then its logits or the error.
-    request: tuple[int, int] | None = None
-    logits: torch.Tensor | None = None
-    error: BaseException | None = None
-    #: Row and left padding in the stacked cache (row -1: not in it).
-    row: int = -1
-    pad: int = 0
-    _joined: bool = field(default=False, repr=False)
 
 
 class BatchedDecoder(Decoder):
@@ -92,7 +69,7 @@ class BatchedDecoder(Decoder):
 
     def __init__(self, batcher: DecodeBatcher, max_new_tokens: int) -> None:
         self._batcher = batcher
-        self._member = _Member(max_steps=max_new_tokens)
+        self._member = Member(max_steps=max_new_tokens)
 
     def step(
         self, model: PreTrainedModel, cache: DynamicCache, token: int, position: int
@@ -136,16 +113,10 @@ class DecodeBatcher:
         self.gather_s = gather_s
         self._lock = lock
         self._cond = threading.Condition()
-        self._pending: list[_Member] = []
+        self._pending: list[Member] = []
         self._open = 0
         self._worker: threading.Thread | None = None
-        # The stacked cache, touched only by the worker thread.
-        self._rows: list[_Member] = []
-        self._layers: list[SlotLayer] = []
-        self._cache: Cache | None = None
-        self._pads = self._slot = torch.zeros(0, dtype=torch.long)
-        self._next_slot = self._capacity = 0
-        self.steps = 0  # forwards run, for tests and logs
+        self._stack = StackedCache(model)  # touched only by the worker thread
         self._stopping = False
         _BATCHERS.add(self)
 
@@ -167,7 +138,7 @@ class DecodeBatcher:
         finally:
             decoder.close()
 
-    def step(self, member: _Member, cache: DynamicCache, token: int, position: int) -> torch.Tensor:
+    def step(self, member: Member, cache: DynamicCache, token: int, position: int) -> torch.Tensor:
         """Queue ``member``'s step and wait for its ``[vocab]`` logits (called by its thread)."""
         if not member._joined:
             member.kv = self._take_kv(cache)
@@ -195,7 +166,7 @@ class DecodeBatcher:
             raise RuntimeError("batched decoding: no logits")
         return logits
 
-    def leave(self, member: _Member) -> None:
+    def leave(self, member: Member) -> None:
         """End ``member``'s decoding; its rows are dropped at the next rebuild."""
         with self._cond:
             if member.open and member._joined:
@@ -233,15 +204,15 @@ class DecodeBatcher:
             batch = self._gather()
             if batch is None:
                 return
-            stacked = list(self._rows)
+            stacked = list(self._stack.rows)
             try:
                 with self._lock, torch.inference_mode():
                     batch = self._take(batch)  # and whoever asked while it waited for the lock
-                    logits = self._forward(batch)
+                    logits = self._stack.step(batch)
             except Exception as e:  # a failed step fails the answers it held, never the worker
                 logger.warning("batched decode step of %d answers failed: %s", len(batch), e)
                 lost = {*batch, *(m for m in stacked if m.kv is None)}
-                self._drop_stack()
+                self._stack.drop()
                 with self._cond:
                     for member in lost:
                         self._open -= member.open
@@ -254,6 +225,11 @@ class DecodeBatcher:
                     member.steps_done += 1
                 self._cond.notify_all()
 
+    @property
+    def steps(self) -> int:
+        """Forwards run so far (for tests and logs)."""
+        return self._stack.steps
+
     def stop(self) -> None:
         """End the worker (at exit: a daemon worker left waiting can abort the process)."""
         with self._cond:
@@ -263,12 +239,7 @@ class DecodeBatcher:
         if worker is not None:
             worker.join(timeout=10)
 
-    def _drop_stack(self) -> None:
-        """Forget the stacked cache (its buffers are freed once no step holds them)."""
-        self._rows, self._layers, self._cache = [], [], None
-        self._next_slot = self._capacity = 0
-
-    def _gather(self) -> list[_Member] | None:
+    def _gather(self) -> list[Member] | None:
         """The answers of the next step, or ``None`` once nothing is in flight for ``IDLE_S``."""
         with self._cond:
             while not self._pending or self._stopping:
@@ -278,8 +249,8 @@ class DecodeBatcher:
                     self._pending, self._worker = [], None
                     self._cond.notify_all()
                     return None
-                if not any(m.open for m in self._rows):
-                    self._drop_stack()  # nobody decodes on it any more: free it now
+                if not any(m.open for m in self._stack.rows):
+                    self._stack.drop()  # nobody decodes on it any more: free it now
                 idle = self._open == 0
                 if not self._cond.wait(IDLE_S) and idle and self._open == 0 and not self._pending:
                     self._worker = None
@@ -287,95 +258,21 @@ class DecodeBatcher:
             # Wait briefly for the rows of the last step, so the batch (and cache) stays put.
             deadline = time.monotonic() + self.gather_s
             while len(self._pending) < self.max_batch:
-                missing = [m for m in self._rows if m.open and m not in self._pending]
+                missing = [m for m in self._stack.rows if m.open and m not in self._pending]
                 left = deadline - time.monotonic()
                 if not missing or left <= 0:
                     break
                 self._cond.wait(left)
             return self._take([])
 
-    def _take(self, batch: list[_Member]) -> list[_Member]:
+    def _take(self, batch: list[Member]) -> list[Member]:
         """``batch`` topped up from the waiting steps: rows of the last step first, to ``max_batch``."""
         with self._cond:
-            order = {id(m): i for i, m in enumerate(self._rows)}
+            order = {id(m): i for i, m in enumerate(self._stack.rows)}
             ranked = sorted(self._pending, key=lambda m: order.get(id(m), len(order)))
             batch = batch + ranked[: self.max_batch - len(batch)]
             self._pending = [m for m in self._pending if m not in batch]
             return batch
-
-    def _forward(self, batch: list[_Member]) -> torch.Tensor:
-        """One step for ``batch``: ``[batch, vocab]`` logits, row ``member.row`` each."""
-        if set(map(id, batch)) != set(map(id, self._rows)) or self._next_slot >= self._capacity:
-            self._rebuild(batch)
-        model, device = self.model, self._pads.device
-        rows = sorted(batch, key=lambda m: m.row)
-        requests = [m.request for m in rows if m.request is not None]
-        tokens = torch.tensor([[t] for t, _ in requests], device=device)
-        positions = torch.tensor([[p] for _, p in requests], device=device)
-        self._slot.fill_(self._next_slot)
-        index = torch.arange(self._capacity, device=device)
-        visible = (index[None, :] >= self._pads[:, None]) & (index[None, :] <= self._slot)
-        mask = torch.zeros(visible.shape, dtype=model.dtype, device=device)
-        mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)[:, None, None, :]
-        out = model(
-            input_ids=tokens,
-            position_ids=positions,
-            attention_mask=mask,
-            **with_cache(model, self._cache),
-            use_cache=True,
-        )
-        self._next_slot += 1
-        self.steps += 1
-        return out.logits[:, -1]
-
-    def _rebuild(self, batch: list[_Member]) -> None:
-        """Stack ``batch``'s KV into new buffers, left-padded to a common length.
-
-        Rows of the old stack that are still open but not in ``batch`` get their own copy
-        first; the old buffers are freed layer by layer as the new ones fill.
-        """
-        old_rows, old_layers, old_slot = self._rows, self._layers, self._next_slot
-        self._drop_stack()
-        for member in old_rows:
-            if member.open and member not in batch:
-                member.kv = [
-                    (k[member.row : member.row + 1, :, member.pad : old_slot].clone(),
-                     v[member.row : member.row + 1, :, member.pad : old_slot].clone())
-                    for k, v in (layer.buffers for layer in old_layers)
-                ]  # fmt: skip
-                member.row = -1
-        lengths = [old_slot - m.pad if m.kv is None else m.kv[0][0].shape[2] for m in batch]
-        n = max(lengths)
-        capacity = n + max(m.max_steps - m.steps_done for m in batch)
-        n_layers = len(old_layers) if old_layers else len(batch[0].kv or [])
-        device = next(self.model.parameters()).device
-        slot = torch.zeros(1, dtype=torch.long, device=device)
-        for i in range(n_layers):
-            sources = [
-                (old_layers[i].buffers[0][m.row, :, m.pad : old_slot],
-                 old_layers[i].buffers[1][m.row, :, m.pad : old_slot])
-                if m.kv is None else (m.kv[i][0][0], m.kv[i][1][0])
-                for m in batch
-            ]  # fmt: skip
-            keys, values = sources[0]
-            shape = (len(batch), keys.shape[0], 0, keys.shape[-1])
-            layer = SlotLayer(keys.new_zeros(shape), values.new_zeros(shape), capacity, slot)
-            for row, ((k, v), length) in enumerate(zip(sources, lengths, strict=True)):
-                layer.buffers[0][row, :, n - length : n] = k
-                layer.buffers[1][row, :, n - length : n] = v
-            self._layers.append(layer)
-            if old_layers:
-                old_layers[i] = layer  # drop the old buffers of this layer
-            for m in batch:
-                if m.kv is not None:  # moved: drop this layer of the answer's own copy
-                    m.kv[i] = (_EMPTY, _EMPTY)
-        for row, (member, length) in enumerate(zip(batch, lengths, strict=True)):
-            member.row, member.pad, member.kv = row, n - length, None
-        self._rows = list(batch)
-        self._pads = torch.tensor([m.pad for m in batch], device=device)
-        self._slot, self._next_slot, self._capacity = slot, n, capacity
-        self._cache = Cache(layers=list(self._layers))
-        logger.debug("decode batch rebuilt: %d answers, %d slots", len(batch), capacity)
 
 
 _BATCHERS: weakref.WeakSet[DecodeBatcher] = weakref.WeakSet()

@@ -20,10 +20,12 @@ from transformers import DynamicCache
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.batching import BatchedDecoder, DecodeBatcher, runs_plain_step
 from samkv_integrations.decode import Decoder, GenerationOptions
+from samkv_integrations.encode import layer_tensors
 from samkv_integrations.fair_lock import FairLock
 from samkv_integrations.methods import DecodeState
 from samkv_integrations.models import LoadedModel
 from samkv_integrations.records import CacheRef
+from samkv_integrations.stacked_cache import Member, StackedCache
 from samkv_integrations.static_decode import StaticDecoder
 
 DOCS = [
@@ -219,8 +221,8 @@ def test_max_batch_caps_each_step(
     capped = SamKVEngine(talkative_llama, store, max_batch=2)
     assert capped._batcher is not None
     sizes: list[int] = []
-    forward = capped._batcher._forward
-    capped._batcher._forward = lambda batch: sizes.append(len(batch)) or forward(batch)  # type: ignore[method-assign]
+    forward = capped._batcher._stack.step
+    capped._batcher._stack.step = lambda batch: sizes.append(len(batch)) or forward(batch)  # type: ignore[method-assign]
     requests = REQUESTS[:4]
     got = _in_threads([lambda r=r: _ask(capped, refs, r) for r in requests], capped._lock)
     assert [a.token_ids for a in got] == [_ask(alone, refs, r).token_ids for r in requests]
@@ -295,3 +297,44 @@ def test_each_batched_step_gives_the_logits_of_the_step_alone(
         for a, b in zip(want, have, strict=True):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     assert batcher.steps - steps_before <= sum(map(len, tokens))
+
+
+def test_a_row_that_sits_out_steps_keeps_its_place_and_its_logits(
+    engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
+) -> None:
+    """A late answer rides along with a hidden placeholder: no rebuild, the same logits."""
+    alone, _ = engines
+    model = alone.model.model
+    states = []
+    for question, docs, method, _ in REQUESTS[:2]:
+        seen: list[DecodeState] = []
+        ask = [refs[i] for i in docs]
+        alone.answer(question, ask, method=method, max_new_tokens=1, observe=seen.append)
+        states.append(seen[0])
+    tokens = [[7, 40, 99, 3], [12, 80]]
+    with torch.inference_mode():
+        expected = []
+        for state, ids in zip(states, tokens, strict=True):
+            cache, decoder = copy.deepcopy(state.cache), Decoder()
+            expected.append(
+                [decoder.step(model, cache, t, state.next_position + i) for i, t in enumerate(ids)]
+            )
+        stack = StackedCache(model)
+        members = [Member(max_steps=4, kv=layer_tensors(copy.deepcopy(s.cache))) for s in states]
+        # Row 1 asks at steps 0 and 3 only: it sits out steps 1 and 2.
+        schedule = [[0, 1], [0], [0], [0, 1]]
+        got: list[list[torch.Tensor]] = [[], []]
+        for rows in schedule:
+            batch = []
+            for r in rows:
+                position = states[r].next_position + len(got[r])
+                members[r].request = (tokens[r][len(got[r])], position)
+                batch.append(members[r])
+            logits = stack.step(batch)
+            for r in rows:
+                got[r].append(logits[members[r].row])
+                members[r].steps_done += 1
+    assert stack.rebuilds == 1
+    for want, have in zip(expected, got, strict=True):
+        for a, b in zip(want, have, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)

@@ -1,0 +1,173 @@
+"""The stacked KV of the answers decoding together: one ``[rows, heads, capacity, dim]`` cache.
+
+``batching.DecodeBatcher`` runs each decode step of the answers in flight as one forward on
+this cache. Each answer's compact cache (its own length, its positions with gaps) is
+left-padded into ``static_decode.SlotLayer`` buffers; every row writes its new KV at the
+same slot, with its own ``position_ids``, and ``visible`` says which slots each row attends
+to, so that padding, unused slots and the slots of steps a row sat out stay hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+
+from samkv_integrations.models.compat import with_cache
+from samkv_integrations.static_decode import SlotLayer
+
+__all__ = ["Member", "StackedCache"]
+
+logger = logging.getLogger(__name__)
+
+_EMPTY = torch.zeros(0)
+
+
+@dataclass(eq=False)
+class Member:
+    """One answer's decoding, as the batcher sees it (guarded by the batcher's condition)."""
+
+    max_steps: int
+    #: Its KV while outside the stacked cache: ``(keys, values)`` ``[1, heads, n, dim]`` per layer.
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    steps_done: int = 0
+    open: bool = True
+    #: The step it asked for: ``(token, position)``; then its logits or the error.
+    request: tuple[int, int] | None = None
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+    #: Row in the stacked cache (-1: not in it).
+    row: int = -1
+    _joined: bool = field(default=False, repr=False)
+
+
+class StackedCache:
+    """The rows of the answers in the last step, their KV stacked (see the module doc).
+
+    Args:
+        model: The model the cache feeds (all of its cache layers full attention).
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.rows: list[Member] = []
+        self.steps = 0  # forwards run, for tests and logs
+        self.rebuilds = 0
+        self._layers: list[SlotLayer] = []
+        self._cache: Cache | None = None
+        self._slot = torch.zeros(0, dtype=torch.long)
+        #: ``[rows, capacity]`` which slots each row attends to (its own, real entries).
+        self._visible = torch.zeros(0, 0, dtype=torch.bool)
+        self._next_slot = self._capacity = 0
+
+    def drop(self) -> None:
+        """Forget the stacked cache (its buffers are freed once no step holds them)."""
+        self.rows, self._layers, self._cache = [], [], None
+        self._next_slot = self._capacity = 0
+
+    def step(self, batch: list[Member]) -> torch.Tensor:
+        """One step for ``batch``: ``[rows, vocab]`` logits, row ``member.row`` each.
+
+        Rows of the stack whose answer did not ask in time (or has ended) ride along with
+        a placeholder token: its KV lands in this step's slot, which stays hidden from that
+        row for good (``_visible``), so a late answer costs no rebuild. The stack is rebuilt
+        only when an answer joins, the slots run out, or most rows have ended.
+        """
+        stacked = set(map(id, self.rows))
+        ended = sum(not m.open for m in self.rows)
+        if (
+            any(id(m) not in stacked for m in batch)
+            or self._next_slot >= self._capacity
+            or 2 * ended > len(self.rows)
+        ):
+            self._rebuild(batch)
+        model, device = self.model, self._visible.device
+        requests: list[tuple[int, int]] = [(0, 0)] * len(self.rows)
+        present = [False] * len(self.rows)
+        for member in batch:
+            if member.request is not None:
+                requests[member.row], present[member.row] = member.request, True
+        table = torch.tensor(requests, device=device)  # [rows, 2]: token, position
+        tokens, positions = table[:, :1], table[:, 1:]
+        shown = torch.tensor(present, device=device)
+        self._slot.fill_(self._next_slot)
+        self._visible[:, self._next_slot] = shown
+        mask = torch.zeros(self._visible.shape, dtype=model.dtype, device=device)
+        mask = mask.masked_fill(~self._visible, torch.finfo(model.dtype).min)
+        # A placeholder row must still see something: its own slot (its output is discarded).
+        mask[~shown, self._next_slot] = 0
+        out = model(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=mask[:, None, None, :],
+            **with_cache(model, self._cache),
+            use_cache=True,
+        )
+        self._next_slot += 1
+        self.steps += 1
+        return out.logits[:, -1]
+
+    def _rebuild(self, batch: list[Member]) -> None:
+        """Stack ``batch``'s KV into new buffers, left-padded to a common length.
+
+        Each row keeps only its visible entries (placeholder slots are dropped). Rows of the
+        old stack that are still open but not in ``batch`` get their own copy first; the
+        old buffers are freed layer by layer as the new ones fill.
+        """
+        old_rows, old_layers, old_visible = self.rows, self._layers, self._visible
+        self.drop()
+        self.rebuilds += 1
+
+        def kept(member: Member) -> torch.Tensor:
+            return old_visible[member.row].nonzero().squeeze(1)
+
+        for member in old_rows:
+            if member.open and member not in batch:
+                index = kept(member)
+                member.kv = [
+                    (
+                        k[member.row : member.row + 1, :, index],
+                        v[member.row : member.row + 1, :, index],
+                    )
+                    for k, v in (layer.buffers for layer in old_layers)
+                ]
+                member.row = -1
+        indices = [kept(m) if m.kv is None else None for m in batch]
+        lengths = [
+            int(i.numel()) if i is not None else m.kv[0][0].shape[2]  # type: ignore[index]
+            for m, i in zip(batch, indices, strict=True)
+        ]
+        n = max(lengths)
+        capacity = n + max(m.max_steps - m.steps_done for m in batch)
+        n_layers = len(old_layers) if old_layers else len(batch[0].kv or [])
+        device = next(self.model.parameters()).device
+        slot = torch.zeros(1, dtype=torch.long, device=device)
+        for i in range(n_layers):
+            sources = [
+                (old_layers[i].buffers[0][m.row, :, index], old_layers[i].buffers[1][m.row, :, index])
+                if index is not None else (m.kv[i][0][0], m.kv[i][1][0])  # type: ignore[index]
+                for m, index in zip(batch, indices, strict=True)
+            ]  # fmt: skip
+            keys, values = sources[0]
+            shape = (len(batch), keys.shape[0], 0, keys.shape[-1])
+            layer = SlotLayer(keys.new_zeros(shape), values.new_zeros(shape), capacity, slot)
+            for row, ((k, v), length) in enumerate(zip(sources, lengths, strict=True)):
+                layer.buffers[0][row, :, n - length : n] = k
+                layer.buffers[1][row, :, n - length : n] = v
+            self._layers.append(layer)
+            if old_layers:
+                old_layers[i] = layer  # drop the old buffers of this layer
+            for m in batch:
+                if m.kv is not None:  # moved: drop this layer of the answer's own copy
+                    m.kv[i] = (_EMPTY, _EMPTY)
+        column = torch.arange(capacity, device=device)
+        self._visible = torch.stack([(column >= n - length) & (column < n) for length in lengths])
+        for row, member in enumerate(batch):
+            member.row, member.kv = row, None
+        self.rows = list(batch)
+        self._slot, self._next_slot, self._capacity = slot, n, capacity
+        self._cache = Cache(layers=list(self._layers))
+        logger.debug("decode batch rebuilt: %d answers, %d slots", len(batch), capacity)
