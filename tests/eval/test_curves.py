@@ -62,17 +62,19 @@ def test_bad_sweeps_are_named(text: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("methods", "message"),
+    ("methods", "sweep", "message"),
     [
-        ("sagekv+budget=0.5", "already sets 'budget'"),
-        ("full", "no method but 'full'"),
-        ("sagekv,reuse", "unknown option 'budget' of 'reuse'"),
+        ("sagekv+budget=0.5", "budget=0.2,1.0", "already sets 'budget'"),
+        ("samkv+decode=quest+retro_pages=2", "retro_pages=1,4", "already sets 'retro_pages'"),
+        ("full", "budget=0.2,1.0", "no method but 'full'"),
+        ("sagekv,reuse", "budget=0.2,1.0", "unknown option 'budget' of 'reuse'"),
     ],
 )
 def test_sweeps_that_cannot_run_fail_before_a_model_loads(
-    tmp_path: Path, data: Path, methods: str, message: str
+    tmp_path: Path, data: Path, methods: str, sweep: str, message: str
 ) -> None:
-    bad = sweep_config(tmp_path, data, methods=methods, model=str(tmp_path / "no-such-model"))
+    missing = str(tmp_path / "no-such-model")
+    bad = sweep_config(tmp_path, data, methods=methods, sweep=sweep, model=missing)
     with pytest.raises(ValueError, match=message):
         run_eval(bad)
     assert not (tmp_path / "run").exists()
@@ -149,3 +151,15 @@ def test_cli_sweep_flag(tmp_path: Path, data: Path, capsys: pytest.CaptureFixtur
         _parse(["--data", str(data), "--sweep", "budget"])
     assert exit_info.value.code == 2
     assert "argument --sweep: sweep: 'budget' is not option=value" in capsys.readouterr().err
+
+
+def test_a_decoding_option_can_be_swept(tmp_path: Path, data: Path) -> None:
+    pytest.importorskip("matplotlib")
+    methods = "samkv+budget=0.3+decode=quest"
+    config = sweep_config(tmp_path, data, methods=methods, sweep="retro_pages=0,64")
+    metrics = run_eval(config)
+    saved = json.loads((tmp_path / "run" / "curves.json").read_text())
+    points = saved["methods"][methods]
+    assert [p["value"] for p in points] == [0, 64]
+    assert [p["label"] for p in points] == [f"{methods}+retro_pages={v}" for v in (0, 64)]
+    assert set(metrics["methods"]) == {"full", *(p["label"] for p in points)}
