@@ -21,7 +21,8 @@ cache, with positions that follow the cache. Our answers bring caches the method
 (kept tokens only, positions with gaps), for which its scheduler has no entry point.
 
 Only decoders that run the plain step join (``runs_plain_step``); a method's own decoder
-(``+decode=retro``) keeps the one-at-a-time path. Steps run eagerly, without CUDA graphs.
+(``+decode=retro``) keeps the one-at-a-time path. Steps run eagerly, without CUDA graphs, so
+an answer with nobody to batch with takes the engine's one-at-a-time path (``deltas``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, cast
 
@@ -115,6 +116,7 @@ class DecodeBatcher:
         self._cond = threading.Condition()
         self._pending: list[Member] = []
         self._open = 0
+        self._in_flight = 0  # answers decoding, batched or alone
         self._worker: threading.Thread | None = None
         self._stack = StackedCache(model)  # touched only by the worker thread
         self._stopping = False
@@ -128,15 +130,31 @@ class DecodeBatcher:
         position: int,
         options: GenerationOptions,
         ids: list[int],
+        alone: Callable[[], Iterator[str]] | None = None,
     ) -> Iterator[str]:
-        """``generate_deltas`` (same arguments) with a decoder of this batch, closed at the end."""
-        decoder = BatchedDecoder(self, options.max_new_tokens)
+        """``generate_deltas`` (same arguments) in the batch, or ``alone()`` with nobody to join.
+
+        Given ``alone``, an answer that starts while no other decodes runs it, the engine's
+        one-at-a-time path (CUDA graphs where on), so a single user loses nothing to
+        batching; it still counts as in flight, so the answers that start meanwhile batch.
+        """
+        with self._cond:
+            solo = alone is not None and self._in_flight == 0
+            self._in_flight += 1
         try:
-            yield from generate_deltas(
-                self.model, tokenizer, cache, logits, position, options, ids, decoder
-            )
+            if solo and alone is not None:
+                yield from alone()
+                return
+            decoder = BatchedDecoder(self, options.max_new_tokens)
+            try:
+                yield from generate_deltas(
+                    self.model, tokenizer, cache, logits, position, options, ids, decoder
+                )
+            finally:
+                decoder.close()
         finally:
-            decoder.close()
+            with self._cond:
+                self._in_flight -= 1
 
     def step(self, member: Member, cache: DynamicCache, token: int, position: int) -> torch.Tensor:
         """Queue ``member``'s step and wait for its ``[vocab]`` logits (called by its thread)."""

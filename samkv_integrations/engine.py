@@ -79,9 +79,8 @@ class SamKVEngine:
         self._prefix: PrefixKV | None = None
         self._fingerprint: str | None = None
         self._known_ids = KnownIds(KNOWN_IDS)
-        # Prefills run one at a time (interleaved, no TTFT would mean anything); with
-        # ``batch_decoding`` the answers in flight decode together (``batching``, at most
-        # ``max_batch`` per step), taking turns with prefills on a FIFO lock.
+        # Prefills run one at a time (interleaved, no TTFT would mean anything); answers in
+        # flight decode together (``batching``), taking turns with prefills on a FIFO lock.
         self._lock: FairLock | threading.RLock = FairLock() if batch_decoding else threading.RLock()
         self._batcher = batcher_for(model.model, self._lock, batch_decoding, max_batch)
 
@@ -354,11 +353,15 @@ class SamKVEngine:
     ) -> Iterator[str]:
         """Decode from ``cache``: in the batch of answers in flight if it takes ``decoder``."""
         model, tokenizer, ids = self.model.model, self.model.tokenizer, answer.token_ids
+
+        def alone() -> Iterator[str]:
+            one = graphs_if_plain(decoder, self.decode_graphs, options.max_new_tokens)
+            deltas = generate_deltas(model, tokenizer, cache, logits, position, options, ids, one)
+            return self._locked_steps(deltas)
+
         if self._batcher is not None and runs_plain_step(decoder):
-            return self._batcher.deltas(tokenizer, cache, logits, position, options, ids)
-        decoder = graphs_if_plain(decoder, self.decode_graphs, options.max_new_tokens)
-        deltas = generate_deltas(model, tokenizer, cache, logits, position, options, ids, decoder)
-        return self._locked_steps(deltas)
+            return self._batcher.deltas(tokenizer, cache, logits, position, options, ids, alone)
+        return alone()
 
     def _prefill(self, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
         """Prefill ``ids`` at global positions ``start ..`` into ``cache``; ``[vocab]`` next logits."""
@@ -388,12 +391,8 @@ class SamKVEngine:
         self, refs: list[CacheRef], reads_cache: bool, on_foreign_cache: OnForeignCache
     ) -> tuple[list[DocumentKV], int]:
         """Each ref's KV on the model's device, and how many were encoded on the spot."""
+        known = self._known_ids
         loader = RefLoader(
-            self.model,
-            self.store,
-            self.fingerprint,
-            self.prefix,
-            self.document_ids,
-            self._known_ids,
+            self.model, self.store, self.fingerprint, self.prefix, self.document_ids, known
         )
         return loader.load(refs, reads_cache, on_foreign_cache)

@@ -338,3 +338,25 @@ def test_a_row_that_sits_out_steps_keeps_its_place_and_its_logits(
     for want, have in zip(expected, got, strict=True):
         for a, b in zip(want, have, strict=True):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_a_lone_answer_decodes_alone_and_later_ones_batch(
+    engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
+) -> None:
+    """Nobody to batch with: the one-at-a-time path (CUDA graphs on a GPU); meanwhile: batch."""
+    alone, batched = engines
+    batcher = batched._batcher
+    assert batcher is not None
+    first, second = REQUESTS[0], REQUESTS[3]
+    expected = [_ask(alone, refs, r).token_ids for r in (first, second)]
+    before = batcher.steps
+    assert _ask(batched, refs, first).token_ids == expected[0]
+    assert batcher.steps == before  # decoded alone
+    question, docs, method, options = first
+    stream = batched.stream(question, [refs[i] for i in docs], method=method, **options)
+    deltas = iter(stream)
+    next(deltas)  # the first answer is decoding (alone) ...
+    assert _ask(batched, refs, second).token_ids == expected[1]  # ... so this one batches
+    assert batcher.steps > before
+    list(deltas)
+    assert stream.answer.token_ids == expected[0]
