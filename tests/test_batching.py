@@ -70,6 +70,19 @@ def _ask(engine: SamKVEngine, refs: list[CacheRef], request: tuple[Any, ...]) ->
     return engine.answer(question, [refs[i] for i in docs], method=method, **options)
 
 
+def _decode_states(
+    engine: SamKVEngine, refs: list[CacheRef], requests: list[tuple[Any, ...]]
+) -> list[DecodeState]:
+    """Each request's decode state once its question is prefilled (what decoding starts from)."""
+    states = []
+    for question, docs, method, _ in requests:
+        seen: list[DecodeState] = []
+        ask = [refs[i] for i in docs]
+        engine.answer(question, ask, method=method, max_new_tokens=1, observe=seen.append)
+        states.append(seen[0])
+    return states
+
+
 def _in_threads(
     calls: list[Callable[[], Any]], lock: FairLock | None = None, waiters: int | None = None
 ) -> list[Any]:
@@ -267,12 +280,7 @@ def test_each_batched_step_gives_the_logits_of_the_step_alone(
     batcher = batched._batcher
     assert batcher is not None
     model = alone.model.model
-    states = []
-    for question, docs, method, _ in REQUESTS[:3]:
-        seen: list[DecodeState] = []
-        ask = [refs[i] for i in docs]
-        alone.answer(question, ask, method=method, max_new_tokens=1, observe=seen.append)
-        states.append(seen[0])
+    states = _decode_states(alone, refs, REQUESTS[:3])
     tokens = [[7, 40, 99, 3, 250], [12, 12, 80], [5, 61, 200, 9]]
 
     def decode(state: DecodeState, ids: list[int], decoder: Decoder) -> list[torch.Tensor]:
@@ -305,12 +313,7 @@ def test_a_row_that_sits_out_steps_keeps_its_place_and_its_logits(
     """A late answer rides along with a hidden placeholder: no rebuild, the same logits."""
     alone, _ = engines
     model = alone.model.model
-    states = []
-    for question, docs, method, _ in REQUESTS[:2]:
-        seen: list[DecodeState] = []
-        ask = [refs[i] for i in docs]
-        alone.answer(question, ask, method=method, max_new_tokens=1, observe=seen.append)
-        states.append(seen[0])
+    states = _decode_states(alone, refs, REQUESTS[:2])
     tokens = [[7, 40, 99, 3], [12, 80]]
     with torch.inference_mode():
         expected = []

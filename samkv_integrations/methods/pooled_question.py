@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from samkv_integrations.methods.attention_scope import swapped_attention
 from samkv_integrations.methods.pages import KVPool, merge_partials, partial_attention
 
 __all__ = ["PooledQuestion"]
@@ -46,15 +46,10 @@ class PooledQuestion:
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """This attention for every layer while the block runs, then the model's own again."""
-        config = self.model.config
-        previous = config._attn_implementation
-        ALL_ATTENTION_FUNCTIONS[ATTENTION_KEY] = self._attend
         try:
-            config._attn_implementation = ATTENTION_KEY
-            yield
+            with swapped_attention(self.model, ATTENTION_KEY, self._attend):
+                yield
         finally:
-            config._attn_implementation = previous
-            del ALL_ATTENTION_FUNCTIONS[ATTENTION_KEY]
             self.details["question_pool"] = {
                 "tokens": self.pool.n_tokens,
                 "bytes_moved": self.bytes_moved,

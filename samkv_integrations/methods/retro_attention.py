@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from samkv_integrations.decode import Decoder
+from samkv_integrations.methods.attention_scope import swapped_attention
 from samkv_integrations.methods.pages import KVPool, merge_partials, partial_attention
 from samkv_integrations.rope import rotate_half
 
@@ -157,23 +157,18 @@ class RetroDecoder(Decoder):
     @contextlib.contextmanager
     def _installed(self, model: PreTrainedModel) -> Iterator[None]:
         """This decoder's attention (and hidden-state capture) for one step, then restored."""
-        config = model.config
-        previous = config._attn_implementation
         hooks = []
-        ALL_ATTENTION_FUNCTIONS[ATTENTION_KEY] = self._attend
-        try:
-            config._attn_implementation = ATTENTION_KEY
-            if self.window > 1:
-                hooks = [
-                    layer.register_forward_pre_hook(self._capture(i), with_kwargs=True)
-                    for i, layer in enumerate(self.layers)
-                ]
-            yield
-        finally:
-            for hook in hooks:
-                hook.remove()
-            config._attn_implementation = previous
-            del ALL_ATTENTION_FUNCTIONS[ATTENTION_KEY]
+        with swapped_attention(model, ATTENTION_KEY, self._attend):
+            try:
+                if self.window > 1:
+                    hooks = [
+                        layer.register_forward_pre_hook(self._capture(i), with_kwargs=True)
+                        for i, layer in enumerate(self.layers)
+                    ]
+                yield
+            finally:
+                for hook in hooks:
+                    hook.remove()
 
     def _capture(self, index: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
