@@ -95,6 +95,15 @@ class Decoder:
         )
         return out.logits[0, -1]
 
+    def graph_twin(self, max_new_tokens: int) -> Decoder | None:
+        """A decoder running these same steps on a static cache as a CUDA graph, or None.
+
+        ``static_decode.with_graphs`` asks for it when the engine decodes with CUDA graphs:
+        the plain step's twin is ``StaticDecoder``; a method's decoder offers one only where
+        its step is capturable (fixed shapes, nothing read back to the host mid-step).
+        """
+        return None
+
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Every token id that ends generation (tokenizer EOS and the generation config's)."""

@@ -36,7 +36,7 @@ from samkv_integrations.models import LoadedModel, load_model, samkv_home
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import CacheRef, DocumentKV, MethodStats
 from samkv_integrations.resolve import KnownIds, OnForeignCache, RefLoader
-from samkv_integrations.static_decode import DecodeGraphs, decode_graphs_for, graphs_if_plain
+from samkv_integrations.static_decode import DecodeGraphs, decode_graphs_for, with_graphs
 from samkv_integrations.store import KVCacheStore, cache_key
 from samkv_integrations.timing import Stopwatch
 
@@ -355,7 +355,7 @@ class SamKVEngine:
         model, tokenizer, ids = self.model.model, self.model.tokenizer, answer.token_ids
 
         def alone() -> Iterator[str]:
-            one = graphs_if_plain(decoder, self.decode_graphs, options.max_new_tokens)
+            one = with_graphs(decoder, self.decode_graphs, options.max_new_tokens)
             deltas = generate_deltas(model, tokenizer, cache, logits, position, options, ids, one)
             return self._locked_steps(deltas)
 

@@ -68,6 +68,14 @@ def shift_keys(
         if delta == 0:
             return keys
         delta = torch.full((keys.shape[-2],), delta, device=keys.device)
-    cos, sin = rotation(model, delta.to(keys.device))
+    return rotate(keys, *rotation(model, delta.to(keys.device)))
+
+
+def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``keys`` ``[..., n, head_dim]`` rotated by ``rotation``'s ``[n, head_dim]`` cos and sin.
+
+    Computed in float32 and returned in the keys' dtype; callers that rotate many layers by
+    the same shifts compute ``rotation`` once and call this per layer.
+    """
     k = keys.float()
     return (k * cos + rotate_half(k) * sin).to(keys.dtype)

@@ -37,8 +37,8 @@ __all__ = [
     "DecodeGraphs",
     "StaticDecoder",
     "decode_graphs_for",
-    "graphs_if_plain",
     "static_unsupported",
+    "with_graphs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,15 +95,18 @@ def decode_graphs_for(model: PreTrainedModel, decode_graphs: DecodeGraphs) -> bo
     return False
 
 
-def graphs_if_plain(decoder: Decoder, graphs: bool, max_new_tokens: int) -> Decoder:
-    """The decoder an answer runs: a graph-replaying ``StaticDecoder`` in place of the plain one.
+def with_graphs(decoder: Decoder, graphs: bool, max_new_tokens: int) -> Decoder:
+    """The decoder an answer runs: with ``graphs``, its CUDA-graph twin where it has one.
 
-    A method's own decoder (a ``Decoder`` subclass) is kept as it is: it may read or change
-    the ``DynamicCache`` at each step, which the static path no longer extends.
+    The plain ``Decoder`` becomes a graph-replaying ``StaticDecoder``; a method's own decoder
+    is replaced only by the twin it offers (``Decoder.graph_twin``), since it may read or
+    change the ``DynamicCache`` at each step, which the static path no longer extends.
     """
-    if graphs and type(decoder) is Decoder:
+    if not graphs:
+        return decoder
+    if type(decoder) is Decoder:
         return StaticDecoder(max_new_tokens, graphs=True)
-    return decoder
+    return decoder.graph_twin(max_new_tokens) or decoder
 
 
 class SlotLayer(StaticLayer):

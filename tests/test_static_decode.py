@@ -27,8 +27,8 @@ from samkv_integrations.records import CacheRef
 from samkv_integrations.static_decode import (
     StaticDecoder,
     decode_graphs_for,
-    graphs_if_plain,
     static_unsupported,
+    with_graphs,
 )
 
 #: Methods whose decode caches differ in kind: every token, compacted with gaps at build
@@ -185,8 +185,8 @@ def test_graphs_off_cuda_are_an_error_and_auto_decodes_eagerly(
 
 
 def test_only_the_plain_decoder_is_replaced(indexed: dict[str, Indexed]) -> None:
-    assert type(graphs_if_plain(Decoder(), True, 4)) is StaticDecoder
-    assert type(graphs_if_plain(Decoder(), False, 4)) is Decoder
+    assert type(with_graphs(Decoder(), True, 4)) is StaticDecoder
+    assert type(with_graphs(Decoder(), False, 4)) is Decoder
     engine, refs = indexed["qwen2"].engine, indexed["qwen2"].refs
     # Pretend the engine had resolved graphs on: the plain path now reaches the graph
     # decoder (which, on CPU, refuses), while a method's own decoder is kept.

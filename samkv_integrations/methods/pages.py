@@ -12,7 +12,9 @@ combines blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,12 +77,6 @@ def merge_partials(
     return out_a * weight_a + out_b * weight_b, lse
 
 
-def _pinned(tensor: torch.Tensor) -> torch.Tensor:
-    cpu = tensor.to("cpu")
-    # Pinned pages copy to the GPU asynchronously; without a GPU there is nothing to pin for.
-    return cpu.pin_memory() if torch.cuda.is_available() else cpu
-
-
 @dataclass(slots=True)
 class KVPool:
     """Dropped tokens' KV in pages of ``page_size``, with per-page key bounds.
@@ -110,41 +106,52 @@ class KVPool:
     on_host: bool = False
 
     @classmethod
-    def from_tokens(
+    def from_layers(
         cls,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        n_layers: int,
+        layer: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
         positions: torch.Tensor,
         page_size: int,
         on_host: bool,
     ) -> KVPool:
-        """Page the tokens and compute their bounds.
+        """Page the tokens and compute their bounds, one layer at a time.
 
         Args:
-            keys: ``[n_layers, n_kv_heads, n_tokens, head_dim]`` at global positions, on the
-                model's device.
-            values: Same shape.
+            n_layers: Layers of the model.
+            layer: Layer ``i``'s ``(keys, values)``, each ``[n_kv_heads, n_tokens, head_dim]``
+                at global positions, on the model's device; called once per layer, so
+                that only one layer's tokens are temporaries at a time.
             positions: ``[n_tokens]`` their global positions (ascending).
             page_size: Tokens per page.
-            on_host: Keep the pages in (pinned) host memory rather than on the device.
+            on_host: Keep the pages in host memory (pinned where CUDA is available) rather
+                than on the device; they are copied there layer by layer.
         """
-        n_layers, n_kv_heads, n_tokens, head_dim = keys.shape
+        n_tokens = int(positions.numel())
         n_pages = -(-n_tokens // page_size)
         pad = n_pages * page_size - n_tokens
-        valid = torch.arange(n_pages * page_size, device=keys.device) < n_tokens
-        valid = valid.view(n_pages, page_size)
-
-        def paged(t: torch.Tensor) -> torch.Tensor:
-            t = torch.nn.functional.pad(t, (0, 0, 0, pad))
-            return t.view(n_layers, n_kv_heads, n_pages, page_size, head_dim)
-
-        paged_keys, paged_values = paged(keys), paged(values)
-        inside = valid[None, None, :, :, None]
-        key_min = paged_keys.masked_fill(~inside, float("inf")).amin(dim=3)
-        key_max = paged_keys.masked_fill(~inside, float("-inf")).amax(dim=3)
-        if on_host:
-            paged_keys, paged_values = _pinned(paged_keys), _pinned(paged_values)
-        return cls(paged_keys, paged_values, valid, key_min, key_max, positions, on_host)
+        device = positions.device
+        valid = (torch.arange(n_pages * page_size, device=device) < n_tokens).view(n_pages, -1)
+        inside = valid[None, :, :, None]
+        first = layer(0)
+        n_kv_heads, _, head_dim = first[0].shape
+        paged = (n_kv_heads, n_pages, page_size, head_dim)
+        # Host pages are pinned where there is a GPU, so each fetch copies asynchronously.
+        pinned = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        place: dict[str, Any] = pinned if on_host else {"device": device}
+        keys = torch.empty((n_layers, *paged), dtype=first[0].dtype, **place)
+        values = torch.empty((n_layers, *paged), dtype=first[1].dtype, **place)
+        bounds = (n_layers, n_kv_heads, n_pages, head_dim)
+        key_min = torch.empty(bounds, dtype=first[0].dtype, device=device)
+        key_max = torch.empty(bounds, dtype=first[0].dtype, device=device)
+        for i in range(n_layers):
+            layer_keys, layer_values = first if i == 0 else layer(i)
+            page_keys = torch.nn.functional.pad(layer_keys, (0, 0, 0, pad)).view(paged)
+            page_values = torch.nn.functional.pad(layer_values, (0, 0, 0, pad)).view(paged)
+            key_min[i] = page_keys.masked_fill(~inside, float("inf")).amin(dim=2)
+            key_max[i] = page_keys.masked_fill(~inside, float("-inf")).amax(dim=2)
+            keys[i].copy_(page_keys)
+            values[i].copy_(page_values)
+        return cls(keys, values, valid, key_min, key_max, positions, on_host)
 
     @property
     def n_pages(self) -> int:

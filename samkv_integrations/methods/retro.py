@@ -12,7 +12,7 @@ from samkv_integrations.methods.base import BaseMethod, ContextCache, DecodeStat
 from samkv_integrations.methods.pages import KVPool
 from samkv_integrations.methods.pooled_question import PooledQuestion
 from samkv_integrations.methods.retro_attention import RetroDecoder
-from samkv_integrations.rope import shift_keys
+from samkv_integrations.rope import rotate, rotation
 from samkv_integrations.timing import Stopwatch
 
 __all__ = ["DECODE_POLICIES", "RetroMethod", "dropped_pool"]
@@ -29,28 +29,34 @@ def dropped_pool(
     """The documents' tokens missing from ``kept_indices``, at global positions, paged.
 
     Keys are the stored ones rotated to the tokens' global positions (as
-    ``MethodInput.aligned_keys``); values are the stored ones. None if nothing was dropped.
+    ``MethodInput.aligned_keys``); values are the stored ones. Built one layer at a time, so
+    that no more than one layer's dropped tokens exist as temporaries besides the pool.
+    None if nothing was dropped.
     """
-    keys, values, positions = [], [], []
+    dropped = []  # (document, local indices of its dropped tokens, their rotation)
+    positions = []
     for i, (doc, kept) in enumerate(zip(inputs.documents, kept_indices, strict=True)):
         if doc.keys.numel() == 0:
             continue
-        dropped = torch.ones(doc.n_tokens, dtype=torch.bool, device=doc.keys.device)
-        dropped[kept.to(doc.keys.device)] = False
-        index = dropped.nonzero().squeeze(1)
+        missing = torch.ones(doc.n_tokens, dtype=torch.bool, device=doc.keys.device)
+        missing[kept.to(doc.keys.device)] = False
+        index = missing.nonzero().squeeze(1)
         if index.numel() == 0:
             continue
         start = inputs.doc_starts[i]
-        keys.append(
-            shift_keys(inputs.model, doc.keys.index_select(2, index), start - doc.prefix_len)
-        )
-        values.append(doc.values.index_select(2, index))
+        shift = torch.full_like(index, start - doc.prefix_len)
+        dropped.append((doc, index, rotation(inputs.model, shift)))
         positions.append(start + index)
-    if not keys:
+    if not dropped:
         return None
-    return KVPool.from_tokens(
-        torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(positions), page_size, on_host
-    )
+
+    def layer(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [rotate(d.keys[i].index_select(1, index), *turn) for d, index, turn in dropped]
+        values = [d.values[i].index_select(1, index) for d, index, _ in dropped]
+        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+    n_layers = int(dropped[0][0].keys.shape[0])
+    return KVPool.from_layers(n_layers, layer, torch.cat(positions), page_size, on_host)
 
 
 @dataclass
@@ -68,7 +74,9 @@ class RetroMethod(BaseMethod):
     ``retro_pages`` pool pages by Quest's bound, merged by log-sum-exp (exact softmax over
     both); with ``decode=retro`` it corrects the last ``retro_window - 1`` steps' outputs
     with pages they had not seen and refreshes their next-layer K/V
-    (``retro_attention.RetroDecoder``). ``decode=quest`` is the retrieval alone. With
+    (``retro_attention.RetroDecoder``). ``decode=quest`` is the retrieval alone; from a
+    device pool it decodes on a static cache replayed as a CUDA graph where the engine
+    uses graphs (``quest_graph.StaticQuestDecoder``). With
     ``retro_question=pool`` the question prefill attends densely to the compact cache and
     the whole pool (``pooled_question.PooledQuestion``), as Quest's prefill is dense; the
     pool is read, not added to the cache, so decoding still starts from the compact cache.

@@ -29,7 +29,7 @@ from samkv_integrations.methods.attention_scope import swapped_attention
 from samkv_integrations.methods.pages import KVPool, merge_partials, partial_attention
 from samkv_integrations.rope import rotate_half
 
-__all__ = ["RetroDecoder"]
+__all__ = ["DecodeStats", "RetroDecoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,43 @@ class _StepRecord:
 
 
 @dataclass
-class _Stats:
+class DecodeStats:
+    """Per-answer counts of a retrieval decoder, shown in the answer's ``details["decode"]``."""
+
     steps: int = 0
     pages: int = 0
     bytes_moved: int = 0
     corrections: int = 0
     refreshed: int = 0
     max_pages: int = 0
+
+    def record(self, fetched: int, policy: str, pool: KVPool | None, resident: int) -> dict:
+        """Count one step that fetched ``fetched`` pages; the details of the answer so far.
+
+        Args:
+            fetched: Pages fetched this step, over every layer and KV head.
+            policy: ``retro`` or ``quest``.
+            pool: The pool (None: nothing to fetch).
+            resident: Bytes of KV the decoder holds on the device besides a device pool.
+        """
+        self.steps += 1
+        self.max_pages = max(self.max_pages, fetched)
+        if pool is not None and not pool.on_host:
+            resident += pool.nbytes
+        return {
+            "policy": policy,
+            "steps": self.steps,
+            "pages_per_step": self.pages / self.steps,
+            "max_pages_per_step": self.max_pages,
+            "page_size": pool.page_size if pool is not None else 0,
+            "bytes_moved": self.bytes_moved,
+            "resident_kv_bytes": resident,
+            "corrections": self.corrections,
+            "refreshed_entries": self.refreshed,
+            "pool_tokens": pool.n_tokens if pool is not None else 0,
+            "pool_bytes": pool.nbytes if pool is not None else 0,
+            "pool_on_host": bool(pool is not None and pool.on_host),
+        }
 
 
 class RetroDecoder(Decoder):
@@ -106,7 +136,7 @@ class RetroDecoder(Decoder):
         self.window = window
         self.details = details
         self.past: deque[_StepRecord] = deque(maxlen=max(window - 1, 0))
-        self.stats = _Stats()
+        self.stats = DecodeStats()
         self._cache: DynamicCache | None = None
         self._current: _StepRecord | None = None
 
@@ -132,27 +162,22 @@ class RetroDecoder(Decoder):
         return logits
 
     def _count(self, fetched: int, cache: DynamicCache) -> None:
-        stats = self.stats
         layers: list[Any] = list(cache.layers)  # DynamicCache's full-attention layers
         resident = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in layers)
-        if self.pool is not None and not self.pool.on_host:
-            resident += self.pool.nbytes
-        stats.steps += 1
-        stats.max_pages = max(stats.max_pages, fetched)
-        self.details["decode"] = {
-            "policy": "retro" if self.window > 1 else "quest",
-            "steps": stats.steps,
-            "pages_per_step": stats.pages / stats.steps,
-            "max_pages_per_step": stats.max_pages,
-            "page_size": self.pool.page_size if self.pool is not None else 0,
-            "bytes_moved": stats.bytes_moved,
-            "resident_kv_bytes": resident,
-            "corrections": stats.corrections,
-            "refreshed_entries": stats.refreshed,
-            "pool_tokens": self.pool.n_tokens if self.pool is not None else 0,
-            "pool_bytes": self.pool.nbytes if self.pool is not None else 0,
-            "pool_on_host": bool(self.pool is not None and self.pool.on_host),
-        }
+        policy = "retro" if self.window > 1 else "quest"
+        self.details["decode"] = self.stats.record(fetched, policy, self.pool, resident)
+
+    def graph_twin(self, max_new_tokens: int) -> Decoder | None:
+        """Quest retrieval from a device pool on a static cache, replayed as a CUDA graph.
+
+        None for the retrospective correction (its refresh rewrites past entries from the
+        host's records), a pool in host memory (each fetch is a host-driven copy) or no pool.
+        """
+        if self.window > 1 or self.pool is None or self.pool.on_host or self.pages == 0:
+            return None
+        from samkv_integrations.methods.quest_graph import StaticQuestDecoder
+
+        return StaticQuestDecoder(self.pool, self.pages, self.details, max_new_tokens, graphs=True)
 
     @contextlib.contextmanager
     def _installed(self, model: PreTrainedModel) -> Iterator[None]:

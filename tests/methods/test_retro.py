@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -18,9 +20,11 @@ from samkv_integrations.methods import (
     parse_spec,
 )
 from samkv_integrations.methods.pages import merge_partials, partial_attention
+from samkv_integrations.methods.quest_graph import StaticQuestDecoder
 from samkv_integrations.methods.retro_attention import RetroDecoder
 from samkv_integrations.models import LoadedModel
 from samkv_integrations.models.compat import with_cache
+from samkv_integrations.static_decode import with_graphs
 
 from .contract import Case, MethodContract
 
@@ -125,6 +129,69 @@ class TestRetroMethod(MethodContract):
             stats["pages_per_step"]
             == state.pool.n_pages * len(state.cache.layers) * (state.cache.layers[0].keys.shape[1])
         )
+
+    @pytest.mark.parametrize("pool_place", ["device", "host"])
+    def test_pool_holds_the_dropped_tokens_at_global_positions(
+        self, case: Case, pool_place: str
+    ) -> None:
+        inputs = case.inputs
+        method = RetroMethod(SMALL, retro_page_size=4, retro_pool=pool_place)
+        context = method(inputs)
+        pool = context.pool
+        assert pool is not None and pool.on_host == (pool_place == "host")
+        keys, values, positions = [], [], []
+        for i, (doc, kept) in enumerate(zip(inputs.documents, context.kept_indices, strict=True)):
+            dropped = torch.ones(doc.n_tokens, dtype=torch.bool)
+            dropped[kept] = False
+            keys.append(inputs.aligned_keys(i)[:, :, dropped])
+            values.append(doc.values[:, :, dropped])
+            positions.append(inputs.doc_starts[i] + dropped.nonzero().squeeze(1))
+        n_layers, n_kv_heads, _, _, head_dim = pool.keys.shape
+        flat = pool.valid.reshape(-1)
+
+        def tokens(paged: torch.Tensor) -> torch.Tensor:
+            return paged.reshape(n_layers, n_kv_heads, -1, head_dim)[:, :, flat]
+
+        torch.testing.assert_close(tokens(pool.keys), torch.cat(keys, dim=2))
+        torch.testing.assert_close(tokens(pool.values), torch.cat(values, dim=2))
+        assert torch.equal(pool.positions, torch.cat(positions))
+        for page in range(pool.n_pages):
+            inside = pool.keys[:, :, page][:, :, pool.valid[page]]
+            torch.testing.assert_close(pool.key_min[:, :, page], inside.amin(dim=2))
+            torch.testing.assert_close(pool.key_max[:, :, page], inside.amax(dim=2))
+
+    def test_static_quest_decodes_as_the_eager_quest(self, case: Case) -> None:
+        # The CUDA-graph twin of decode=quest, run eagerly here: the same attention on
+        # preallocated buffers behind a mask must give the eager decoder's logits and stats.
+        method = RetroMethod(SMALL, decode="quest", retro_pages=2, retro_page_size=4)
+        eager_state = decode_state(case.inputs, method)
+        static_state = decode_state(case.inputs, method)
+        assert static_state.pool is not None
+        tokens = greedy_tokens(eager_state, with_pool(eager_state), 6)
+        eager = forced_logits(eager_state, method.decoder(eager_state), tokens)
+        twin = StaticQuestDecoder(static_state.pool, 2, static_state.details, len(tokens))
+        static = forced_logits(static_state, twin, tokens)
+        for a, b in zip(eager, static, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+        eager_stats, static_stats = eager_state.details["decode"], static_state.details["decode"]
+        assert isinstance(eager_stats, dict) and isinstance(static_stats, dict)
+        for key in ("policy", "steps", "pages_per_step", "pool_tokens", "bytes_moved"):
+            assert static_stats[key] == eager_stats[key], key
+
+    def test_only_quest_from_a_device_pool_has_a_graph_twin(self, case: Case) -> None:
+        def decoder(**options: Any) -> Decoder:
+            method = RetroMethod(SMALL, retro_pages=2, retro_page_size=4, **options)
+            return method.decoder(decode_state(case.inputs, method))
+
+        quest = decoder(decode="quest")
+        assert isinstance(with_graphs(quest, True, 8), StaticQuestDecoder)
+        assert with_graphs(quest, False, 8) is quest
+        for kept in (decoder(decode="retro"), decoder(decode="quest", retro_pool="host")):
+            assert with_graphs(kept, True, 8) is kept
+        pool = decode_state(case.inputs, RetroMethod(SMALL, retro_page_size=4)).pool
+        assert pool is not None
+        with pytest.raises(ValueError, match="pages must be in 1"):
+            StaticQuestDecoder(pool, pool.n_pages + 1, {}, 4)
 
     def test_pooled_question_prefill_reads_the_whole_pool(self, case: Case) -> None:
         # Dense over compact cache + pool = a plain prefill on a cache holding both.
