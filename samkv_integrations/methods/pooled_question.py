@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from samkv_integrations.methods.attention_scope import swapped_attention
@@ -57,38 +55,24 @@ class PooledQuestion:
 
     def _attend(
         self,
-        module: nn.Module,
+        layer: int,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
+    ) -> torch.Tensor:
         """Causal attention over the compact cache, plus every pooled token, merged exactly.
 
-        Args:
-            module: The layer's attention module (``layer_idx``).
-            query: ``[1, n_heads, q_len, head_dim]`` post-RoPE question queries.
-            key: ``[1, n_kv_heads, cache_len, head_dim]``: the compact cache, its last
-                ``q_len`` entries the question's own.
-            value: Same shape as ``key``.
-            attention_mask: Ignored: the causal mask is built here (transformers builds
-                none for an attention key it does not know).
-            scaling: Score scale.
-            dropout: Ignored (inference only).
-            kwargs: transformers' extra attention arguments, unused.
-
-        Returns:
-            ``([1, q_len, n_heads, head_dim], None)`` as transformers' attention functions do.
+        A ``LayerAttention`` (``attention_scope``) for a batch of one: ``key`` is the compact
+        cache, its last ``q_len`` entries the question's own; ``attention_mask`` is None
+        (the causal mask is built here).
         """
         batch, n_heads, q_len, head_dim = query.shape
         if batch != 1:
             raise ValueError(f"PooledQuestion prefills one sequence, got batch {batch}")
         n_kv_heads, cache_len = key.shape[1], key.shape[2]
         group = n_heads // n_kv_heads
-        layer = int(module.layer_idx)  # type: ignore[arg-type]
         # Rows are (query head within the group, question token), per KV head.
         q = query[0].reshape(n_kv_heads, group * q_len, head_dim)
         entry = torch.arange(cache_len, device=query.device)
@@ -111,4 +95,4 @@ class PooledQuestion:
         )
         out, _ = merge_partials(out, lse, pool_out, pool_lse)
         out = out.reshape(n_heads, q_len, head_dim).transpose(0, 1)
-        return out[None].to(query.dtype), None
+        return out[None].to(query.dtype)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from samkv_integrations.methods.attention_scope import swapped_attention
@@ -83,34 +82,21 @@ class StaticQuestDecoder(StaticDecoder):
 
     def _attend(
         self,
-        module: nn.Module,
+        layer: int,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        """Attention of the step's query over the visible slots plus the top pool pages.
+    ) -> torch.Tensor:
+        """Attention of the step's one query over the visible slots plus the top pool pages.
 
-        Args:
-            module: The layer's attention module (``layer_idx``).
-            query: ``[1, n_heads, 1, head_dim]`` post-RoPE.
-            key: ``[1, n_kv_heads, capacity, head_dim]``: the static buffers.
-            value: Same shape as ``key``.
-            attention_mask: ``[1, 1, 1, capacity]`` additive: 0 where a slot is visible
-                (the static step's mask, passed through as transformers does for a 4-D one).
-            scaling: Score scale.
-            dropout: Ignored (inference only).
-            kwargs: transformers' extra attention arguments, unused.
-
-        Returns:
-            ``([1, 1, n_heads, head_dim], None)`` as transformers' attention functions do.
+        A ``LayerAttention`` (``attention_scope``): ``key`` is the static buffers
+        ``[1, n_kv_heads, capacity, head_dim]``; ``attention_mask`` is the static step's
+        ``[1, 1, 1, capacity]`` additive mask, 0 where a slot is visible.
         """
         if attention_mask is None or query.shape[0] != 1 or query.shape[2] != 1:
             raise ValueError("StaticQuestDecoder decodes one token at a time on its own mask")
-        layer = int(module.layer_idx)  # type: ignore[arg-type]
         n_heads, head_dim = query.shape[1], query.shape[3]
         n_kv_heads = key.shape[1]
         q = query[0, :, 0].reshape(n_kv_heads, n_heads // n_kv_heads, head_dim)
@@ -120,4 +106,4 @@ class StaticQuestDecoder(StaticDecoder):
         page_keys, page_values, valid = self.pool.fetch(layer, chosen)
         page_out, page_lse = partial_attention(q, page_keys, page_values, scaling, valid[:, None])
         out, _ = merge_partials(out, lse, page_out, page_lse)
-        return out.reshape(1, 1, n_heads, head_dim).to(query.dtype), None
+        return out.reshape(1, 1, n_heads, head_dim).to(query.dtype)

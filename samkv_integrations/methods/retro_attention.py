@@ -208,36 +208,24 @@ class RetroDecoder(Decoder):
 
     def _attend(
         self,
-        module: nn.Module,
+        layer: int,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
+    ) -> torch.Tensor:
         """Attention of the step's one query over the compact cache plus fetched pages.
 
-        Args:
-            module: The layer's attention module (``layer_idx``).
-            query: ``[1, n_heads, 1, head_dim]`` post-RoPE.
-            key: ``[1, n_kv_heads, cache_len, head_dim]``: the compact cache with this token.
-            value: Same shape as ``key``.
-            attention_mask: Ignored: one query at the end of the cache sees every entry.
-            scaling: Score scale.
-            dropout: Ignored (inference only).
-            kwargs: transformers' extra attention arguments, unused.
-
-        Returns:
-            ``([1, 1, n_heads, head_dim], None)`` as transformers' attention functions do.
+        A ``LayerAttention`` (``attention_scope``): ``key`` is the compact cache with this
+        token; ``attention_mask`` is ignored (one query at the end of the cache sees every
+        entry).
         """
         if query.shape[0] != 1 or query.shape[2] != 1:
             raise ValueError(f"RetroDecoder decodes one token at a time, got {tuple(query.shape)}")
         pool, record = self.pool, self._current
         if pool is None or record is None:
             raise RuntimeError("RetroDecoder attention ran outside its own step")
-        layer = int(module.layer_idx)  # type: ignore[arg-type]
         n_heads, head_dim = query.shape[1], query.shape[3]
         n_kv_heads = key.shape[1]
         q = query[0, :, 0].reshape(n_kv_heads, n_heads // n_kv_heads, head_dim)
@@ -256,7 +244,7 @@ class RetroDecoder(Decoder):
                 self._correct(past, layer, seen, chosen, page_keys, page_values, valid, scaling)
             record.query[layer], record.out[layer], record.lse[layer] = q, out, lse
             record.seen[layer] = seen
-        return out.reshape(1, 1, n_heads, head_dim).to(query.dtype), None
+        return out.reshape(1, 1, n_heads, head_dim).to(query.dtype)
 
     def _correct(
         self,
