@@ -222,6 +222,9 @@ def test_the_method_path_times_the_methods_own_decoder(
     paths = work["methods"][spec]["decode_paths_batch1"]
     assert list(paths) == ["eager", "method"] and paths["method"]["tokens_per_s"] > 0
     assert built == [RetroDecoder]
+    # The engine decodes such answers one at a time: no batched rate is claimed for it.
+    result = work["methods"][spec]
+    assert result["decode_max_batch"] is None and result["decode_tokens_per_s_max_batch"] is None
 
 
 def test_the_method_path_needs_the_methods_decoder(tiny_llama: LoadedModel) -> None:

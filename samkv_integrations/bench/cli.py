@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from samkv_integrations.batching import runs_plain_step
 from samkv_integrations.bench.arguments import add_arguments
 from samkv_integrations.bench.report import (
     environment,
@@ -155,8 +156,13 @@ def _bench_method(
         result["decode_tokens_per_s_batch1"] = decode_rate(
             model, state.cache, position, 1, args.decode_steps
         )
-        batch, rate = largest_batch_rate(
-            model, state.cache, position, args.decode_steps, args.max_batch
+        # The engine batches only the plain step (``batching``): a method with its own
+        # decoder (``+decode=quest``) decodes one answer at a time, so no batched rate.
+        batched = runs_plain_step(instance.decoder(state))
+        batch, rate = (
+            largest_batch_rate(model, state.cache, position, args.decode_steps, args.max_batch)
+            if batched
+            else (None, None)
         )
         result["decode_max_batch"] = batch
         result["decode_tokens_per_s_max_batch"] = rate

@@ -86,10 +86,17 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{ms('assemble'):>8}{ms('select'):>8}{ms('recompute'):>8}{ms('question'):>8}"
                 f"{r['kept_fraction']:>6.0%}{_fmt_bytes(r['kv_bytes']):>11}"
                 f"{x('kv_bytes'):>7}{_fmt_bytes(r['peak_memory_bytes']):>11}"
-                f"{r.get('decode_tokens_per_s_batch1', 0):>10.1f}{r.get('decode_max_batch', 0):>5}"
-                f"{r.get('decode_tokens_per_s_max_batch', 0):>10.1f}{x('decode_max_batch'):>7}"
+                f"{r.get('decode_tokens_per_s_batch1', 0):>10.1f}"
+                f"{_or_dash(r.get('decode_max_batch'), 'd'):>5}"
+                f"{_or_dash(r.get('decode_tokens_per_s_max_batch'), '.1f'):>10}"
+                f"{x('decode_max_batch'):>7}"
             )
         _print_decode_paths(work["methods"])
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``-`` where there is none (not measured)."""
+    return "-" if value is None else format(value, spec)
 
 
 def _print_decode_paths(methods: dict[str, Any]) -> None:
