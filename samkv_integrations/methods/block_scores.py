@@ -198,6 +198,7 @@ def select_blocks(
     personal_weight: float,
     head_pool: str,
     tau: float | None,
+    score_positions: str = "global",
 ) -> tuple[torch.Tensor, dict[str, object]]:
     """The blocks SamKV keeps, as ``SamKVMethod`` describes (its options, by name).
 
@@ -214,6 +215,10 @@ def select_blocks(
         personal_weight: Under attention scoring, the personalized query's weight.
         head_pool: Under attention scoring, ``"mean"`` or ``"max"`` over layers and KV heads.
         tau: Under attention scoring, the share of block mass to keep (``None``: all room).
+        score_positions: Under attention scoring, where the documents' keys sit for the
+            question to attend to: ``"global"`` (where the prompt lays them out) or
+            ``"adjacent"`` (each as if it ended right before the question, so that RoPE's
+            decay with distance does not favour the documents nearest the question).
 
     Returns:
         Kept blocks ``[D, max_blocks]``, and facts for ``details``: ``adaptive_ratio``
@@ -236,8 +241,10 @@ def select_blocks(
     block_tokens = torch.bincount(slot, minlength=len(docs) * width).view(len(docs), width)[:, 1:]
     if scoring == "attention":
         personal = personal_queries(queries.mean(1), own) if personal_weight else None
+        adjacent = [start - d.n_tokens for d in docs]
+        starts = inputs.doc_starts if score_positions == "global" else adjacent
         mass = question_block_mass(
-            model, inputs.prefix, docs, inputs.doc_starts, layers, queries, start,
+            model, inputs.prefix, docs, starts, layers, queries, start,
             personal, personal_weight, slot, len(docs) * width,
         )  # fmt: skip
         pooled = mass.mean(dim=(0, 1)) if head_pool == "mean" else mass.amax(dim=(0, 1))

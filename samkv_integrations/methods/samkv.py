@@ -20,46 +20,50 @@ _CHOICES = {
     "ranking": ("per_document", "global"),
     "scoring": ("paper", "attention"),
     "head_pool": ("mean", "max"),
+    "score_positions": ("global", "adjacent"),
 }
 #: Fractions in (0, 1], or [0, 1] where True; ``tau`` may also be ``None``.
 _FRACTIONS = {"fusion_theta": False, "budget": False, "tau": False, "personal_weight": True}
 #: The attention scoring's options, and their values that leave the paper's scoring as is.
-_ATTENTION_ONLY = {"tau": (None, 1), "personal_weight": (0,), "head_pool": ("mean",)}
+_ATTENTION_ONLY = {
+    "tau": (None, 1), "personal_weight": (0,), "head_pool": ("mean",), "score_positions": ("global",)
+}  # fmt: skip
 
 
 @dataclass
 class SamKVMethod(BaseMethod):
     """Sparse attention across multiple-context KV caches (Cao et al., AAAI 2026).
 
-    Paper: https://arxiv.org/abs/2508.11661.
+    Paper: https://arxiv.org/abs/2508.11661. Anchors, each document's first ``n_init`` and
+    last ``n_local`` tokens, are always kept (a document shorter than anchors plus one
+    block, whole); the middle is cut into blocks. The question, prefilled over the prefix
+    and all anchors at global positions, gives ``Qq``, its mean query per head at each
+    selection layer; document ``i`` is scored with ``Qi = Qq + 1/(D-1) Σ_{j≠i} |cos(Qj, Qq)|
+    Qj`` (``Qj``: document ``j``'s stored mean query of its last tokens), averaged per KV
+    group. Block score ``s_b = Σ_h <Qi_h, mean key_h>``, anchor score ``s_anc`` alike; ``P_i
+    = (max s_b - s_anc) / (max s_b - min s_b)`` if ``min < s_anc <= max`` else 0, averaged
+    over layers. ``ranking="per_document"`` keeps each layer's top ``floor(n_blocks · P_i)``
+    blocks, united over layers; ``"global"`` the best blocks of all documents under
+    ``budget`` (anchors counted), by ``s_b - s_anc`` over each layer's score range, averaged
+    over layers. Scores are pre-RoPE: the queries are ``q_proj`` outputs, so keys are
+    un-rotated per token before block means (post-RoPE means would mix in each block's
+    rotation).
 
-    Anchors, each document's first ``n_init`` and last ``n_local`` tokens, are always kept
-    (a document shorter than anchors plus one block, whole); the middle is cut into blocks.
-    The question, prefilled over the prefix and all anchors at global positions, gives
-    ``Qq``, its mean query per head at each selection layer; document ``i`` is scored with
-    ``Qi = Qq + 1/(D-1) Σ_{j≠i} |cos(Qj, Qq)| Qj`` (``Qj``: document ``j``'s stored mean
-    query of its last tokens), averaged per KV group. Block score ``s_b = Σ_h <Qi_h, mean
-    key_h>``, anchor score ``s_anc`` alike; ``P_i = (max s_b - s_anc) / (max s_b - min s_b)``
-    if ``min < s_anc <= max`` else 0, averaged over layers. ``ranking="per_document"`` keeps
-    each layer's top ``floor(n_blocks · P_i)`` blocks, united over layers; ``"global"`` the
-    best blocks of all documents under ``budget`` (anchors counted), by ``s_b - s_anc`` over
-    each layer's score range, averaged over layers. Scores are pre-RoPE: the queries are
-    ``q_proj`` outputs, so keys are un-rotated per token before block means (post-RoPE
-    means would mix in each block's rotation).
-
-    ``scoring="attention"`` ranks blocks instead by the attention mass the question's
-    tokens put on them (``question_attention`` gives the shapes and the cost): their queries,
-    run as above, RoPE at their global positions, against every reused key at its global
-    position, softmax per query head over the whole context, averaged over each KV group
-    and the tokens, summed per block, then pooled over layers and KV heads (``head_pool``).
+    ``scoring="attention"`` ranks blocks instead by the attention mass the question's tokens
+    put on them (``question_attention`` gives the shapes and the cost): their queries, run
+    as above, RoPE at their global positions, against every reused key at its global
+    position, softmax per query head over the whole context, averaged over each KV group and
+    the tokens, summed per block, then pooled over layers and KV heads (``head_pool``).
     ``personal_weight`` mixes in the attention of the paper's ``Qi``; ``tau`` keeps only the
-    fewest blocks that hold that share of the mass, under ``budget``. It is the default
-    (``scoring="auto"`` resolves to it under global ranking, to ``"paper"`` under
-    per-document ranking); ``scoring="paper"`` reproduces the paper. Measured on the GPU
-    (n=300 per dev set, budget 0.15, ``--chunk-tokens 512``; README, "Accuracy on the GPU"),
-    contains-gold difference from ``full``, attention vs paper: Qwen2.5-Coder-0.5B HotpotQA
-    short −10.7 vs −14.3 points, long −9.3 vs −9.7, NQ −19.3 vs −18.7 (F1 and KL better on
-    all three); 1.5B long −9.3 vs −16.3. ``personal_weight=0.3``: long −10.3, NQ −19.7.
+    fewest blocks that hold that share of the mass, under ``budget``; ``score_positions=
+    "adjacent"`` scores each document as if it ended right before the question. Attention
+    scoring is the default (``scoring="auto"`` resolves to it under global ranking, to
+    ``"paper"`` under per-document ranking); ``scoring="paper"`` reproduces the paper.
+    Measured on the GPU (n=300 per dev set, budget 0.15, ``--chunk-tokens 512``; README,
+    "Accuracy on the GPU"), contains-gold difference from ``full``, attention vs paper:
+    Qwen2.5-Coder-0.5B HotpotQA short −10.7 vs −14.3 points, long −9.3 vs −9.7, NQ −19.3 vs
+    −18.7 (F1 and KL better on all three); 1.5B long −9.3 vs −16.3. ``personal_weight=0.3``:
+    long −10.3, NQ −19.7.
 
     The kept tokens, compacted in global order, are recomputed at every layer behind the
     prefix, attending causally (global positions) to the kept tokens before them;
@@ -69,16 +73,11 @@ class SamKVMethod(BaseMethod):
     kept whole (as short nodes are) comes out as full recompute computes it. Everything else
     leaves the decode cache.
 
-    The defaults of the open choices were measured, by mean first-token KL from ``full``
-    on the first 20 HotpotQA dev questions (``--chunk-tokens 512``, Qwen2.5-Coder-0.5B;
-    the full evals are in the README). ``ranking="global"``: only it holds a budget (the
-    adaptive ratio kept 40% of the tokens), and at that same 40% it did about as well
-    (KL 0.51 vs 0.46 mean, 0.15 vs 0.20 median). ``update="fusion"`` and selection layers
-    at 1/3, 1/2, 2/3 and 5/6 of the depth, rather than overwrite and the last four layers:
-    at 14% kept, KL 0.49 with both against 0.84 with neither (0.79 and 0.51 with one).
-    On 50 whole answers fusion after a drop, as here, scored F1 0.084, KL 0.738: within noise
-    of fusion on every token and of overwrite, and the only one of the three that equals
-    full when nothing is dropped. The rest of what was tried: ``benchmarks/ACCURACY.md``.
+    The other defaults were chosen by mean first-token KL from ``full`` (first 20 HotpotQA
+    dev questions, Qwen2.5-Coder-0.5B): ``ranking="global"`` (only it holds a budget),
+    ``update="fusion"`` after a drop and selection layers at 1/3, 1/2, 2/3 and 5/6 of the
+    depth (at 14% kept, KL 0.49 with both against 0.84 with neither); the measurements and
+    the rest of what was tried are in ``benchmarks/ACCURACY.md``.
 
     Attributes:
         n_init: Leading anchor tokens per document.
@@ -94,6 +93,7 @@ class SamKVMethod(BaseMethod):
         personal_weight: Attention scoring: weight of ``Qi``'s attention, in [0, 1].
         head_pool: Attention scoring: ``"mean"`` or ``"max"`` over layers and KV heads.
         tau: Attention scoring: share of the blocks' mass to keep, in (0, 1]; ``None``: off.
+        score_positions: Attention scoring: ``"global"`` or ``"adjacent"`` key positions.
     """
 
     name = "samkv"
@@ -111,6 +111,7 @@ class SamKVMethod(BaseMethod):
     personal_weight: float = 0.0
     head_pool: str = "mean"
     tau: float | None = None
+    score_positions: str = "global"
 
     def __post_init__(self) -> None:
         if self.scoring == "auto":  # the paper's per-document ratio has no attention variant
@@ -146,10 +147,8 @@ class SamKVMethod(BaseMethod):
     def build(self, inputs: MethodInput, watch: Stopwatch) -> ContextCache:
         """Select and recompute a compact cache from ``[n_layers, n_kv_heads, n, head_dim]`` caches.
 
-        Returns a cache of ``[1, n_kv_heads, prefix_len + n_kept, head_dim]`` per layer;
-        ``details`` holds ``anchor_indices`` (per document, local indices) and, under the
-        paper's scoring, ``adaptive_ratio`` (per document ``P_i``), under attention
-        scoring ``block_mass_kept`` (where any block exists).
+        Returns ``[1, n_kv_heads, prefix_len + n_kept, head_dim]`` per layer; ``details``:
+        ``anchor_indices``, and ``adaptive_ratio`` (paper) or ``block_mass_kept`` (attention).
         """
         model, docs, device = inputs.model, inputs.documents, inputs.model.device
         lengths = [d.n_tokens for d in docs]
@@ -165,6 +164,7 @@ class SamKVMethod(BaseMethod):
                     inputs, slot, n_blocks, anchors, self.budget, self.selection_layers,
                     scoring=self.scoring, ranking=self.ranking, tau=self.tau,
                     personal_weight=self.personal_weight, head_pool=self.head_pool,
+                    score_positions=self.score_positions,
                 )  # fmt: skip
                 keep |= blocks[doc, block.clamp(max=max(n_blocks) - 1)]
             kept = keep.nonzero().squeeze(1)

@@ -30,8 +30,9 @@ class TestSamKVAttention(MethodContract):
         params=[
             SamKVMethod(scoring="attention"),
             SamKVMethod(scoring="attention", personal_weight=0.5, head_pool="max", tau=0.8),
+            SamKVMethod(scoring="attention", score_positions="adjacent"),
         ],
-        ids=["attention", "personal-max-tau"],
+        ids=["attention", "personal-max-tau", "adjacent"],
     )
     def method(self, request: pytest.FixtureRequest) -> SamKVMethod:
         return request.param
@@ -85,6 +86,18 @@ class TestSamKVAttention(MethodContract):
             kept.append(sum(len(k) for k in context.kept_indices))
         assert all(k <= limit for k in kept)
         assert kept == sorted(kept), "a larger tau never keeps less"
+
+    def test_adjacent_positions_move_the_documents_not_the_question(self, case: Case) -> None:
+        # One document already ends right before the question: both layouts are the same.
+        one = dataclasses.replace(case.inputs, documents=case.inputs.documents[:1])
+        methods = [SamKVMethod(budget=0.3, score_positions=p) for p in ("global", "adjacent")]
+        kept = [[k.tolist() for k in m(one).kept_indices] for m in methods]
+        assert kept[0] == kept[1]
+        # Several: the earlier documents move next to the question, and the choice changes.
+        kept = [[k.tolist() for k in m(case.inputs).kept_indices] for m in methods]
+        assert kept[0] != kept[1]
+        with pytest.raises(ValueError, match="score_positions applies to scoring='attention'"):
+            SamKVMethod(scoring="paper", ranking="per_document", score_positions="adjacent")
 
     def test_block_mass_is_the_models_attention(self, case: Case) -> None:
         # Queries captured over every reused token; the mass per token must be the eager
