@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
 
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import DocumentKV
@@ -57,7 +58,7 @@ class PrefixKV:
         )
 
 
-def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def layer_tensors(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's ``(keys, values)``, ``[batch, n_kv_heads, seq, head_dim]``.
 
     Raises:
@@ -71,6 +72,11 @@ def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
             raise ValueError(f"cache layer {i} ({type(layer).__name__}) holds no key/value tensors")
         tensors.append((keys, values))
     return tensors
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes of every key and value tensor held by ``cache`` (a static one: its capacity)."""
+    return sum(t.numel() * t.element_size() for pair in layer_tensors(cache) for t in pair)
 
 
 @contextmanager

@@ -12,11 +12,11 @@ from samkv_integrations.bench.cli import main as bench_main
 from samkv_integrations.bench.report import ratios
 from samkv_integrations.bench.throughput import (
     batch1_paths,
-    cache_nbytes,
     decode_path_list,
     decode_rate,
 )
 from samkv_integrations.bench.workloads import Workload, random_documents, vocabulary_ids
+from samkv_integrations.encode import cache_nbytes
 from samkv_integrations.methods import METHODS
 from samkv_integrations.models import LoadedModel
 from samkv_integrations.models.compat import with_cache

@@ -36,7 +36,6 @@ from samkv_integrations.bench.report import (
 from samkv_integrations.bench.throughput import (
     attention_backends,
     batch1_paths,
-    cache_nbytes,
     copy_bandwidth,
     decode_path_list,
     decode_rate,
@@ -47,6 +46,7 @@ from samkv_integrations.bench.throughput import (
 )
 from samkv_integrations.bench.workloads import Workload, random_documents, vocabulary_ids
 from samkv_integrations.decode import Decoder
+from samkv_integrations.encode import cache_nbytes
 from samkv_integrations.engine import SamKVEngine
 from samkv_integrations.methods import BaseMethod, DecodeState, get_method
 from samkv_integrations.methods.specs import parse_methods

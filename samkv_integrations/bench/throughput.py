@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from samkv_integrations.decode import Decoder
-from samkv_integrations.encode import layer_tensors
+from samkv_integrations.encode import cache_nbytes, layer_tensors
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.static_decode import StaticDecoder
 
@@ -41,11 +41,6 @@ def sync(device: torch.device) -> None:
     """Wait for the device (a no-op on CPU), so that host clocks time device work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cache_nbytes(cache: DynamicCache) -> int:
-    """Bytes of every key and value tensor held by ``cache``."""
-    return sum(t.numel() * t.element_size() for pair in layer_tensors(cache) for t in pair)
 
 
 @torch.inference_mode()

@@ -12,11 +12,10 @@ captured and replayed like the plain one.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from samkv_integrations.encode import cache_nbytes
 from samkv_integrations.methods.attention_scope import swapped_attention
 from samkv_integrations.methods.pages import KVPool, merge_partials, partial_attention
 from samkv_integrations.methods.retro_attention import DecodeStats
@@ -68,8 +67,7 @@ class StaticQuestDecoder(StaticDecoder):
         n_layers, n_kv_heads = self.pool.key_min.shape[:2]
         fetched = self.pages * n_layers * n_kv_heads
         self.stats.pages += fetched
-        static: list[Any] = list(self._cache.layers) if self._cache is not None else []
-        resident = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in static)
+        resident = cache_nbytes(self._cache) if self._cache is not None else 0
         self.details["decode"] = self.stats.record(fetched, "quest", self.pool, resident)
         return logits
 

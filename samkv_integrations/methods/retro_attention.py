@@ -25,6 +25,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from samkv_integrations.decode import Decoder
+from samkv_integrations.encode import cache_nbytes
 from samkv_integrations.methods.attention_scope import swapped_attention
 from samkv_integrations.methods.pages import KVPool, merge_partials, partial_attention
 from samkv_integrations.rope import rotate_half
@@ -162,10 +163,8 @@ class RetroDecoder(Decoder):
         return logits
 
     def _count(self, fetched: int, cache: DynamicCache) -> None:
-        layers: list[Any] = list(cache.layers)  # DynamicCache's full-attention layers
-        resident = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in layers)
         policy = "retro" if self.window > 1 else "quest"
-        self.details["decode"] = self.stats.record(fetched, policy, self.pool, resident)
+        self.details["decode"] = self.stats.record(fetched, policy, self.pool, cache_nbytes(cache))
 
     def graph_twin(self, max_new_tokens: int) -> Decoder | None:
         """Quest retrieval from a device pool on a static cache, replayed as a CUDA graph.
