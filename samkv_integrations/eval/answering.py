@@ -116,7 +116,7 @@ def answer_question(engine: SamKVEngine, question: Question, job: AnswerJob) -> 
                 question.question,
                 refs,
                 method=spec.name,
-                method_options={**spec.options, **spec.decoding},
+                method_options=spec.all_options,
                 max_new_tokens=job.max_new_tokens,
                 stop=job.stop,
             )

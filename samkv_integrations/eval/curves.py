@@ -70,7 +70,7 @@ class Sweep:
             spec = parse_spec(label)
             if spec.name == REFERENCE:
                 continue
-            if self.option in {**spec.options, **spec.decoding}:
+            if self.option in spec.all_options:
                 raise ValueError(f"sweep: {label!r} already sets {self.option!r}")
             series[label] = [f"{label}+{self.option}={value}" for value in self.values]
         if not series:
@@ -87,12 +87,6 @@ def _labels(methods: str | Sequence[str]) -> list[str]:
     """The specs of ``--methods`` (comma-separated strings)."""
     items = [methods] if isinstance(methods, str) else list(methods)
     return [part.strip() for item in items for part in item.split(",") if part.strip()]
-
-
-def _option(label: str, option: str) -> Any:
-    """The value ``label`` gives ``option``, a method's or its decoding policy's (``retro_*``)."""
-    spec = parse_spec(label)
-    return {**spec.options, **spec.decoding}[option]
 
 
 def require_matplotlib() -> None:
@@ -113,7 +107,7 @@ def curves(metrics: dict[str, Any], sweep: Sweep, methods: str | Sequence[str]) 
     series = {
         base: [
             {
-                "value": _option(label, sweep.option),
+                "value": parse_spec(label).all_options[sweep.option],
                 "label": label,
                 **{key: summary[label][key] for key in keys},
                 **{

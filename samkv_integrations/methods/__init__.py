@@ -57,7 +57,7 @@ def get_method(method: str | BaseMethod, **options: Any) -> BaseMethod:
         )
     spec = parse_spec(method)
     try:
-        merged, decoding = split_decoding({**spec.options, **spec.decoding, **options})
+        merged, decoding = split_decoding({**spec.all_options, **options})
         return MethodSpec(spec.label, spec.name, merged, decoding).build()
     except TypeError as e:
         raise ValueError(f"method {method!r}: {e}") from e

@@ -51,6 +51,11 @@ class MethodSpec:
     options: dict[str, Any]
     decoding: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def all_options(self) -> dict[str, Any]:
+        """The method's options and the decoding policy's, as the spec named them."""
+        return {**self.options, **self.decoding}
+
     def build(self) -> BaseMethod:
         """A new method instance with these options, wrapped in its decoding policy if any."""
         from samkv_integrations.methods import METHODS
