@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "pin_memory": args.pin_memory,
         "server_chunk_text": args.server_chunk_text,
         "serial_decode_graphs": serial.decode_graphs,
+        "batched_decode_graphs": batched.decode_graphs,
         "torch": torch.__version__,
         "results": results,
         "speedups": speedups,

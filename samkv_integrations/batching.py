@@ -21,7 +21,8 @@ cache, with positions that follow the cache. Our answers bring caches the method
 (kept tokens only, positions with gaps), for which its scheduler has no entry point.
 
 Only decoders that run the plain step join (``runs_plain_step``); a method's own decoder
-(``+decode=retro``) keeps the one-at-a-time path. Steps run eagerly, without CUDA graphs, so
+(``+decode=retro``) keeps the one-at-a-time path. With the engine's ``decode_graphs``, a
+stack that outlives its first few steps replays its step as a CUDA graph (``StackedCache``);
 an answer with nobody to batch with takes the engine's one-at-a-time path (``deltas``).
 """
 
@@ -94,6 +95,7 @@ class DecodeBatcher:
             a ``FairLock``, so that a waiting prefill goes before the next step.
         max_batch: Most answers in one step; more wait for a free row.
         gather_s: How long a step waits for the previous step's answers to ask again.
+        graphs: Replay each stack's step as a CUDA graph once it has lived a few steps.
     """
 
     def __init__(
@@ -103,12 +105,16 @@ class DecodeBatcher:
         *,
         max_batch: int = 64,
         gather_s: float = GATHER_S,
+        graphs: bool = False,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         reason = static_unsupported(model)
         if reason is not None:
             raise ValueError(f"batched decoding: {reason}")
+        device = next(model.parameters()).device
+        if graphs and device.type != "cuda":
+            raise ValueError(f"batched decoding: CUDA graphs need CUDA; the model is on {device}")
         self.model = model
         self.max_batch = max_batch
         self.gather_s = gather_s
@@ -118,7 +124,7 @@ class DecodeBatcher:
         self._open = 0
         self._in_flight = 0  # answers decoding, batched or alone
         self._worker: threading.Thread | None = None
-        self._stack = StackedCache(model)  # touched only by the worker thread
+        self._stack = StackedCache(model, graphs=graphs)  # touched only by the worker thread
         self._stopping = False
         _BATCHERS.add(self)
 
@@ -303,13 +309,21 @@ def _stop_all() -> None:
 
 
 def batcher_for(
-    model: PreTrainedModel, lock: AbstractContextManager[Any], enabled: bool, max_batch: int
+    model: PreTrainedModel,
+    lock: AbstractContextManager[Any],
+    enabled: bool,
+    max_batch: int,
+    *,
+    graphs: bool = False,
 ) -> DecodeBatcher | None:
-    """The engine's batcher: ``None`` when off, or when the model's cache cannot be stacked."""
+    """The engine's batcher: ``None`` when off, or when the model's cache cannot be stacked.
+
+    ``graphs``: the engine's resolved ``decode_graphs`` (on only for a CUDA model).
+    """
     if not enabled:
         return None
     reason = static_unsupported(model)
     if reason is not None:
         logger.info("decoding answers one at a time: %s", reason)
         return None
-    return DecodeBatcher(model, lock, max_batch=max_batch)
+    return DecodeBatcher(model, lock, max_batch=max_batch, graphs=graphs)

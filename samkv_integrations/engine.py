@@ -82,7 +82,9 @@ class SamKVEngine:
         # Prefills run one at a time (interleaved, no TTFT would mean anything); answers in
         # flight decode together (``batching``), taking turns with prefills on a FIFO lock.
         self._lock: FairLock | threading.RLock = FairLock() if batch_decoding else threading.RLock()
-        self._batcher = batcher_for(model.model, self._lock, batch_decoding, max_batch)
+        self._batcher = batcher_for(
+            model.model, self._lock, batch_decoding, max_batch, graphs=self.decode_graphs
+        )
 
     @classmethod
     def from_pretrained(

@@ -5,6 +5,13 @@ this cache. Each answer's compact cache (its own length, its positions with gaps
 left-padded into ``static_decode.SlotLayer`` buffers; every row writes its new KV at the
 same slot, with its own ``position_ids``, and ``visible`` says which slots each row attends
 to, so that padding, unused slots and the slots of steps a row sat out stay hidden.
+
+Between rebuilds every tensor of the step keeps its shape and address (the input buffers,
+the slot, ``visible``), so on CUDA the step is captured once per stack as a CUDA graph and
+replayed, as ``static_decode.StaticDecoder`` does for one answer: an eager step of an 8B
+model is launch-bound, and the Python of hundreds of launches also holds the GIL that the
+answers' threads need. A stack is captured only once it has lived ``CAPTURE_AFTER`` steps,
+since answers joining one after another rebuild it at every step.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ __all__ = ["Member", "StackedCache"]
 logger = logging.getLogger(__name__)
 
 _EMPTY = torch.zeros(0)
+
+#: Eager steps a stack runs before its step is captured: a capture costs about three steps
+#: (two warm-up runs and the capture), and a join or a rebuild throws it away.
+CAPTURE_AFTER = 4
+#: Eager runs on a side stream before capture, as ``torch.cuda.graphs`` asks.
+WARMUP_RUNS = 2
 
 
 @dataclass(eq=False)
@@ -49,24 +62,31 @@ class StackedCache:
 
     Args:
         model: The model the cache feeds (all of its cache layers full attention).
+        graphs: Capture each stack's step in a CUDA graph (the model must be on CUDA).
     """
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, *, graphs: bool = False) -> None:
         self.model = model
+        self.graphs = graphs
         self.rows: list[Member] = []
-        self.steps = 0  # forwards run, for tests and logs
+        self.steps = 0  # forwards run (eager or replayed), for tests and logs
         self.rebuilds = 0
+        self.captures = 0
         self._layers: list[SlotLayer] = []
         self._cache: Cache | None = None
-        self._slot = torch.zeros(0, dtype=torch.long)
+        # The step's inputs, refilled in place: a captured graph reads them where they are.
+        self._tokens = self._positions = self._slot = self._columns = _EMPTY
         #: ``[rows, capacity]`` which slots each row attends to (its own, real entries).
         self._visible = torch.zeros(0, 0, dtype=torch.bool)
-        self._next_slot = self._capacity = 0
+        self._next_slot = self._capacity = self._stack_steps = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._logits: torch.Tensor | None = None
 
     def drop(self) -> None:
         """Forget the stacked cache (its buffers are freed once no step holds them)."""
         self.rows, self._layers, self._cache = [], [], None
-        self._next_slot = self._capacity = 0
+        self._graph = self._logits = None
+        self._next_slot = self._capacity = self._stack_steps = 0
 
     def step(self, batch: list[Member]) -> torch.Tensor:
         """One step for ``batch``: ``[rows, vocab]`` logits, row ``member.row`` each.
@@ -84,31 +104,72 @@ class StackedCache:
             or 2 * ended > len(self.rows)
         ):
             self._rebuild(batch)
-        model, device = self.model, self._visible.device
+        device = self._visible.device
         requests: list[tuple[int, int]] = [(0, 0)] * len(self.rows)
         present = [False] * len(self.rows)
         for member in batch:
             if member.request is not None:
                 requests[member.row], present[member.row] = member.request, True
         table = torch.tensor(requests, device=device)  # [rows, 2]: token, position
-        tokens, positions = table[:, :1], table[:, 1:]
-        shown = torch.tensor(present, device=device)
+        self._tokens.copy_(table[:, :1])
+        self._positions.copy_(table[:, 1:])
         self._slot.fill_(self._next_slot)
-        self._visible[:, self._next_slot] = shown
-        mask = torch.zeros(self._visible.shape, dtype=model.dtype, device=device)
-        mask = mask.masked_fill(~self._visible, torch.finfo(model.dtype).min)
-        # A placeholder row must still see something: its own slot (its output is discarded).
-        mask[~shown, self._next_slot] = 0
+        if self.graphs and self._graph is None and self._stack_steps >= CAPTURE_AFTER:
+            self._capture()
+        if self._graph is not None and self._logits is not None:
+            self._graph.replay()
+            logits = self._logits.clone()  # the next replay overwrites the graph's output
+        else:
+            logits = self._forward()
+        # From now on the slot shows each row its own KV only if the row asked for this step.
+        self._visible[:, self._next_slot] = torch.tensor(present, device=device)
+        self._next_slot += 1
+        self._stack_steps += 1
+        self.steps += 1
+        return logits
+
+    def _forward(self) -> torch.Tensor:
+        """One step from the input buffers: the function that is captured, or run eagerly.
+
+        Every row sees this step's slot (a placeholder row must see something; its output
+        is discarded), besides the slots ``visible`` gives it.
+        """
+        model = self.model
+        visible = self._visible | (self._columns == self._slot)
+        mask = torch.zeros(visible.shape, dtype=model.dtype, device=visible.device)
+        mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)
         out = model(
-            input_ids=tokens,
-            position_ids=positions,
+            input_ids=self._tokens,
+            position_ids=self._positions,
             attention_mask=mask[:, None, None, :],
             **with_cache(model, self._cache),
             use_cache=True,
         )
-        self._next_slot += 1
-        self.steps += 1
         return out.logits[:, -1]
+
+    def _capture(self) -> None:
+        """Warm up on a side stream, then capture ``_forward`` (as ``StaticDecoder`` does).
+
+        The warm-up runs write this step's KV at this step's slot, as the replay that follows
+        does again. ``thread_local``: the answers' threads keep using the GPU meanwhile. A
+        capture that fails leaves this batcher eager, with a warning.
+        """
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                logits = self._forward()
+        except RuntimeError as e:
+            logger.warning("batched decoding stays eager: CUDA graph capture failed (%s)", e)
+            self.graphs = False
+            return
+        self._graph, self._logits = graph, logits
+        self.captures += 1
 
     def _rebuild(self, batch: list[Member]) -> None:
         """Stack ``batch``'s KV into new buffers, left-padded to a common length.
@@ -168,6 +229,8 @@ class StackedCache:
         for row, member in enumerate(batch):
             member.row, member.kv = row, None
         self.rows = list(batch)
-        self._slot, self._next_slot, self._capacity = slot, n, capacity
+        self._tokens = torch.zeros((len(batch), 1), dtype=torch.long, device=device)
+        self._positions = torch.zeros_like(self._tokens)
+        self._slot, self._columns, self._next_slot, self._capacity = slot, column, n, capacity
         self._cache = Cache(layers=list(self._layers))
         logger.debug("decode batch rebuilt: %d answers, %d slots", len(batch), capacity)

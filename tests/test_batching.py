@@ -24,6 +24,7 @@ from samkv_integrations.encode import layer_tensors
 from samkv_integrations.fair_lock import FairLock
 from samkv_integrations.methods import DecodeState
 from samkv_integrations.models import LoadedModel
+from samkv_integrations.models.shapes import random_model
 from samkv_integrations.records import CacheRef
 from samkv_integrations.stacked_cache import Member, StackedCache
 from samkv_integrations.static_decode import StaticDecoder
@@ -363,3 +364,70 @@ def test_a_lone_answer_decodes_alone_and_later_ones_batch(
     assert batcher.steps > before
     list(deltas)
     assert stream.answer.token_ids == expected[0]
+
+
+def test_graphs_off_cuda_are_an_error(talkative_llama: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA"):
+        DecodeBatcher(talkative_llama.model, FairLock(), graphs=True)
+
+
+def _stacked_logits(
+    model: Any, states: list[DecodeState], tokens: list[list[int]], graphs: bool
+) -> tuple[list[list[torch.Tensor]], StackedCache]:
+    """Every row asks at every step, so the stack lives long enough to be captured."""
+    stack = StackedCache(model, graphs=graphs)
+    members = [
+        Member(max_steps=len(ids), kv=layer_tensors(copy.deepcopy(s.cache)))
+        for s, ids in zip(states, tokens, strict=True)
+    ]
+    got: list[list[torch.Tensor]] = [[] for _ in states]
+    for step in range(len(tokens[0])):
+        for r, member in enumerate(members):
+            member.request = (tokens[r][step], states[r].next_position + step)
+        logits = stack.step(members)
+        for r, member in enumerate(members):
+            got[r].append(logits[member.row].float().cpu())
+            member.steps_done += 1
+    return got, stack
+
+
+#: Ten steps for three answers: past ``CAPTURE_AFTER``, where a CUDA stack is captured.
+LONG_TOKENS = [[7, 40, 99, 3, 250, 8, 1, 77, 5, 6], [12, 12, 80, 4, 4, 4, 9, 10, 11, 2]]
+LONG_TOKENS.append(list(reversed(LONG_TOKENS[0])))
+
+
+def test_a_long_lived_stack_gives_each_answers_logits(
+    engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
+) -> None:
+    """The step a CUDA stack captures, run eagerly: each row's logits as the plain decoder's."""
+    alone, _ = engines
+    model = alone.model.model
+    states = _decode_states(alone, refs, REQUESTS[:3])
+    with torch.inference_mode():
+        expected = []
+        for state, ids in zip(states, LONG_TOKENS, strict=True):
+            cache, decoder = copy.deepcopy(state.cache), Decoder()
+            expected.append(
+                [decoder.step(model, cache, t, state.next_position + i) for i, t in enumerate(ids)]
+            )
+        got, stack = _stacked_logits(model, states, LONG_TOKENS, graphs=False)
+    assert (stack.rebuilds, stack.captures, stack.steps) == (1, 0, len(LONG_TOKENS[0]))
+    for want, have in zip(expected, got, strict=True):
+        for a, b in zip(want, have, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_captured_stack_step_gives_the_eager_logits(store: KVCacheStore) -> None:
+    """On the GPU: the replayed graph of a long-lived stack equals its eager steps."""
+    model = random_model("tiny-llama", device="cuda", seed=0)
+    engine = SamKVEngine(model, store, batch_decoding=False, decode_graphs=False)
+    refs = engine.index(DOCS, progress=False)
+    states = _decode_states(engine, refs, REQUESTS[:3])
+    with torch.inference_mode():
+        eager, _ = _stacked_logits(model.model, states, LONG_TOKENS, graphs=False)
+        replayed, stack = _stacked_logits(model.model, states, LONG_TOKENS, graphs=True)
+    assert stack.captures == 1
+    for want, have in zip(eager, replayed, strict=True):
+        for a, b in zip(want, have, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
