@@ -199,6 +199,7 @@ def select_blocks(
     head_pool: str,
     tau: float | None,
     score_positions: str = "global",
+    question_context: str = "anchors",
 ) -> tuple[torch.Tensor, dict[str, object]]:
     """The blocks SamKV keeps, as ``SamKVMethod`` describes (its options, by name).
 
@@ -219,6 +220,10 @@ def select_blocks(
             question to attend to: ``"global"`` (where the prompt lays them out) or
             ``"adjacent"`` (each as if it ended right before the question, so that RoPE's
             decay with distance does not favour the documents nearest the question).
+        question_context: What the question runs over to form its queries, besides the
+            prefix: ``"anchors"`` (the documents' anchors) or ``"all"`` (every reused
+            token, so that its queries at the deeper selection layers have read the
+            documents, at the cost of attending over the whole context once).
 
     Returns:
         Kept blocks ``[D, max_blocks]``, and facts for ``details``: ``adaptive_ratio``
@@ -230,10 +235,13 @@ def select_blocks(
         logger.info("samkv: anchors alone fill budget=%s; keeping anchors only", budget)
     n_layers, n_kv_heads = docs[0].keys.shape[:2]
     layers = selection_layer_indices(n_layers, selection_layers)
-    local = [torch.tensor(a, dtype=torch.long, device=model.device) for a in anchors]
-    anchor_kv = gather_aligned(model, docs, inputs.doc_starts, local)
+    if question_context == "all":
+        local = [torch.arange(d.n_tokens, device=model.device) for d in docs]
+    else:
+        local = [torch.tensor(a, dtype=torch.long, device=model.device) for a in anchors]
+    seen_kv = gather_aligned(model, docs, inputs.doc_starts, local)
     start = inputs.context_end
-    queries = question_queries(model, inputs.prefix, anchor_kv, inputs.question_ids, start, layers)
+    queries = question_queries(model, inputs.prefix, seen_kv, inputs.question_ids, start, layers)
     own = torch.stack([d.query_means[layers].float() for d in docs])
     width = max(n_blocks) + 1
     sizes = torch.tensor(n_blocks, device=slot.device)

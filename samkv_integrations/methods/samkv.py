@@ -21,6 +21,7 @@ _CHOICES = {
     "scoring": ("paper", "attention"),
     "head_pool": ("mean", "max"),
     "score_positions": ("global", "adjacent"),
+    "question_context": ("anchors", "all"),
 }
 #: Fractions in (0, 1], or [0, 1] where True; ``tau`` may also be ``None``.
 _FRACTIONS = {"fusion_theta": False, "budget": False, "tau": False, "personal_weight": True}
@@ -37,8 +38,8 @@ class SamKVMethod(BaseMethod):
     Paper: https://arxiv.org/abs/2508.11661. Anchors, each document's first ``n_init`` and
     last ``n_local`` tokens, are always kept (a document shorter than anchors plus one
     block, whole); the middle is cut into blocks. The question, prefilled over the prefix
-    and all anchors at global positions, gives ``Qq``, its mean query per head at each
-    selection layer; document ``i`` is scored with ``Qi = Qq + 1/(D-1) Σ_{j≠i} |cos(Qj, Qq)|
+    and all anchors at global positions (``question_context="all"``: every reused token),
+    gives ``Qq``, its mean query per head at each selection layer; document ``i`` is scored with ``Qi = Qq + 1/(D-1) Σ_{j≠i} |cos(Qj, Qq)|
     Qj`` (``Qj``: document ``j``'s stored mean query of its last tokens), averaged per KV
     group. Block score ``s_b = Σ_h <Qi_h, mean key_h>``, anchor score ``s_anc`` alike; ``P_i
     = (max s_b - s_anc) / (max s_b - min s_b)`` if ``min < s_anc <= max`` else 0, averaged
@@ -58,26 +59,23 @@ class SamKVMethod(BaseMethod):
     fewest blocks that hold that share of the mass, under ``budget``; ``score_positions=
     "adjacent"`` scores each document as if it ended right before the question. Attention
     scoring is the default (``scoring="auto"`` resolves to it under global ranking, to
-    ``"paper"`` under per-document ranking); ``scoring="paper"`` reproduces the paper.
-    Measured on the GPU (n=300 per dev set, budget 0.15, ``--chunk-tokens 512``; README,
-    "Accuracy on the GPU"), contains-gold difference from ``full``, attention vs paper:
-    Qwen2.5-Coder-0.5B HotpotQA short −10.7 vs −14.3 points, long −9.3 vs −9.7, NQ −19.3 vs
-    −18.7 (F1 and KL better on all three); 1.5B long −9.3 vs −16.3. ``personal_weight=0.3``:
-    long −10.3, NQ −19.7.
+    ``"paper"`` under per-document ranking); ``scoring="paper"`` reproduces the paper. On
+    the GPU (n=300 per dev set, budget 0.15, ``--chunk-tokens 512``; README, "Accuracy on
+    the GPU"), contains-gold difference from ``full``, attention vs paper: 0.5B HotpotQA
+    short −10.7 vs −14.3 points, long −9.3 vs −9.7, NQ −19.3 vs −18.7 (F1 and KL better on
+    all three); 1.5B long −9.3 vs −16.3; ``personal_weight=0.3``: −10.3, −19.7.
 
     The kept tokens, compacted in global order, are recomputed at every layer behind the
     prefix, attending causally (global positions) to the kept tokens before them;
     ``update="fusion"`` stores ``(1 - θ) · reused + θ · fresh`` (θ: ``fusion_theta``) as the
     forward proceeds, for kept tokens that follow a dropped token of their document. The
     others are overwritten: their reused KV saw nothing the fresh KV misses, so a document
-    kept whole (as short nodes are) comes out as full recompute computes it. Everything else
-    leaves the decode cache.
+    kept whole (as short nodes are) comes out as full recompute computes it. The rest leaves.
 
     The other defaults were chosen by mean first-token KL from ``full`` (first 20 HotpotQA
     dev questions, Qwen2.5-Coder-0.5B): ``ranking="global"`` (only it holds a budget),
-    ``update="fusion"`` after a drop and selection layers at 1/3, 1/2, 2/3 and 5/6 of the
-    depth (at 14% kept, KL 0.49 with both against 0.84 with neither); the measurements and
-    the rest of what was tried are in ``benchmarks/ACCURACY.md``.
+    ``update="fusion"`` and selection layers at 1/3, 1/2, 2/3 and 5/6 of the depth (14% kept:
+    KL 0.49 with both, 0.84 with neither; the rest in ``benchmarks/ACCURACY.md``).
 
     Attributes:
         n_init: Leading anchor tokens per document.
@@ -94,6 +92,7 @@ class SamKVMethod(BaseMethod):
         head_pool: Attention scoring: ``"mean"`` or ``"max"`` over layers and KV heads.
         tau: Attention scoring: share of the blocks' mass to keep, in (0, 1]; ``None``: off.
         score_positions: Attention scoring: ``"global"`` or ``"adjacent"`` key positions.
+        question_context: What the question reads before scoring: ``"anchors"`` or ``"all"``.
     """
 
     name = "samkv"
@@ -112,6 +111,7 @@ class SamKVMethod(BaseMethod):
     head_pool: str = "mean"
     tau: float | None = None
     score_positions: str = "global"
+    question_context: str = "anchors"
 
     def __post_init__(self) -> None:
         if self.scoring == "auto":  # the paper's per-document ratio has no attention variant
@@ -164,7 +164,7 @@ class SamKVMethod(BaseMethod):
                     inputs, slot, n_blocks, anchors, self.budget, self.selection_layers,
                     scoring=self.scoring, ranking=self.ranking, tau=self.tau,
                     personal_weight=self.personal_weight, head_pool=self.head_pool,
-                    score_positions=self.score_positions,
+                    score_positions=self.score_positions, question_context=self.question_context,
                 )  # fmt: skip
                 keep |= blocks[doc, block.clamp(max=max(n_blocks) - 1)]
             kept = keep.nonzero().squeeze(1)

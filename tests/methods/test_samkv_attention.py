@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from samkv_integrations.methods import MethodInput, SamKVMethod
+from samkv_integrations.methods import MethodInput, SamKVMethod, block_scores
 from samkv_integrations.methods.block_scores import question_queries, selection_layer_indices
 from samkv_integrations.methods.question_attention import (
     keep_by_mass,
@@ -31,8 +31,9 @@ class TestSamKVAttention(MethodContract):
             SamKVMethod(scoring="attention"),
             SamKVMethod(scoring="attention", personal_weight=0.5, head_pool="max", tau=0.8),
             SamKVMethod(scoring="attention", score_positions="adjacent"),
+            SamKVMethod(scoring="attention", question_context="all"),
         ],
-        ids=["attention", "personal-max-tau", "adjacent"],
+        ids=["attention", "personal-max-tau", "adjacent", "question-over-all"],
     )
     def method(self, request: pytest.FixtureRequest) -> SamKVMethod:
         return request.param
@@ -98,6 +99,24 @@ class TestSamKVAttention(MethodContract):
         assert kept[0] != kept[1]
         with pytest.raises(ValueError, match="score_positions applies to scoring='attention'"):
             SamKVMethod(scoring="paper", ranking="per_document", score_positions="adjacent")
+
+    def test_question_context_all_reads_every_reused_token(
+        self, case: Case, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        seen: list[int] = []
+
+        def spy(model, prefix, context, token_ids, start, layers):  # type: ignore[no-untyped-def]
+            seen.append(context[0].shape[2])
+            return question_queries(model, prefix, context, token_ids, start, layers)
+
+        monkeypatch.setattr(block_scores, "question_queries", spy)
+        anchors = SamKVMethod(budget=0.3)(case.inputs)
+        everything = SamKVMethod(budget=0.3, question_context="all")(case.inputs)
+        n_anchors = sum(len(a) for a in anchors.details["anchor_indices"])  # type: ignore[arg-type]
+        assert seen == [n_anchors, case.context_tokens]
+        assert sum(map(len, everything.kept_indices)) <= math.floor(0.3 * case.context_tokens)
+        with pytest.raises(ValueError, match="question_context must be one of"):
+            SamKVMethod(question_context="everything")
 
     def test_block_mass_is_the_models_attention(self, case: Case) -> None:
         # Queries captured over every reused token; the mass per token must be the eager
