@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV, capture_queries
 from samkv_integrations.methods.base import MethodInput
+from samkv_integrations.methods.lexical import lexical_block_scores
 from samkv_integrations.methods.question_attention import (
     keep_by_mass,
     personal_queries,
@@ -185,6 +186,12 @@ def fill_budget(
     return torch.zeros_like(fits).scatter(0, order, fits).view_as(valid)
 
 
+def _share(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``scores`` over the valid blocks, scaled to sum to 1 (all 0 where they sum to 0)."""
+    scores = scores.masked_fill(~valid, 0)
+    return scores / scores.sum().clamp(min=1e-30)
+
+
 def select_blocks(
     inputs: MethodInput,
     slot: torch.Tensor,
@@ -200,6 +207,7 @@ def select_blocks(
     tau: float | None,
     score_positions: str = "global",
     question_context: str = "anchors",
+    lexical_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, object]]:
     """The blocks SamKV keeps, as ``SamKVMethod`` describes (its options, by name).
 
@@ -224,6 +232,8 @@ def select_blocks(
             prefix: ``"anchors"`` (the documents' anchors) or ``"all"`` (every reused
             token, so that its queries at the deeper selection layers have read the
             documents, at the cost of attending over the whole context once).
+        lexical_weight: Under attention scoring, the weight of ``lexical_block_scores`` in
+            the blocks' score, both normalized over the blocks first.
 
     Returns:
         Kept blocks ``[D, max_blocks]``, and facts for ``details``: ``adaptive_ratio``
@@ -257,6 +267,12 @@ def select_blocks(
         )  # fmt: skip
         pooled = mass.mean(dim=(0, 1)) if head_pool == "mean" else mass.amax(dim=(0, 1))
         block_mass = pooled.view(len(docs), width)[:, 1:]
+        if lexical_weight:
+            words = lexical_block_scores(docs, inputs.question_ids, slot, len(docs) * width)
+            lexical = words.view(len(docs), width)[:, 1:]
+            block_mass = torch.lerp(
+                _share(block_mass, valid), _share(lexical, valid), lexical_weight
+            )
         kept = keep_by_mass(block_mass, valid, block_tokens, room, tau or 1.0)
         share = block_mass[kept].sum() / block_mass[valid].sum().clamp(min=1e-30)
         return kept, {"block_mass_kept": float(share)}

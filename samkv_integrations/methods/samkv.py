@@ -8,6 +8,7 @@ import torch
 
 from samkv_integrations.methods.base import BaseMethod, ContextCache, MethodInput
 from samkv_integrations.methods.block_scores import block_layout, select_blocks
+from samkv_integrations.methods.option_checks import check_choices, check_fractions, check_ints
 from samkv_integrations.methods.recompute import (
     gather_aligned,
     recompute_behind_prefix,
@@ -24,10 +25,14 @@ _CHOICES = {
     "question_context": ("anchors", "all"),
 }
 #: Fractions in (0, 1], or [0, 1] where True; ``tau`` may also be ``None``.
-_FRACTIONS = {"fusion_theta": False, "budget": False, "tau": False, "personal_weight": True}
+_FRACTIONS = {
+    "fusion_theta": False, "budget": False, "tau": False, "personal_weight": True,
+    "lexical_weight": True,
+}  # fmt: skip
 #: The attention scoring's options, and their values that leave the paper's scoring as is.
 _ATTENTION_ONLY = {
-    "tau": (None, 1), "personal_weight": (0,), "head_pool": ("mean",), "score_positions": ("global",)
+    "tau": (None, 1), "personal_weight": (0,), "head_pool": ("mean",), "score_positions": ("global",),
+    "lexical_weight": (0,),
 }  # fmt: skip
 
 
@@ -93,6 +98,7 @@ class SamKVMethod(BaseMethod):
         tau: Attention scoring: share of the blocks' mass to keep, in (0, 1]; ``None``: off.
         score_positions: Attention scoring: ``"global"`` or ``"adjacent"`` key positions.
         question_context: What the question reads before scoring: ``"anchors"`` or ``"all"``.
+        lexical_weight: Attention scoring: weight of the question's rare ids (``lexical``).
     """
 
     name = "samkv"
@@ -112,24 +118,14 @@ class SamKVMethod(BaseMethod):
     tau: float | None = None
     score_positions: str = "global"
     question_context: str = "anchors"
+    lexical_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.scoring == "auto":  # the paper's per-document ratio has no attention variant
             self.scoring = "attention" if self.ranking == "global" else "paper"
-        for field, low in (("n_init", 0), ("n_local", 0), ("block_size", 1)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{field} must be an int >= {low}, got {value!r}")
-        for field, allowed in _CHOICES.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
-        for field, closed in _FRACTIONS.items():
-            value = getattr(self, field)
-            number = isinstance(value, float) or type(value) is int
-            if not (number and (0 < value <= 1 or (closed and value == 0))) and not (
-                field == "tau" and value is None
-            ):
-                raise ValueError(f"{field} must be in {'[' if closed else '('}0, 1], got {value!r}")
+        check_ints(self, {"n_init": 0, "n_local": 0, "block_size": 1})
+        check_choices(self, _CHOICES)
+        check_fractions(self, _FRACTIONS, optional=("tau",))
         moved = [f for f, off in _ATTENTION_ONLY.items() if getattr(self, f) not in off]
         if self.scoring == "paper" and moved:
             raise ValueError(f"{moved[0]} applies to scoring='attention' only")
@@ -165,6 +161,7 @@ class SamKVMethod(BaseMethod):
                     scoring=self.scoring, ranking=self.ranking, tau=self.tau,
                     personal_weight=self.personal_weight, head_pool=self.head_pool,
                     score_positions=self.score_positions, question_context=self.question_context,
+                    lexical_weight=self.lexical_weight,
                 )  # fmt: skip
                 keep |= blocks[doc, block.clamp(max=max(n_blocks) - 1)]
             kept = keep.nonzero().squeeze(1)

@@ -32,8 +32,9 @@ class TestSamKVAttention(MethodContract):
             SamKVMethod(scoring="attention", personal_weight=0.5, head_pool="max", tau=0.8),
             SamKVMethod(scoring="attention", score_positions="adjacent"),
             SamKVMethod(scoring="attention", question_context="all"),
+            SamKVMethod(scoring="attention", lexical_weight=0.5),
         ],
-        ids=["attention", "personal-max-tau", "adjacent", "question-over-all"],
+        ids=["attention", "personal-max-tau", "adjacent", "question-over-all", "lexical"],
     )
     def method(self, request: pytest.FixtureRequest) -> SamKVMethod:
         return request.param
@@ -117,6 +118,27 @@ class TestSamKVAttention(MethodContract):
         assert sum(map(len, everything.kept_indices)) <= math.floor(0.3 * case.context_tokens)
         with pytest.raises(ValueError, match="question_context must be one of"):
             SamKVMethod(question_context="everything")
+
+    def test_lexical_weight_one_keeps_the_block_with_the_questions_rare_ids(
+        self, case: Case
+    ) -> None:
+        method = SamKVMethod(budget=0.25, update="overwrite", lexical_weight=1.0)
+        inputs = case.inputs
+        before = method(inputs).kept_indices[1].tolist()
+        start = next(s for s in range(8, inputs.documents[1].n_tokens - 24, 16) if s not in before)
+        # Give one dropped block of document 1 ids that only the question holds.
+        rare = [
+            t
+            for t in inputs.question_ids
+            if t not in {i for d in inputs.documents for i in d.token_ids}
+        ]
+        assert len(rare) >= 2, "the contract's question has ids of its own"
+        ids = list(inputs.documents[1].token_ids)
+        ids[start : start + 2] = rare[:2]
+        documents = list(inputs.documents)
+        documents[1] = dataclasses.replace(inputs.documents[1], token_ids=ids)
+        kept = method(dataclasses.replace(inputs, documents=documents)).kept_indices[1].tolist()
+        assert set(range(start, start + 16)) <= set(kept)
 
     def test_block_mass_is_the_models_attention(self, case: Case) -> None:
         # Queries captured over every reused token; the mass per token must be the eager
