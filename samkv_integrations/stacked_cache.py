@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from samkv_integrations.models.compat import with_cache
-from samkv_integrations.static_decode import SlotLayer
+from samkv_integrations.static_decode import SlotLayer, capture_step
 
 __all__ = ["Member", "StackedCache"]
 
@@ -35,8 +35,6 @@ _EMPTY = torch.zeros(0)
 #: Eager steps a stack runs before its step is captured: a capture costs about three steps
 #: (two warm-up runs and the capture), and a join or a rebuild throws it away.
 CAPTURE_AFTER = 4
-#: Eager runs on a side stream before capture, as ``torch.cuda.graphs`` asks.
-WARMUP_RUNS = 2
 
 
 @dataclass(eq=False)
@@ -148,27 +146,17 @@ class StackedCache:
         return out.logits[:, -1]
 
     def _capture(self) -> None:
-        """Warm up on a side stream, then capture ``_forward`` (as ``StaticDecoder`` does).
+        """Capture ``_forward`` (``static_decode.capture_step``), or stay eager if that fails.
 
         The warm-up runs write this step's KV at this step's slot, as the replay that follows
-        does again. ``thread_local``: the answers' threads keep using the GPU meanwhile. A
-        capture that fails leaves this batcher eager, with a warning.
+        does again. ``thread_local``: the answers' threads keep using the GPU meanwhile.
         """
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                logits = self._forward()
+            self._graph, self._logits = capture_step(self._forward, error_mode="thread_local")
         except RuntimeError as e:
             logger.warning("batched decoding stays eager: CUDA graph capture failed (%s)", e)
             self.graphs = False
             return
-        self._graph, self._logits = graph, logits
         self.captures += 1
 
     def _rebuild(self, batch: list[Member]) -> None:

@@ -23,6 +23,7 @@ function runs eagerly (the CPU tests check it against the plain ``Decoder``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Literal, cast
 
 import torch
@@ -36,6 +37,7 @@ from samkv_integrations.models.compat import with_cache
 __all__ = [
     "DecodeGraphs",
     "StaticDecoder",
+    "capture_step",
     "decode_graphs_for",
     "static_unsupported",
     "with_graphs",
@@ -46,6 +48,9 @@ logger = logging.getLogger(__name__)
 #: The engine option: capture decode steps in CUDA graphs (True), never (False), or where
 #: the model runs on CUDA and the static path supports it ("auto").
 DecodeGraphs = bool | Literal["auto"]
+
+#: ``torch.cuda.graph``'s ``capture_error_mode``.
+CaptureErrorMode = Literal["default", "global", "thread_local", "relaxed"]
 
 #: Eager runs on a side stream before capture, as ``torch.cuda.graphs`` asks: they let
 #: lazy initialisation (cuBLAS workspaces, autotuning) happen outside the graph.
@@ -247,18 +252,30 @@ class StaticDecoder(Decoder):
         return out.logits[0, -1]
 
     def _capture(self) -> None:
-        """Warm up on a side stream, then capture ``_forward`` (the pattern of ``torch.cuda.graphs``).
+        """Capture ``_forward`` (``capture_step``).
 
         The warm-up runs write this step's KV at this step's slot, as the replay that follows
         does again: the buffers hold the same values either way.
         """
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._logits = self._forward()
-        self._graph = graph
+        self._graph, self._logits = capture_step(self._forward)
+
+
+def capture_step(
+    forward: Callable[[], torch.Tensor], *, error_mode: CaptureErrorMode = "global"
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Warm ``forward`` up on a side stream, then capture it (the pattern of ``torch.cuda.graphs``).
+
+    ``error_mode`` is ``torch.cuda.graph``'s ``capture_error_mode``: ``"thread_local"`` lets
+    other threads use the GPU meanwhile. Returns the graph and the output tensor that each
+    replay overwrites.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_RUNS):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=error_mode):
+        output = forward()
+    return graph, output

@@ -308,6 +308,27 @@ def test_each_batched_step_gives_the_logits_of_the_step_alone(
     assert batcher.steps - steps_before <= sum(map(len, tokens))
 
 
+def _alone_logits(
+    model: Any, states: list[DecodeState], tokens: list[list[int]]
+) -> list[list[torch.Tensor]]:
+    """Each answer's logits from the plain decoder, one answer at a time."""
+    expected = []
+    for state, ids in zip(states, tokens, strict=True):
+        cache, decoder = copy.deepcopy(state.cache), Decoder()
+        expected.append(
+            [decoder.step(model, cache, t, state.next_position + i) for i, t in enumerate(ids)]
+        )
+    return expected
+
+
+def _assert_same_logits(
+    expected: list[list[torch.Tensor]], got: list[list[torch.Tensor]], atol: float = 1e-5
+) -> None:
+    for want, have in zip(expected, got, strict=True):
+        for a, b in zip(want, have, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=atol)
+
+
 def test_a_row_that_sits_out_steps_keeps_its_place_and_its_logits(
     engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
 ) -> None:
@@ -317,12 +338,7 @@ def test_a_row_that_sits_out_steps_keeps_its_place_and_its_logits(
     states = _decode_states(alone, refs, REQUESTS[:2])
     tokens = [[7, 40, 99, 3], [12, 80]]
     with torch.inference_mode():
-        expected = []
-        for state, ids in zip(states, tokens, strict=True):
-            cache, decoder = copy.deepcopy(state.cache), Decoder()
-            expected.append(
-                [decoder.step(model, cache, t, state.next_position + i) for i, t in enumerate(ids)]
-            )
+        expected = _alone_logits(model, states, tokens)
         stack = StackedCache(model)
         members = [Member(max_steps=4, kv=layer_tensors(copy.deepcopy(s.cache))) for s in states]
         # Row 1 asks at steps 0 and 3 only: it sits out steps 1 and 2.
@@ -339,9 +355,7 @@ def test_a_row_that_sits_out_steps_keeps_its_place_and_its_logits(
                 got[r].append(logits[members[r].row])
                 members[r].steps_done += 1
     assert stack.rebuilds == 1
-    for want, have in zip(expected, got, strict=True):
-        for a, b in zip(want, have, strict=True):
-            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    _assert_same_logits(expected, got)
 
 
 def test_a_lone_answer_decodes_alone_and_later_ones_batch(
@@ -404,17 +418,10 @@ def test_a_long_lived_stack_gives_each_answers_logits(
     model = alone.model.model
     states = _decode_states(alone, refs, REQUESTS[:3])
     with torch.inference_mode():
-        expected = []
-        for state, ids in zip(states, LONG_TOKENS, strict=True):
-            cache, decoder = copy.deepcopy(state.cache), Decoder()
-            expected.append(
-                [decoder.step(model, cache, t, state.next_position + i) for i, t in enumerate(ids)]
-            )
+        expected = _alone_logits(model, states, LONG_TOKENS)
         got, stack = _stacked_logits(model, states, LONG_TOKENS, graphs=False)
     assert (stack.rebuilds, stack.captures, stack.steps) == (1, 0, len(LONG_TOKENS[0]))
-    for want, have in zip(expected, got, strict=True):
-        for a, b in zip(want, have, strict=True):
-            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    _assert_same_logits(expected, got)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -428,6 +435,4 @@ def test_a_captured_stack_step_gives_the_eager_logits(store: KVCacheStore) -> No
         eager, _ = _stacked_logits(model.model, states, LONG_TOKENS, graphs=False)
         replayed, stack = _stacked_logits(model.model, states, LONG_TOKENS, graphs=True)
     assert stack.captures == 1
-    for want, have in zip(eager, replayed, strict=True):
-        for a, b in zip(want, have, strict=True):
-            torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    _assert_same_logits(eager, replayed, atol=1e-4)
