@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from samkv_integrations.grouped_decode import grouped_decode_scope
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.static_decode import SlotLayer, capture_step
 
@@ -136,13 +137,14 @@ class StackedCache:
         visible = self._visible | (self._columns == self._slot)
         mask = torch.zeros(visible.shape, dtype=model.dtype, device=visible.device)
         mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)
-        out = model(
-            input_ids=self._tokens,
-            position_ids=self._positions,
-            attention_mask=mask[:, None, None, :],
-            **with_cache(model, self._cache),
-            use_cache=True,
-        )
+        with grouped_decode_scope(model):
+            out = model(
+                input_ids=self._tokens,
+                position_ids=self._positions,
+                attention_mask=mask[:, None, None, :],
+                **with_cache(model, self._cache),
+                use_cache=True,
+            )
         return out.logits[:, -1]
 
     def _capture(self) -> None:

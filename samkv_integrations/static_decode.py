@@ -22,6 +22,7 @@ function runs eagerly (the CPU tests check it against the plain ``Decoder``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Literal, cast
@@ -32,6 +33,7 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from samkv_integrations.decode import Decoder
 from samkv_integrations.encode import layer_tensors
+from samkv_integrations.grouped_decode import grouped_decode_scope
 from samkv_integrations.models.compat import with_cache
 
 __all__ = [
@@ -242,14 +244,22 @@ class StaticDecoder(Decoder):
         visible = self._kv_index <= self._slot
         mask = torch.zeros(visible.shape, dtype=model.dtype, device=visible.device)
         mask = mask.masked_fill(~visible, self._mask_min)[None, None, None, :]
-        out = model(
-            input_ids=self._token,
-            position_ids=self._position,
-            attention_mask=mask,
-            **with_cache(model, cache),
-            use_cache=True,
-        )
+        with self._attention(model):
+            out = model(
+                input_ids=self._token,
+                position_ids=self._position,
+                attention_mask=mask,
+                **with_cache(model, cache),
+                use_cache=True,
+            )
         return out.logits[0, -1]
+
+    def _attention(self, model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:
+        """What the step's attention runs under: the grouped decode attention (``sdpa`` models).
+
+        A subclass with its own attention (``StaticQuestDecoder``) returns its scope instead.
+        """
+        return grouped_decode_scope(model)
 
     def _capture(self) -> None:
         """Capture ``_forward`` (``capture_step``).

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel
 
-from samkv_integrations.methods.attention_scope import swapped_attention
+from samkv_integrations.attention_scope import swapped_attention
 from samkv_integrations.methods.pages import KVPool, merge_partials, partial_attention
 
 __all__ = ["PooledQuestion"]

@@ -12,11 +12,13 @@ captured and replayed like the plain one.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from samkv_integrations.attention_scope import swapped_attention
 from samkv_integrations.encode import cache_nbytes
-from samkv_integrations.methods.attention_scope import swapped_attention
 from samkv_integrations.methods.pages import KVPool, merge_partials, partial_attention
 from samkv_integrations.methods.retro_attention import DecodeStats
 from samkv_integrations.static_decode import StaticDecoder
@@ -71,12 +73,9 @@ class StaticQuestDecoder(StaticDecoder):
         self.details["decode"] = self.stats.record(fetched, "quest", self.pool, resident)
         return logits
 
-    def _forward(self) -> torch.Tensor:
-        """The static step with Quest's attention: what is captured, or run eagerly."""
-        if self._model is None:
-            raise RuntimeError("StaticQuestDecoder._forward before _prepare")
-        with swapped_attention(self._model, ATTENTION_KEY, self._attend):
-            return super()._forward()
+    def _attention(self, model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:
+        """The static step runs with Quest's attention: what is captured, or run eagerly."""
+        return swapped_attention(model, ATTENTION_KEY, self._attend)
 
     def _attend(
         self,

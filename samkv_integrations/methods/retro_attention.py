@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from samkv_integrations.attention_scope import swapped_attention
 from samkv_integrations.decode import Decoder
 from samkv_integrations.encode import cache_nbytes
-from samkv_integrations.methods.attention_scope import swapped_attention
 from samkv_integrations.methods.pages import KVPool, merge_partials, partial_attention
 from samkv_integrations.rope import rotate_half
 
