@@ -86,8 +86,24 @@ def retention_rows(
     return rows
 
 
+def by_gold_document(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Retention by the gold document's index in the prompt (``"none"``: no document holds it)."""
+    groups: dict[int | None, list[float]] = {}
+    for row in rows:
+        groups.setdefault(row["gold_document"], []).append(row["answer_kept"])
+    order = sorted(groups, key=lambda gold: (gold is None, gold or 0))
+    return {
+        "none" if gold is None else str(gold): {
+            "n": len(groups[gold]),
+            "answer_kept": sum(groups[gold]) / len(groups[gold]),
+        }
+        for gold in order
+    }
+
+
 def summarize(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
-    """Per method: n, mean kept fraction, retention [95% CI], paired difference from the first."""
+    """Per method: n, mean kept fraction, retention [95% CI], paired difference from the first,
+    and retention by gold document."""
     by_method = {m: {r["id"]: r for r in rows if r["method"] == m} for m in methods}
     reference = by_method[methods[0]]
     summary: dict[str, Any] = {}
@@ -103,6 +119,7 @@ def summarize(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
             )
             if method != methods[0]
             else None,
+            "by_gold_document": by_gold_document(list(found.values())),
         }
     return summary
 

@@ -36,6 +36,7 @@ def test_full_keeps_every_answer_and_a_rerun_resumes(tmp_path: Path, data: Path)
     assert [(r["kept_fraction"], r["answer_kept"]) for r in sparse] == [(0.0, 0.0)] * 2
     report = json.loads(summary.read_text())["methods"]
     assert report["full"]["answer_kept"]["mean"] == 1.0
+    assert report["full"]["by_gold_document"] == {"0": {"n": 2, "answer_kept": 1.0}}
     assert report[sparse[0]["method"]]["vs_first"]["diff"] == -1.0
     again = _run(*argv)
     assert again.returncode == 0, again.stderr
