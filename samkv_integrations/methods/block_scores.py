@@ -208,6 +208,7 @@ def select_blocks(
     score_positions: str = "global",
     question_context: str = "anchors",
     lexical_weight: float = 0.0,
+    min_kept: int = 0,
 ) -> tuple[torch.Tensor, dict[str, object]]:
     """The blocks SamKV keeps, as ``SamKVMethod`` describes (its options, by name).
 
@@ -234,13 +235,15 @@ def select_blocks(
             documents, at the cost of attending over the whole context once).
         lexical_weight: Under attention scoring, the weight of ``lexical_block_scores`` in
             the blocks' score, both normalized over the blocks first.
+        min_kept: Under global ranking, the fewest context tokens to keep (anchors counted)
+            when ``budget`` gives fewer: a floor for short contexts.
 
     Returns:
         Kept blocks ``[D, max_blocks]``, and facts for ``details``: ``adaptive_ratio``
         (per document ``P_i``) under the paper's scoring, else ``block_mass_kept``.
     """
     model, docs = inputs.model, inputs.documents
-    room = math.floor(budget * len(slot)) - sum(len(a) for a in anchors)
+    room = max(math.floor(budget * len(slot)), min_kept) - sum(len(a) for a in anchors)
     if room <= 0 and ranking == "global":
         logger.info("samkv: anchors alone fill budget=%s; keeping anchors only", budget)
     n_layers, n_kv_heads = docs[0].keys.shape[:2]

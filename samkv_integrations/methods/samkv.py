@@ -99,6 +99,7 @@ class SamKVMethod(BaseMethod):
         score_positions: Attention scoring: ``"global"`` or ``"adjacent"`` key positions.
         question_context: What the question reads before scoring: ``"anchors"`` or ``"all"``.
         lexical_weight: Attention scoring: weight of the question's rare ids (``lexical``).
+        min_kept: Global ranking: a floor, in tokens, under ``budget``'s share (short contexts).
     """
 
     name = "samkv"
@@ -119,20 +120,20 @@ class SamKVMethod(BaseMethod):
     score_positions: str = "global"
     question_context: str = "anchors"
     lexical_weight: float = 0.0
+    min_kept: int = 0
 
     def __post_init__(self) -> None:
         if self.scoring == "auto":  # the paper's per-document ratio has no attention variant
             self.scoring = "attention" if self.ranking == "global" else "paper"
-        check_ints(self, {"n_init": 0, "n_local": 0, "block_size": 1})
+        check_ints(self, {"n_init": 0, "n_local": 0, "block_size": 1, "min_kept": 0})
         check_choices(self, _CHOICES)
         check_fractions(self, _FRACTIONS, optional=("tau",))
         moved = [f for f, off in _ATTENTION_ONLY.items() if getattr(self, f) not in off]
         if self.scoring == "paper" and moved:
             raise ValueError(f"{moved[0]} applies to scoring='attention' only")
-        if self.scoring == "attention" and self.ranking != "global":
-            raise ValueError(
-                f"ranking must be 'global' with scoring='attention', not {self.ranking!r}"
-            )
+        if self.ranking != "global" and (self.scoring == "attention" or self.min_kept):
+            need = "scoring='attention'" if self.scoring == "attention" else "min_kept"
+            raise ValueError(f"ranking must be 'global' with {need}, not {self.ranking!r}")
         if (raw := self.selection_layers) is not None:
             layers = tuple(raw) if isinstance(raw, tuple | list) else (raw,)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
@@ -161,7 +162,7 @@ class SamKVMethod(BaseMethod):
                     scoring=self.scoring, ranking=self.ranking, tau=self.tau,
                     personal_weight=self.personal_weight, head_pool=self.head_pool,
                     score_positions=self.score_positions, question_context=self.question_context,
-                    lexical_weight=self.lexical_weight,
+                    lexical_weight=self.lexical_weight, min_kept=self.min_kept,
                 )  # fmt: skip
                 keep |= blocks[doc, block.clamp(max=max(n_blocks) - 1)]
             kept = keep.nonzero().squeeze(1)

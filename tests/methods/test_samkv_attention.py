@@ -53,6 +53,27 @@ class TestSamKVAttention(MethodContract):
         assert [k.tolist() for k in context.kept_indices] == [list(range(n)) for n in lengths]
         assert context.details["block_mass_kept"] == pytest.approx(1.0)
 
+    def test_min_kept_is_a_floor_under_the_budget(self, case: Case) -> None:
+        n = case.context_tokens
+        kept = [
+            sum(map(len, SamKVMethod(budget=0.2, min_kept=floor)(case.inputs).kept_indices))
+            for floor in (0, n // 2, n)
+        ]
+        assert kept[0] <= math.floor(0.2 * n)
+        assert n // 2 - SamKVMethod.block_size < kept[1] <= n // 2
+        assert kept[2] == n
+        # Under the budget's own share, the floor changes nothing.
+        same = SamKVMethod(budget=0.5, min_kept=1)(case.inputs).kept_indices
+        assert [k.tolist() for k in same] == [
+            k.tolist() for k in SamKVMethod(budget=0.5)(case.inputs).kept_indices
+        ]
+        with pytest.raises(ValueError, match="ranking must be 'global' with min_kept"):
+            SamKVMethod(scoring="paper", ranking="per_document", min_kept=100)
+        with pytest.raises(ValueError, match="min_kept must be an int >= 0"):
+            SamKVMethod(min_kept=-1)
+        with pytest.raises(ValueError, match="ranking must be 'global' with scoring='attention'"):
+            SamKVMethod(scoring="attention", ranking="per_document")
+
     def test_the_block_the_question_attends_to_is_kept(self, case: Case) -> None:
         method = SamKVMethod(scoring="attention", budget=0.25, update="overwrite")
         before = method(case.inputs).kept_indices[0].tolist()
