@@ -53,7 +53,8 @@ def grouped_decode_attention(
         )
         return out.reshape(batch, 1, n_heads, head_dim)
     group = n_heads // n_kv_heads
-    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    if group > 1:
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
     return out.transpose(1, 2).contiguous()
 

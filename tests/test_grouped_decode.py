@@ -24,10 +24,10 @@ def _reference(
     return (weights @ value).transpose(1, 2)
 
 
-@pytest.mark.parametrize("q_len", [1, 3])
-def test_grouped_heads_attend_as_repeated_heads(q_len: int) -> None:
+@pytest.mark.parametrize(("q_len", "kv_heads"), [(1, 2), (3, 2), (1, 8)])
+def test_grouped_heads_attend_as_repeated_heads(q_len: int, kv_heads: int) -> None:
     generator = torch.Generator().manual_seed(0)
-    batch, heads, kv_heads, slots, dim = 3, 8, 2, 11, 16
+    batch, heads, slots, dim = 3, 8, 11, 16
     query = torch.randn(batch, heads, q_len, dim, generator=generator)
     key = torch.randn(batch, kv_heads, slots, dim, generator=generator)
     value = torch.randn(batch, kv_heads, slots, dim, generator=generator)
