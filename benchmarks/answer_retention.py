@@ -5,6 +5,8 @@ documents are packed and indexed as ``samkv eval`` packs them (``--chunk-tokens`
 method builds its cache and prefills the question (one token is generated, no decoding),
 and the kept tokens of every document, decoded run by run (a dropped token ends a run), are
 searched for a gold answer, case-insensitive. ``answer_kept`` is 1 when one is found.
+``sagekv``, whose KV heads keep different tokens, reports a representative set
+(its docstring); ``sagekv+per_head=false`` keeps exactly the tokens it names.
 
 This is a diagnostic of selection, not an accuracy figure: a kept answer string is neither
 needed (the model may know it) nor enough (the context around it may be gone). It is cheap
