@@ -24,8 +24,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from samkv_integrations.grouped_decode import grouped_decode_scope
-from samkv_integrations.models.compat import with_cache
-from samkv_integrations.static_decode import SlotLayer, capture_step
+from samkv_integrations.static_decode import SlotLayer, capture_step, slot_step
 
 __all__ = ["Member", "StackedCache"]
 
@@ -133,19 +132,11 @@ class StackedCache:
         Every row sees this step's slot (a placeholder row must see something; its output
         is discarded), besides the slots ``visible`` gives it.
         """
-        model = self.model
+        if self._cache is None:
+            raise RuntimeError("StackedCache._forward before a rebuild")
         visible = self._visible | (self._columns == self._slot)
-        mask = torch.zeros(visible.shape, dtype=model.dtype, device=visible.device)
-        mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)
-        with grouped_decode_scope(model):
-            out = model(
-                input_ids=self._tokens,
-                position_ids=self._positions,
-                attention_mask=mask[:, None, None, :],
-                **with_cache(model, self._cache),
-                use_cache=True,
-            )
-        return out.logits[:, -1]
+        with grouped_decode_scope(self.model):
+            return slot_step(self.model, self._cache, self._tokens, self._positions, visible)
 
     def _capture(self) -> None:
         """Capture ``_forward`` (``static_decode.capture_step``), or stay eager if that fails.

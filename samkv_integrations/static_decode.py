@@ -41,6 +41,7 @@ __all__ = [
     "StaticDecoder",
     "capture_step",
     "decode_graphs_for",
+    "slot_step",
     "static_unsupported",
     "with_graphs",
 ]
@@ -225,7 +226,6 @@ class StaticDecoder(Decoder):
         self._position = torch.zeros((1, 1), dtype=torch.long, device=device)
         self._slot = torch.zeros(1, dtype=torch.long, device=device)
         self._kv_index = torch.arange(capacity, device=device)
-        self._mask_min = torch.finfo(model.dtype).min
         layers = [SlotLayer(k, v, capacity, self._slot) for k, v in tensors]
         # The decode cache's tensors are freed: its layers now view the buffers' first n slots.
         for dynamic, static in zip(cache.layers, layers, strict=True):
@@ -241,18 +241,9 @@ class StaticDecoder(Decoder):
         model, cache = self._model, self._cache
         if model is None or cache is None:
             raise RuntimeError("StaticDecoder._forward before _prepare")
-        visible = self._kv_index <= self._slot
-        mask = torch.zeros(visible.shape, dtype=model.dtype, device=visible.device)
-        mask = mask.masked_fill(~visible, self._mask_min)[None, None, None, :]
+        visible = (self._kv_index <= self._slot)[None]
         with self._attention(model):
-            out = model(
-                input_ids=self._token,
-                position_ids=self._position,
-                attention_mask=mask,
-                **with_cache(model, cache),
-                use_cache=True,
-            )
-        return out.logits[0, -1]
+            return slot_step(model, cache, self._token, self._position, visible)[0]
 
     def _attention(self, model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:
         """What the step's attention runs under: the grouped decode attention (``sdpa`` models).
@@ -268,6 +259,31 @@ class StaticDecoder(Decoder):
         does again: the buffers hold the same values either way.
         """
         self._graph, self._logits = capture_step(self._forward)
+
+
+def slot_step(
+    model: PreTrainedModel,
+    cache: Cache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    visible: torch.Tensor,
+) -> torch.Tensor:
+    """One decode forward on a slot cache: ``[rows, vocab]`` logits.
+
+    ``tokens`` and ``positions`` are ``[rows, 1]``; ``visible`` ``[rows, capacity]`` says
+    which slots each row attends to, passed as an additive mask (0 or the dtype's minimum).
+    The forward runs under whatever attention scope the caller holds.
+    """
+    mask = torch.zeros(visible.shape, dtype=model.dtype, device=visible.device)
+    mask = mask.masked_fill(~visible, torch.finfo(model.dtype).min)
+    out = model(
+        input_ids=tokens,
+        position_ids=positions,
+        attention_mask=mask[:, None, None, :],
+        **with_cache(model, cache),
+        use_cache=True,
+    )
+    return out.logits[:, -1]
 
 
 def capture_step(
