@@ -13,6 +13,7 @@ from samkv_integrations.methods.base import (
     all_kept,
     full_positions,
 )
+from samkv_integrations.methods.option_checks import check_fractions
 from samkv_integrations.methods.recompute import (
     assemble_cache,
     embed,
@@ -55,9 +56,7 @@ class CacheBlendMethod(BaseMethod):
     check_layer: int = 1
 
     def __post_init__(self) -> None:
-        ratio = self.recompute_ratio
-        if not (isinstance(ratio, float) or type(ratio) is int) or not 0 < ratio <= 1:
-            raise ValueError(f"recompute_ratio must be in (0, 1], got {ratio!r}")
+        check_fractions(self, {"recompute_ratio": False})
         if isinstance(self.check_layer, bool) or not isinstance(self.check_layer, int):
             raise ValueError(f"check_layer must be an int, got {self.check_layer!r}")
         if self.check_layer < 0:

@@ -13,6 +13,7 @@ from samkv_integrations.methods.base import (
     all_kept,
     full_positions,
 )
+from samkv_integrations.methods.option_checks import check_ints
 from samkv_integrations.methods.recompute import assemble_cache, embed, recompute
 from samkv_integrations.timing import Stopwatch
 
@@ -41,8 +42,7 @@ class EpicMethod(BaseMethod):
     k: int = 16
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        check_ints(self, {"k": 1})
 
     @torch.inference_mode()
     def build(self, inputs: MethodInput, watch: Stopwatch) -> ContextCache:

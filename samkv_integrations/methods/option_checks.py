@@ -27,7 +27,7 @@ def check_choices(method: Any, choices: Mapping[str, tuple[Any, ...]]) -> None:
 
 
 def check_fractions(
-    method: Any, fractions: Mapping[str, bool], *, optional: tuple[str, ...]
+    method: Any, fractions: Mapping[str, bool], *, optional: tuple[str, ...] = ()
 ) -> None:
     """Each field named in ``fractions`` is a number in (0, 1], or [0, 1] where it maps to True.
 

@@ -9,6 +9,7 @@ import torch
 
 from samkv_integrations.decode import Decoder
 from samkv_integrations.methods.base import BaseMethod, ContextCache, DecodeState, MethodInput
+from samkv_integrations.methods.option_checks import check_choices, check_ints
 from samkv_integrations.methods.pages import KVPool
 from samkv_integrations.methods.pooled_question import PooledQuestion
 from samkv_integrations.methods.retro_attention import RetroDecoder
@@ -129,18 +130,11 @@ class RetroMethod(BaseMethod):
     def __post_init__(self) -> None:
         if not isinstance(self.inner, BaseMethod):
             raise TypeError(f"inner must be a BaseMethod, got {type(self.inner).__name__}")
-        if self.decode not in DECODE_POLICIES:
-            raise ValueError(f"decode must be one of {DECODE_POLICIES}, got {self.decode!r}")
-        for name, low in (("retro_pages", 0), ("retro_page_size", 1), ("retro_window", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_choices(self, {"decode": DECODE_POLICIES})
+        check_ints(self, {"retro_pages": 0, "retro_page_size": 1, "retro_window": 1})
         if self.retro_pool not in ("device", "host"):
             raise ValueError(f"retro_pool must be 'device' or 'host', got {self.retro_pool!r}")
-        if self.retro_question not in QUESTION_SCOPES:
-            raise ValueError(
-                f"retro_question must be one of {QUESTION_SCOPES}, got {self.retro_question!r}"
-            )
+        check_choices(self, {"retro_question": QUESTION_SCOPES})
 
     @property  # type: ignore[misc]
     def name(self) -> str:  # type: ignore[override]

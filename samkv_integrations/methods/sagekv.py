@@ -12,6 +12,7 @@ import torch
 from samkv_integrations.methods.base import BaseMethod, ContextCache, DecodeState, MethodInput
 from samkv_integrations.methods.eviction import evict, top_per_head, window_attention
 from samkv_integrations.methods.full import FullMethod
+from samkv_integrations.methods.option_checks import check_fractions, check_ints
 from samkv_integrations.methods.recompute import split_by_document
 from samkv_integrations.timing import Stopwatch
 
@@ -77,12 +78,8 @@ class SageKVMethod(BaseMethod):
     per_head: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
-        for field, low in (("window", 1), ("n_sink", 0)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{field} must be an int >= {low}, got {value!r}")
+        check_fractions(self, {"budget": False})
+        check_ints(self, {"window": 1, "n_sink": 0})
         if not isinstance(self.per_head, bool):
             raise ValueError(f"per_head must be true or false, got {self.per_head!r}")
 
