@@ -79,15 +79,23 @@ def cache_nbytes(cache: Cache) -> int:
     return sum(t.numel() * t.element_size() for pair in layer_tensors(cache) for t in pair)
 
 
+class _QueriesCapturedError(Exception):
+    """Raised inside a forward to stop it once the last query wanted is recorded."""
+
+
 @contextmanager
 def capture_queries(
-    model: PreTrainedModel, keep: Callable[[torch.Tensor], torch.Tensor] | None = None
+    model: PreTrainedModel,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop_after: int | None = None,
 ) -> Iterator[list[torch.Tensor | None]]:
     """Record each layer's pre-RoPE query projection during the forward passes inside.
 
     Yields a list with one slot per layer, holding the last ``q_proj`` output
     ``[batch, seq, n_q_heads * head_dim]``, or what ``keep`` makes of it (so that a long
-    batch need not hold every layer's queries). The hooks are removed on exit, even on error.
+    batch need not hold every layer's queries). With ``stop_after``, the forward ends as
+    soon as that layer's query is recorded (the deeper layers' work would be thrown away);
+    the block inside then leaves quietly. The hooks are removed on exit, even on error.
     """
     layers = model.get_decoder().layers
     captured: list[torch.Tensor | None] = [None] * len(layers)
@@ -97,9 +105,13 @@ def capture_queries(
 
             def hook(_m: torch.nn.Module, _a: object, out: torch.Tensor, i: int = i) -> None:
                 captured[i] = out if keep is None else keep(out)
+                if i == stop_after:
+                    raise _QueriesCapturedError
 
             handles.append(layer.self_attn.q_proj.register_forward_hook(hook))
         yield captured
+    except _QueriesCapturedError:
+        pass
     finally:
         for handle in handles:
             handle.remove()

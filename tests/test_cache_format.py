@@ -301,3 +301,24 @@ def test_document_without_the_extra_names_it() -> None:
         _ = doc.query_means
     assert doc.nbytes == 16
     assert doc.to("cpu", torch.float16).nbytes == 8
+
+
+def test_capture_queries_can_stop_the_forward_after_a_layer(tiny_llama: LoadedModel) -> None:
+    model = tiny_llama.model
+    ids = torch.tensor([list(range(10, 30))])
+    with torch.inference_mode(), capture_queries(model) as every:
+        model(input_ids=ids)
+    ran: list[int] = []
+    after = model.get_decoder().layers[2].register_forward_pre_hook(lambda *_: ran.append(2))
+    try:
+        with torch.inference_mode(), capture_queries(model, stop_after=1) as early:
+            model(input_ids=ids)
+    finally:
+        after.remove()
+    assert ran == [], "the layer after the stop ran"
+    assert early[2:] == [None] * (len(every) - 2)
+    for got, expected in zip(early[:2], every[:2], strict=True):
+        assert got is not None and expected is not None
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # The hooks are gone: a later forward runs to its end.
+    assert model(input_ids=ids).logits.shape[1] == ids.shape[1]

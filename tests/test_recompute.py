@@ -9,9 +9,11 @@ from samkv_integrations.encode import encode_documents, encode_prefix
 from samkv_integrations.methods import FullMethod, MethodInput
 from samkv_integrations.methods.recompute import (
     RecomputeCache,
+    aligned_cache,
     assemble_cache,
     check_model,
     embed,
+    gather_aligned,
     recompute,
     recompute_behind_prefix,
     split_by_document,
@@ -113,3 +115,17 @@ def test_check_model_refuses_attention_without_4d_masks() -> None:
     model.model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="attn_implementation"):
         check_model(model.model)
+
+
+@pytest.mark.parametrize("chosen", ["all", "some"])
+def test_aligned_cache_is_the_assembled_gather_for_its_layers(chosen: str) -> None:
+    model = random_model("tiny-llama", device="cpu", seed=5)
+    inputs = _inputs(model)
+    docs, starts = inputs.documents, inputs.doc_starts
+    local = None if chosen == "all" else [torch.tensor([0, 3, 7]), torch.tensor([2, 24])]
+    indices = local or [torch.arange(d.n_tokens) for d in docs]
+    expected = assemble_cache(inputs.prefix, [gather_aligned(model.model, docs, starts, indices)])
+    cache = aligned_cache(model.model, inputs.prefix, docs, starts, local, n_layers=1)
+    assert len(cache.layers) == 1
+    torch.testing.assert_close(cache.layers[0].keys, expected.layers[0].keys, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cache.layers[0].values, expected.layers[0].values, atol=0, rtol=0)

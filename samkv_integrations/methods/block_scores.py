@@ -16,7 +16,7 @@ import math
 import torch
 from transformers import PreTrainedModel
 
-from samkv_integrations.encode import PrefixKV, capture_queries
+from samkv_integrations.encode import capture_queries
 from samkv_integrations.methods.base import MethodInput
 from samkv_integrations.methods.lexical import lexical_block_scores
 from samkv_integrations.methods.question_attention import (
@@ -24,7 +24,7 @@ from samkv_integrations.methods.question_attention import (
     personal_queries,
     question_block_mass,
 )
-from samkv_integrations.methods.recompute import assemble_cache, gather_aligned
+from samkv_integrations.methods.recompute import RecomputeCache, aligned_cache
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import shift_keys
@@ -75,27 +75,27 @@ def block_layout(
 
 def question_queries(
     model: PreTrainedModel,
-    prefix: PrefixKV,
-    context: tuple[torch.Tensor, torch.Tensor],
+    context: RecomputeCache,
     token_ids: list[int],
     start: int,
     layers: list[int],
 ) -> torch.Tensor:
-    """Per-token queries of ``token_ids`` run from position ``start`` over the prefix and ``context``.
+    """Per-token queries of ``token_ids`` run from position ``start`` over ``context``.
 
-    ``context`` holds keys (at global positions) and values ``[n_layers, n_kv_heads, n,
-    head_dim]`` that follow the prefix; ``layers`` are the layers to read.
+    ``context`` holds the prefix and what the question reads of the documents, keys at
+    global positions (``aligned_cache``), for at least the layers up to the last of
+    ``layers``: the pass stops there.
 
     Returns:
         ``[len(layers), len(token_ids), n_q_heads, head_dim]`` float32 pre-RoPE queries
         (``q_proj`` outputs, as stored per document) at each of ``layers``.
     """
     positions = torch.arange(start, start + len(token_ids), device=model.device)
-    with capture_queries(model) as captured:
+    with capture_queries(model, stop_after=max(layers)) as captured:
         model.get_decoder()(
             input_ids=torch.tensor([token_ids], device=model.device),
             position_ids=positions[None],
-            **with_cache(model.get_decoder(), assemble_cache(prefix, [context])),
+            **with_cache(model.get_decoder(), context),
             use_cache=True,
         )
     n_heads = model.config.get_text_config(decoder=True).num_attention_heads
@@ -248,13 +248,12 @@ def select_blocks(
         logger.info("samkv: anchors alone fill budget=%s; keeping anchors only", budget)
     n_layers, n_kv_heads = docs[0].keys.shape[:2]
     layers = selection_layer_indices(n_layers, selection_layers)
-    if question_context == "all":
-        local = [torch.arange(d.n_tokens, device=model.device) for d in docs]
-    else:
+    local = None  # question_context="all": every reused token
+    if question_context == "anchors":
         local = [torch.tensor(a, dtype=torch.long, device=model.device) for a in anchors]
-    seen_kv = gather_aligned(model, docs, inputs.doc_starts, local)
+    seen = aligned_cache(model, inputs.prefix, docs, inputs.doc_starts, local, max(layers) + 1)
     start = inputs.context_end
-    queries = question_queries(model, inputs.prefix, seen_kv, inputs.question_ids, start, layers)
+    queries = question_queries(model, seen, inputs.question_ids, start, layers)
     own = torch.stack([d.query_means[layers].float() for d in docs])
     width = max(n_blocks) + 1
     sizes = torch.tensor(n_blocks, device=slot.device)

@@ -16,7 +16,8 @@ like any ``DynamicCache`` (under ``blend_appended``, blending the new entries wi
 KV), so the question prefill and decoding run on it as is.
 
 ``gather_aligned`` takes chosen tokens' reused KV at global positions, for a method to
-assemble, blend or score.
+assemble, blend or score; ``aligned_cache`` assembles them behind the prefix a layer at a
+time, for a pass that reads them once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from samkv_integrations.encode import PrefixKV
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import DocumentKV
-from samkv_integrations.rope import rotary_module, shift_keys
+from samkv_integrations.rope import rotary_module, rotate, rotation, shift_keys
 
 #: Attention implementations that take an arbitrary 4D mask.
 _MASKED_ATTENTION = ("sdpa", "eager")
@@ -168,6 +169,51 @@ def gather_aligned(
         [doc.values[:, :, i] for doc, i in zip(documents, local, strict=True)], dim=2
     )
     return shift_keys(model, keys, delta), values
+
+
+def aligned_cache(
+    model: PreTrainedModel,
+    prefix: PrefixKV,
+    documents: list[DocumentKV],
+    doc_starts: list[int],
+    local: list[torch.Tensor] | None,
+    n_layers: int,
+) -> RecomputeCache:
+    """The prefix, then chosen tokens' reused KV at global positions, for the first ``n_layers``.
+
+    The entries of ``assemble_cache(prefix, [gather_aligned(...)])``, built a layer at a
+    time: each entry is copied once, and the float32 scratch of the rotation is one layer's
+    rather than the whole context's (gigabytes on an 8B model's 16k-token context).
+
+    Args:
+        model: The model (its rotary module re-aligns the keys).
+        prefix: The shared prefix.
+        documents: The documents' caches.
+        doc_starts: Global position of each document's first token.
+        local: Per document, ``[k_i]`` local indices of the chosen tokens; ``None``: all.
+        n_layers: Layers to build (a pass that stops early needs no more).
+    """
+    counts = [d.n_tokens for d in documents] if local is None else [len(i) for i in local]
+    shifts = [start - d.prefix_len for start, d in zip(doc_starts, documents, strict=True)]
+    delta = torch.tensor(shifts, device=model.device).repeat_interleave(
+        torch.tensor(counts, device=model.device), output_size=sum(counts)
+    )
+    cos, sin = rotation(model, delta)
+    chosen: list[torch.Tensor | slice] = (
+        [slice(None)] * len(documents) if local is None else [*local]
+    )
+    picks = list(zip(documents, chosen, strict=True))
+    keys, values = [], []
+    for layer in range(n_layers):
+        k = torch.cat([prefix.keys[layer][:1]] + [d.keys[layer][None, :, i] for d, i in picks], -2)
+        k[:, :, prefix.length :] = rotate(k[:, :, prefix.length :], cos, sin)
+        keys.append(k)
+        values.append(
+            torch.cat(
+                [prefix.values[layer][:1]] + [d.values[layer][None, :, i] for d, i in picks], -2
+            )
+        )
+    return RecomputeCache(keys, values)
 
 
 def check_model(model: PreTrainedModel) -> None:
