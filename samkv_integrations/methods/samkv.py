@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -17,12 +18,14 @@ from samkv_integrations.methods.recompute import (
 from samkv_integrations.timing import Stopwatch
 
 _CHOICES = {
-    "update": ("overwrite", "fusion"),
-    "ranking": ("per_document", "global"),
-    "scoring": ("paper", "attention"),
-    "head_pool": ("mean", "max"),
-    "score_positions": ("global", "adjacent"),
-    "question_context": ("anchors", "all"),
+    "update": ("overwrite", "fusion"), "ranking": ("per_document", "global"),
+    "scoring": ("paper", "attention"), "head_pool": ("mean", "max"),
+    "score_positions": ("global", "adjacent"), "question_context": ("anchors", "all"),
+}  # fmt: skip
+#: Options whose default (``None``, ``"auto"``) depends on the scoring: measured for attention.
+_SCORING_DEFAULTS = {
+    "attention": {"block_size": 32, "score_positions": "adjacent", "question_context": "all"},
+    "paper": {"block_size": 16, "score_positions": "global", "question_context": "anchors"},
 }
 #: Fractions in (0, 1], or [0, 1] where True; ``tau`` may also be ``None``.
 _FRACTIONS = {
@@ -43,32 +46,30 @@ class SamKVMethod(BaseMethod):
     Paper: https://arxiv.org/abs/2508.11661. Anchors, each document's first ``n_init`` and
     last ``n_local`` tokens, are always kept (a document shorter than anchors plus one
     block, whole); the middle is cut into blocks. The question, prefilled over the prefix
-    and all anchors at global positions (``question_context="all"``: every reused token),
-    gives ``Qq``, its mean query per head at each selection layer; document ``i`` is scored with ``Qi = Qq + 1/(D-1) Σ_{j≠i} |cos(Qj, Qq)|
+    and all anchors at global positions, gives ``Qq``, its mean query per head at each
+    selection layer; document ``i`` is scored with ``Qi = Qq + 1/(D-1) Σ_{j≠i} |cos(Qj, Qq)|
     Qj`` (``Qj``: document ``j``'s stored mean query of its last tokens), averaged per KV
     group. Block score ``s_b = Σ_h <Qi_h, mean key_h>``, anchor score ``s_anc`` alike; ``P_i
     = (max s_b - s_anc) / (max s_b - min s_b)`` if ``min < s_anc <= max`` else 0, averaged
     over layers. ``ranking="per_document"`` keeps each layer's top ``floor(n_blocks · P_i)``
     blocks, united over layers; ``"global"`` the best blocks of all documents under
     ``budget`` (anchors counted), by ``s_b - s_anc`` over each layer's score range, averaged
-    over layers. Scores are pre-RoPE: the queries are ``q_proj`` outputs, so keys are
-    un-rotated per token before block means (post-RoPE means would mix in each block's
-    rotation).
+    over layers. Scores are pre-RoPE (queries are ``q_proj`` outputs): keys are un-rotated
+    per token before block means, which would otherwise mix in each block's rotation.
 
-    ``scoring="attention"`` ranks blocks instead by the attention mass the question's tokens
-    put on them (``question_attention`` gives the shapes and the cost): their queries, run
-    as above, RoPE at their global positions, against every reused key at its global
-    position, softmax per query head over the whole context, averaged over each KV group and
-    the tokens, summed per block, then pooled over layers and KV heads (``head_pool``).
-    ``personal_weight`` mixes in the attention of the paper's ``Qi``; ``tau`` keeps only the
-    fewest blocks that hold that share of the mass, under ``budget``; ``score_positions=
-    "adjacent"`` scores each document as if it ended right before the question. Attention
-    scoring is the default (``scoring="auto"`` resolves to it under global ranking, to
-    ``"paper"`` under per-document ranking); ``scoring="paper"`` reproduces the paper. On
-    the GPU (n=300 per dev set, budget 0.15, ``--chunk-tokens 512``; README, "Accuracy on
-    the GPU"), contains-gold difference from ``full``, attention vs paper: 0.5B HotpotQA
-    short −10.7 vs −14.3 points, long −9.3 vs −9.7, NQ −19.3 vs −18.7 (F1 and KL better on
-    all three); 1.5B long −9.3 vs −16.3; ``personal_weight=0.3``: −10.3, −19.7.
+    ``scoring="attention"`` (the default) ranks blocks instead by the attention mass the
+    question's tokens put on them (``question_attention`` gives the shapes and the cost):
+    their queries against the reused keys, RoPE applied, softmax per query head over the
+    whole context, averaged over each KV group and the tokens, summed per block, pooled over
+    layers and KV heads (``head_pool``). Three options default by scoring (``"auto"``): under
+    attention, ``block_size=32``, ``score_positions="adjacent"`` (each document scored as if
+    it ended right before the question) and ``question_context="all"``; under
+    ``scoring="paper"`` (``"auto"`` resolves to it under per-document ranking), 16,
+    ``"global"`` and the paper's ``"anchors"``. Contains-gold difference from ``full`` at 15%
+    kept (H200, n=300 per dev set, ``--chunk-tokens 512``; README, "Accuracy on the GPU"),
+    these defaults vs the earlier 16/global/anchors: Qwen2.5-Coder-0.5B NQ −8.0 vs −18.7
+    points, HotpotQA long −5.3 vs −9.0, short −6.7 vs −11.7; 1.5B NQ −15.7 vs −27.0, long
+    −0.5 vs −10.9 (first 183 questions).
 
     The kept tokens, compacted in global order, are recomputed at every layer behind the
     prefix, attending causally (global positions) to the kept tokens before them;
@@ -77,15 +78,13 @@ class SamKVMethod(BaseMethod):
     others are overwritten: their reused KV saw nothing the fresh KV misses, so a document
     kept whole (as short nodes are) comes out as full recompute computes it. The rest leaves.
 
-    The other defaults were chosen by mean first-token KL from ``full`` (first 20 HotpotQA
-    dev questions, Qwen2.5-Coder-0.5B): ``ranking="global"`` (only it holds a budget),
-    ``update="fusion"`` and selection layers at 1/3, 1/2, 2/3 and 5/6 of the depth (14% kept:
-    KL 0.49 with both, 0.84 with neither; the rest in ``benchmarks/ACCURACY.md``).
+    ``ranking="global"`` (only it holds a budget), ``update="fusion"`` and the selection layers
+    were chosen by first-token KL on the CPU (``benchmarks/ACCURACY.md``).
 
     Attributes:
         n_init: Leading anchor tokens per document.
         n_local: Trailing anchor tokens per document.
-        block_size: Tokens per block (a document's last block may be shorter).
+        block_size: Tokens per block (the last may be shorter); ``None``: by scoring.
         selection_layers: Layers whose queries score blocks (negative: from the end;
             ``None``: the layers at 1/3, 1/2, 2/3 and 5/6 of the depth).
         update: ``"overwrite"`` or ``"fusion"``.
@@ -96,8 +95,8 @@ class SamKVMethod(BaseMethod):
         personal_weight: Attention scoring: weight of ``Qi``'s attention, in [0, 1].
         head_pool: Attention scoring: ``"mean"`` or ``"max"`` over layers and KV heads.
         tau: Attention scoring: share of the blocks' mass to keep, in (0, 1]; ``None``: off.
-        score_positions: Attention scoring: ``"global"`` or ``"adjacent"`` key positions.
-        question_context: What the question reads before scoring: ``"anchors"`` or ``"all"``.
+        score_positions: ``"global"`` or ``"adjacent"`` key positions, or ``"auto"``.
+        question_context: What the question reads first: ``"anchors"``, ``"all"``, ``"auto"``.
         lexical_weight: Attention scoring: weight of the question's rare ids (``lexical``).
         min_kept: Global ranking: a floor, in tokens, under ``budget``'s share (short contexts).
     """
@@ -107,7 +106,7 @@ class SamKVMethod(BaseMethod):
 
     n_init: int = 8
     n_local: int = 8
-    block_size: int = 16
+    block_size: int | None = None
     selection_layers: tuple[int, ...] | None = None
     update: str = "fusion"
     fusion_theta: float = 0.9
@@ -117,14 +116,17 @@ class SamKVMethod(BaseMethod):
     personal_weight: float = 0.0
     head_pool: str = "mean"
     tau: float | None = None
-    score_positions: str = "global"
-    question_context: str = "anchors"
+    score_positions: str = "auto"
+    question_context: str = "auto"
     lexical_weight: float = 0.0
     min_kept: int = 0
 
     def __post_init__(self) -> None:
         if self.scoring == "auto":  # the paper's per-document ratio has no attention variant
             self.scoring = "attention" if self.ranking == "global" else "paper"
+        for field, value in _SCORING_DEFAULTS.get(self.scoring, _SCORING_DEFAULTS["paper"]).items():
+            if getattr(self, field) in (None, "auto"):  # an unknown scoring fails check_choices
+                setattr(self, field, value)
         check_ints(self, {"n_init": 0, "n_local": 0, "block_size": 1, "min_kept": 0})
         check_choices(self, _CHOICES)
         check_fractions(self, _FRACTIONS, optional=("tau",))
@@ -153,7 +155,8 @@ class SamKVMethod(BaseMethod):
             {"adaptive_ratio": [0.0] * len(lengths)} if self.scoring == "paper" else {}
         )
         with watch.phase("select"):
-            layout = block_layout(lengths, self.n_init, self.n_local, self.block_size, device)
+            size = cast(int, self.block_size)  # resolved from None in __post_init__
+            layout = block_layout(lengths, self.n_init, self.n_local, size, device)
             anchors, n_blocks, doc, block, keep = layout
             if any(n_blocks):
                 slot = doc * (max(n_blocks) + 1) + (block + 1) * ~keep
@@ -188,9 +191,8 @@ class SamKVMethod(BaseMethod):
     def _fusion_weights(self, kept_local: list[torch.Tensor]) -> torch.Tensor | None:
         """``[n_kept]`` weights of the fresh KV: ``fusion_theta`` after a dropped token, else 1.
 
-        A reused entry was computed over its whole document up to it; it knows more than
-        the fresh one only if a token of its document before it was dropped. ``None`` when
-        no kept token follows a drop: there is nothing to blend, nor reused KV to gather.
+        A reused entry knows more than the fresh one only if a token of its document before
+        it was dropped. ``None`` when no kept token follows a drop: nothing to blend.
         """
         after_drop = torch.cat([k > torch.arange(len(k), device=k.device) for k in kept_local])
         if not after_drop.any():

@@ -15,12 +15,16 @@ from samkv_integrations.methods.question_attention import (
     question_block_mass,
     rotate_queries,
 )
-from samkv_integrations.methods.recompute import assemble_cache, gather_aligned
+from samkv_integrations.methods.recompute import aligned_cache, assemble_cache, gather_aligned
 from samkv_integrations.methods.specs import parse_spec
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.rope import shift_keys
 
 from .contract import Case, MethodContract
+
+#: The layout ``_attended_block`` crafts keys for: 16-token blocks, the documents' keys at
+#: their global positions, and queries from a question that read only the anchors.
+CRAFTED = {"block_size": 16, "score_positions": "global", "question_context": "anchors"}
 
 
 class TestSamKVAttention(MethodContract):
@@ -60,7 +64,7 @@ class TestSamKVAttention(MethodContract):
             for floor in (0, n // 2, n)
         ]
         assert kept[0] <= math.floor(0.2 * n)
-        assert n // 2 - SamKVMethod.block_size < kept[1] <= n // 2
+        assert n // 2 - SamKVMethod().block_size < kept[1] <= n // 2  # type: ignore[operator]
         assert kept[2] == n
         # Under the budget's own share, the floor changes nothing.
         same = SamKVMethod(budget=0.5, min_kept=1)(case.inputs).kept_indices
@@ -75,7 +79,7 @@ class TestSamKVAttention(MethodContract):
             SamKVMethod(scoring="attention", ranking="per_document")
 
     def test_the_block_the_question_attends_to_is_kept(self, case: Case) -> None:
-        method = SamKVMethod(scoring="attention", budget=0.25, update="overwrite")
+        method = SamKVMethod(scoring="attention", budget=0.25, update="overwrite", **CRAFTED)
         before = method(case.inputs).kept_indices[0].tolist()
         # A block of document 0 that the unmodified keys leave out, 16 tokens after n_init.
         start = next(
@@ -91,8 +95,8 @@ class TestSamKVAttention(MethodContract):
 
     def test_tau_keeps_fewer_blocks_when_the_mass_is_concentrated(self, case: Case) -> None:
         inputs = _attended_block(case.inputs, 0, range(8, 24))
-        budget = SamKVMethod(scoring="attention", budget=0.6)(inputs)
-        concentrated = SamKVMethod(scoring="attention", budget=0.6, tau=0.5)(inputs)
+        budget = SamKVMethod(scoring="attention", budget=0.6, **CRAFTED)(inputs)
+        concentrated = SamKVMethod(scoring="attention", budget=0.6, tau=0.5, **CRAFTED)(inputs)
         n_anchors = sum(len(a) for a in budget.details["anchor_indices"])  # type: ignore[arg-type]
         kept_budget = sum(len(k) for k in budget.kept_indices)
         kept_tau = sum(len(k) for k in concentrated.kept_indices)
@@ -127,23 +131,37 @@ class TestSamKVAttention(MethodContract):
     ) -> None:
         seen: list[int] = []
 
-        def spy(model, prefix, context, token_ids, start, layers):  # type: ignore[no-untyped-def]
-            seen.append(context[0].shape[2])
-            return question_queries(model, prefix, context, token_ids, start, layers)
+        def spy(model, context, token_ids, start, layers):  # type: ignore[no-untyped-def]
+            seen.append(context.layers[0].keys.shape[2] - case.inputs.prefix.length)
+            return question_queries(model, context, token_ids, start, layers)
 
         monkeypatch.setattr(block_scores, "question_queries", spy)
-        anchors = SamKVMethod(budget=0.3)(case.inputs)
-        everything = SamKVMethod(budget=0.3, question_context="all")(case.inputs)
+        anchors = SamKVMethod(budget=0.3, question_context="anchors")(case.inputs)
+        everything = SamKVMethod(budget=0.3)(case.inputs)  # "all" is the default
         n_anchors = sum(len(a) for a in anchors.details["anchor_indices"])  # type: ignore[arg-type]
         assert seen == [n_anchors, case.context_tokens]
         assert sum(map(len, everything.kept_indices)) <= math.floor(0.3 * case.context_tokens)
         with pytest.raises(ValueError, match="question_context must be one of"):
             SamKVMethod(question_context="everything")
 
+    def test_three_defaults_follow_the_scoring(self) -> None:
+        def chosen(method: SamKVMethod) -> tuple[object, ...]:
+            return method.block_size, method.score_positions, method.question_context
+
+        assert chosen(SamKVMethod()) == (32, "adjacent", "all")
+        paper = SamKVMethod(scoring="paper", ranking="per_document")
+        assert chosen(paper) == (16, "global", "anchors")
+        assert chosen(SamKVMethod(block_size=8, question_context="anchors")) == (
+            8, "adjacent", "anchors",
+        )  # fmt: skip
+        assert chosen(parse_spec("samkv+score_positions=global").build()) == (32, "global", "all")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="scoring must be one of"):
+            SamKVMethod(scoring="mystery")
+
     def test_lexical_weight_one_keeps_the_block_with_the_questions_rare_ids(
         self, case: Case
     ) -> None:
-        method = SamKVMethod(budget=0.25, update="overwrite", lexical_weight=1.0)
+        method = SamKVMethod(budget=0.25, update="overwrite", lexical_weight=1.0, block_size=16)
         inputs = case.inputs
         before = method(inputs).kept_indices[1].tolist()
         start = next(s for s in range(8, inputs.documents[1].n_tokens - 24, 16) if s not in before)
@@ -170,9 +188,10 @@ class TestSamKVAttention(MethodContract):
         everything = [torch.arange(d.n_tokens) for d in inputs.documents]
         context = gather_aligned(model, inputs.documents, inputs.doc_starts, everything)
         start = inputs.context_end
-        queries = question_queries(
-            model, inputs.prefix, context, inputs.question_ids, start, layers
+        seen = aligned_cache(
+            model, inputs.prefix, inputs.documents, inputs.doc_starts, None, max(layers) + 1
         )
+        queries = question_queries(model, seen, inputs.question_ids, start, layers)
         n_context = sum(d.n_tokens for d in inputs.documents)
         token = torch.arange(n_context)
         mass = question_block_mass(
@@ -249,9 +268,10 @@ def _attended_block(inputs: MethodInput, index: int, block: range) -> MethodInpu
     layers = selection_layer_indices(len(inputs.prefix.keys), None)
     anchors = [[*range(8), *range(d.n_tokens - 8, d.n_tokens)] for d in inputs.documents]
     local = [torch.tensor(a) for a in anchors]
-    anchor_kv = gather_aligned(model, inputs.documents, inputs.doc_starts, local)
+    n_layers = max(layers) + 1
+    seen = aligned_cache(model, inputs.prefix, inputs.documents, inputs.doc_starts, local, n_layers)
     start = inputs.context_end
-    queries = question_queries(model, inputs.prefix, anchor_kv, inputs.question_ids, start, layers)
+    queries = question_queries(model, seen, inputs.question_ids, start, layers)
     positions = torch.arange(start, start + queries.shape[1])
     keys = doc.keys.clone()
     middle = torch.arange(8, doc.n_tokens - 8)
