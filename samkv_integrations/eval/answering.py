@@ -47,6 +47,8 @@ class AnswerJob:
         chunk_tokens: Pack paragraphs into documents of at most this many tokens.
         max_new_tokens: Greedy decoding stops after this many tokens or at ``stop``.
         stop: Strings that end an answer (the task's, ``eval.tasks``).
+        discard_kv: Delete each question's document caches from the store once every
+            method has answered it (``EvalConfig.discard_kv``).
     """
 
     model: str
@@ -57,6 +59,7 @@ class AnswerJob:
     chunk_tokens: int | None
     max_new_tokens: int
     stop: tuple[str, ...] = STOP
+    discard_kv: bool = False
 
     def engine(self) -> SamKVEngine:
         """Load the model and open the store."""
@@ -125,6 +128,8 @@ def answer_question(engine: SamKVEngine, question: Question, job: AnswerJob) -> 
         # parse_methods puts full first, so the reference exists before any other method.
         reference = reference or answer
         rows.append(score_answer(question, spec.label, answer, reference, len(documents)))
+    if job.discard_kv:
+        engine.delete_caches(refs)
     return rows
 
 

@@ -191,6 +191,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
+        "--discard-kv",
+        action="store_true",
+        help="delete each question's document caches from the store once every method has "
+        "answered it (long sets on larger models otherwise leave tens of GB; a rerun "
+        "encodes them again)",
+    )
+    parser.add_argument(
         "--workers",
         type=int_at_least(1),
         default=1,
@@ -288,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         sweep=args.sweep,
         workers=args.workers,
         task=args.task,
+        discard_kv=args.discard_kv,
     )
     plan = plan_run(config)
     if plan.completed is not None:

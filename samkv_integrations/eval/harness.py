@@ -107,6 +107,11 @@ class EvalConfig:
             depend on it, so it is not part of the run's identity; TTFTs measured with
             several workers sharing a GPU include their contention.
         task: What is asked about each question (``eval.tasks``): ``qa`` or ``summarize``.
+        discard_kv: Delete each question's document caches from the store once every method
+            has answered it. An eval otherwise keeps every question's KV (a resumed or
+            repeated run reuses it), which on long sets and larger models outgrows a disk:
+            the 1.5B's NQ and long HotpotQA runs filled a 64 GB one. Not part of the run's
+            identity: results do not depend on it.
     """
 
     data: Path
@@ -124,6 +129,7 @@ class EvalConfig:
     sweep: str | None = None
     workers: int = 1
     task: str = DEFAULT_TASK
+    discard_kv: bool = False
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -309,6 +315,7 @@ def execute_run(plan: RunPlan) -> dict[str, Any]:
         config.chunk_tokens,
         plan.max_new_tokens,
         plan.task.stop,
+        config.discard_kv,
     )
     workers = min(config.workers, len(plan.questions))
     if workers > 1 and config.model is not None:

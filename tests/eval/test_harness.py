@@ -144,8 +144,9 @@ def test_cli_spec_options_reach_the_method(
     spec = "samkv+ranking=global+budget=0.5+n_init=2+n_local=2+block_size=4"
     argv = ["--data", str(data), "--methods", spec, "--model", "random:tiny-llama",
             "--device", "cpu", "--max-new-tokens", "2", "--out", str(tmp_path / "run"),
-            "--store", str(tmp_path / "kvcache"), "--no-progress"]  # fmt: skip
+            "--store", str(tmp_path / "kvcache"), "--no-progress", "--discard-kv"]  # fmt: skip
     assert cli.run(_parse(argv)) == 0
+    assert KVCacheStore(tmp_path / "kvcache").entries() == []
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert list(metrics["methods"]) == ["full", spec]
     assert 0 < metrics["methods"][spec]["kept_fraction"] <= 0.5
@@ -209,6 +210,17 @@ def test_one_chunk_makes_reuse_equal_full(tmp_path: Path, data: Path) -> None:
     reuse = metrics["methods"]["reuse"]
     assert reuse["agree_full"] == 1.0
     assert reuse["first_token_kl"] < 1e-6
+
+
+@pytest.mark.parametrize("discard", [False, True])
+def test_discard_kv_leaves_the_store_as_it_found_it(
+    tmp_path: Path, data: Path, discard: bool
+) -> None:
+    store = KVCacheStore(tmp_path / "kvcache")
+    kept = run_eval(config(tmp_path, data, discard_kv=discard, out=tmp_path / f"run-{discard}"))
+    assert kept["n"] == 2 and kept["methods"]["reuse"]["n"] == 2
+    entries = store.entries()
+    assert (entries == []) if discard else len(entries) >= 2
 
 
 def test_question_too_long_for_the_model_is_skipped(tmp_path: Path, data: Path) -> None:
