@@ -247,3 +247,18 @@ def test_the_default_methods_include_samkv_at_both_reported_budgets() -> None:
     labels = parser.parse_args([]).methods.split(",")
     assert "samkv" in labels and "samkv+budget=0.3" in labels  # 0.15 is samkv's default
     assert set(METHODS) <= set(labels)
+
+
+@pytest.mark.parametrize("decode_steps", ["0", "2"])
+def test_profile_tables_are_written_with_or_without_decoding(
+    tmp_path: Any, decode_steps: str
+) -> None:
+    profiles = tmp_path / "profiles"
+    code = bench_main(
+        ["--shape", "tiny-llama", "--device", "cpu", "--workloads", "2x32", "--methods",
+         "full", "--repeats", "1", "--warmup", "0", "--decode-steps", decode_steps,
+         "--max-batch", "1", "--profile", str(profiles), "--output", str(tmp_path / "b.json")]
+    )  # fmt: skip
+    assert code == 0
+    (table,) = profiles.glob("profile-2docs-*-full.txt")
+    assert "Self CPU" in table.read_text()

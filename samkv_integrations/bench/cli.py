@@ -171,15 +171,16 @@ def _bench_method(
         result.update(
             batch1_paths(model, state.cache, position, paths, args.decode_steps, bandwidth, own)
         )
-        if args.profile:
-            where = Path(args.profile) / f"profile-{len(refs)}docs-{state.context_end}-{method}.txt"
-            profile_to(
-                where,
-                lambda: (
-                    measure_answer(engine, refs, instance),
-                    decode_rate(model, state.cache, position, 1, 4),
-                ),
-            )
+    if args.profile:  # the answer, and a few decode steps unless decoding is skipped
+        where = Path(args.profile) / f"profile-{len(refs)}docs-{state.context_end}-{method}.txt"
+        profile_to(
+            where,
+            lambda: (
+                measure_answer(engine, refs, instance),
+                args.decode_steps > 0
+                and decode_rate(engine.model.model, state.cache, state.next_position, 1, 4),
+            ),
+        )
     return result
 
 
