@@ -187,19 +187,26 @@ def run_round(interface: str, method: str, n: int, ctx: dict[str, Any]) -> dict[
     if device.type == "cuda":
         torch.cuda.empty_cache()
     sync(device)
-    start = time.perf_counter()
+    start, before = time.perf_counter(), None
     if interface == "serial":
         timings = [ask_api(ctx["serial"], ctx["refs"], method, i, args) for i in range(n)]
     elif interface == "api":
         engine, refs = ctx["batched"], ctx["refs"]
+        before = engine.decode_batch_counts()
         timings = in_threads([lambda i=i: ask_api(engine, refs, method, i, args) for i in range(n)])
     else:
         url, top_k = ctx["url"], min(len(ctx["refs"]), 8)
         timings = in_threads([lambda i=i: ask_server(url, method, i, top_k) for i in range(n)])
     sync(device)
-    return {"interface": interface, "method": method, "concurrency": n} | summary(
+    result = {"interface": interface, "method": method, "concurrency": n} | summary(
         timings, time.perf_counter() - start
     )
+    if interface == "api" and before is not None:
+        # What the round cost the batcher: wall per step, and how often it rebuilt its stack
+        # and recaptured its CUDA graph (each capture costs a few steps' time).
+        after = ctx["batched"].decode_batch_counts()
+        result["batched_decode"] = {k: after[k] - before[k] for k in before}
+    return result
 
 
 class PreIndexed:

@@ -254,6 +254,11 @@ class DecodeBatcher:
         """Forwards run so far (for tests and logs)."""
         return self._stack.steps
 
+    def counts(self) -> dict[str, int]:
+        """Forwards run, stack rebuilds and CUDA graph captures so far (for load tests)."""
+        stack = self._stack
+        return {"steps": stack.steps, "rebuilds": stack.rebuilds, "captures": stack.captures}
+
     def stop(self) -> None:
         """End the worker (at exit: a daemon worker left waiting can abort the process)."""
         with self._cond:

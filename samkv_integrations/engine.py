@@ -162,6 +162,10 @@ class SamKVEngine:
         )
         return len(self.framer.prefix_ids()) + n_docs + len(self.framer.question_ids(question))
 
+    def decode_batch_counts(self) -> dict[str, int] | None:
+        """Batched decoding so far: forwards, stack rebuilds, graph captures; ``None``: off."""
+        return None if self._batcher is None else self._batcher.counts()
+
     def has_cache(self, ref: CacheRef | str) -> bool:
         """Whether the store holds an entry under ``ref``'s key (not verified: ``answer`` checks)."""
         return self.store.contains(ref.key if isinstance(ref, CacheRef) else ref)

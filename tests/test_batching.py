@@ -123,6 +123,7 @@ def test_concurrent_answers_equal_the_answers_alone(
     expected = [_ask(alone, refs, r) for r in REQUESTS]
     assert batched._batcher is not None and isinstance(batched._lock, FairLock)
     steps_before = batched._batcher.steps
+    counts_before = batched.decode_batch_counts()
     got = _in_threads([lambda r=r: _ask(batched, refs, r) for r in REQUESTS], batched._lock)
     for request, want, answer in zip(REQUESTS, expected, got, strict=True):
         assert not isinstance(answer, Exception), f"{request}: {answer!r}"
@@ -133,6 +134,11 @@ def test_concurrent_answers_equal_the_answers_alone(
     # Decoding really was shared: fewer forwards than the answers' steps one by one.
     alone_steps = sum(r[3]["max_new_tokens"] - 1 for r in REQUESTS)
     assert batched._batcher.steps - steps_before < alone_steps
+    counts = batched.decode_batch_counts()
+    assert counts is not None and counts_before is not None
+    assert counts["steps"] - counts_before["steps"] == batched._batcher.steps - steps_before
+    assert counts["rebuilds"] > counts_before["rebuilds"] and counts["captures"] == 0
+    assert alone.decode_batch_counts() is None  # batch_decoding=False
 
 
 def test_joining_and_leaving_mid_answer_disturbs_no_one(

@@ -48,6 +48,13 @@ def test_load_test_reports_every_round(tmp_path: Path) -> None:
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["wall_s"]
         assert r["request_tokens_per_s_p50"] > 0
         assert len(r["timings"]) == n
+    for (interface, _, _), r in rounds.items():
+        # Whether two answers overlap depends on thread timing; the counts must add up.
+        counts = r.get("batched_decode")
+        assert (counts is not None) == (interface == "api")
+        if counts is not None:
+            assert set(counts) == {"steps", "rebuilds", "captures"}
+            assert 0 <= counts["rebuilds"] <= counts["steps"] and counts["captures"] == 0
     assert {(s["interface"], s["method"], s["concurrency"]) for s in report["speedups"]} == {
         (i, m, n) for i in ("api", "server") for m in ("samkv", "full") for n in (1, 2)
     }
