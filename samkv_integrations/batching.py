@@ -119,7 +119,12 @@ class DecodeBatcher:
         self.max_batch = max_batch
         self.gather_s = gather_s
         self._lock = lock
-        self._cond = threading.Condition()
+        # Two conditions on one lock: the worker waits on ``_cond`` (a step asked for, an answer
+        # left), the answers on ``_answered`` (their logits). With one, every request would
+        # wake every answer still waiting: O(answers²) wake-ups per step, each taking the GIL.
+        mutex = threading.RLock()
+        self._cond = threading.Condition(mutex)
+        self._answered = threading.Condition(mutex)
         self._pending: list[Member] = []
         self._open = 0
         self._in_flight = 0  # answers decoding, batched or alone
@@ -181,7 +186,7 @@ class DecodeBatcher:
                 self._worker.start()
             self._cond.notify_all()
             while member.logits is None and member.error is None:
-                self._cond.wait()
+                self._answered.wait()
             logits, error = member.logits, member.error
             member.logits = None
         if error is not None:
@@ -241,13 +246,13 @@ class DecodeBatcher:
                     for member in lost:
                         self._open -= member.open
                         member.open, member.error, member.kv, member.row = False, e, None, -1
-                    self._cond.notify_all()
+                    self._answered.notify_all()
                 continue
             with self._cond:
                 for member in batch:
                     member.logits = logits[member.row]
                     member.steps_done += 1
-                self._cond.notify_all()
+                self._answered.notify_all()
 
     @property
     def steps(self) -> int:
@@ -276,7 +281,7 @@ class DecodeBatcher:
                     for member in self._pending:
                         member.error = RuntimeError("batched decoding: the interpreter is exiting")
                     self._pending, self._worker = [], None
-                    self._cond.notify_all()
+                    self._answered.notify_all()
                     return None
                 if not any(m.open for m in self._stack.rows):
                     self._stack.drop()  # nobody decodes on it any more: free it now
