@@ -192,7 +192,7 @@ def run_round(interface: str, method: str, n: int, ctx: dict[str, Any]) -> dict[
         timings = [ask_api(ctx["serial"], ctx["refs"], method, i, args) for i in range(n)]
     elif interface == "api":
         engine, refs = ctx["batched"], ctx["refs"]
-        before = engine.decode_batch_counts()
+        before = engine.batcher.counts() if engine.batcher is not None else None
         timings = in_threads([lambda i=i: ask_api(engine, refs, method, i, args) for i in range(n)])
     else:
         url, top_k = ctx["url"], min(len(ctx["refs"]), 8)
@@ -204,7 +204,7 @@ def run_round(interface: str, method: str, n: int, ctx: dict[str, Any]) -> dict[
     if interface == "api" and before is not None:
         # What the round cost the batcher: wall per step, and how often it rebuilt its stack
         # and recaptured its CUDA graph (each capture costs a few steps' time).
-        after = ctx["batched"].decode_batch_counts()
+        after = ctx["batched"].batcher.counts()
         result["batched_decode"] = {k: after[k] - before[k] for k in before}
     return result
 

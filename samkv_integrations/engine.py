@@ -19,7 +19,7 @@ from samkv_integrations.argument_checks import (
     check_sequence,
     check_token_ids,
 )
-from samkv_integrations.batching import batcher_for, runs_plain_step
+from samkv_integrations.batching import DecodeBatcher, batcher_for, runs_plain_step
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import PrefixKV, encode_prefix
 from samkv_integrations.fair_lock import FairLock
@@ -80,9 +80,10 @@ class SamKVEngine:
         self._fingerprint: str | None = None
         self._known_ids = KnownIds(KNOWN_IDS)
         # Prefills run one at a time (interleaved, no TTFT would mean anything); answers in
-        # flight decode together (``batching``), taking turns with prefills on a FIFO lock.
+        # flight decode together (``batcher``, public for its ``counts()``; ``None`` when off),
+        # taking turns with prefills on a FIFO lock.
         self._lock: FairLock | threading.RLock = FairLock() if batch_decoding else threading.RLock()
-        self._batcher = batcher_for(
+        self.batcher: DecodeBatcher | None = batcher_for(
             model.model, self._lock, batch_decoding, max_batch, graphs=self.decode_graphs
         )
 
@@ -96,14 +97,11 @@ class SamKVEngine:
         **kwargs: Any,
     ) -> SamKVEngine:
         """Load a model (default: the embedded SmolLM2) and open a store (default: ``$SAMKV_HOME/kvcache``)."""
-        loaded = (
-            model
-            if isinstance(model, LoadedModel)
-            else load_model(model, device=device, dtype=dtype)
-        )
+        if not isinstance(model, LoadedModel):
+            model = load_model(model, device=device, dtype=dtype)
         if not isinstance(store, KVCacheStore):
             store = KVCacheStore(store if store is not None else samkv_home() / "kvcache")
-        return cls(loaded, store, **kwargs)
+        return cls(model, store, **kwargs)
 
     @property
     def fingerprint(self) -> str:
@@ -161,10 +159,6 @@ class SamKVEngine:
             for i, doc in enumerate(documents)
         )
         return len(self.framer.prefix_ids()) + n_docs + len(self.framer.question_ids(question))
-
-    def decode_batch_counts(self) -> dict[str, int] | None:
-        """Batched decoding so far: forwards, stack rebuilds, graph captures; ``None``: off."""
-        return None if self._batcher is None else self._batcher.counts()
 
     def has_cache(self, ref: CacheRef | str) -> bool:
         """Whether the store holds an entry under ``ref``'s key (not verified: ``answer`` checks)."""
@@ -365,8 +359,8 @@ class SamKVEngine:
             deltas = generate_deltas(model, tokenizer, cache, logits, position, options, ids, one)
             return self._locked_steps(deltas)
 
-        if self._batcher is not None and runs_plain_step(decoder):
-            return self._batcher.deltas(tokenizer, cache, logits, position, options, ids, alone)
+        if self.batcher is not None and runs_plain_step(decoder):
+            return self.batcher.deltas(tokenizer, cache, logits, position, options, ids, alone)
         return alone()
 
     def _prefill(self, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:

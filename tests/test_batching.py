@@ -121,9 +121,9 @@ def test_concurrent_answers_equal_the_answers_alone(
 ) -> None:
     alone, batched = engines
     expected = [_ask(alone, refs, r) for r in REQUESTS]
-    assert batched._batcher is not None and isinstance(batched._lock, FairLock)
-    steps_before = batched._batcher.steps
-    counts_before = batched.decode_batch_counts()
+    assert batched.batcher is not None and isinstance(batched._lock, FairLock)
+    steps_before = batched.batcher.steps
+    counts_before = batched.batcher.counts()
     got = _in_threads([lambda r=r: _ask(batched, refs, r) for r in REQUESTS], batched._lock)
     for request, want, answer in zip(REQUESTS, expected, got, strict=True):
         assert not isinstance(answer, Exception), f"{request}: {answer!r}"
@@ -133,12 +133,11 @@ def test_concurrent_answers_equal_the_answers_alone(
         assert len(answer.token_ids) == request[3]["max_new_tokens"]  # talkative: no EOS
     # Decoding really was shared: fewer forwards than the answers' steps one by one.
     alone_steps = sum(r[3]["max_new_tokens"] - 1 for r in REQUESTS)
-    assert batched._batcher.steps - steps_before < alone_steps
-    counts = batched.decode_batch_counts()
-    assert counts is not None and counts_before is not None
-    assert counts["steps"] - counts_before["steps"] == batched._batcher.steps - steps_before
+    assert batched.batcher.steps - steps_before < alone_steps
+    counts = batched.batcher.counts()
+    assert counts["steps"] - counts_before["steps"] == batched.batcher.steps - steps_before
     assert counts["rebuilds"] > counts_before["rebuilds"] and counts["captures"] == 0
-    assert alone.decode_batch_counts() is None  # batch_decoding=False
+    assert alone.batcher is None  # batch_decoding=False
 
 
 def test_joining_and_leaving_mid_answer_disturbs_no_one(
@@ -194,7 +193,7 @@ def test_a_bad_request_fails_alone(
 
     def foreign_cache() -> Any:
         """A cache of another dtype, straight into the batcher: refused when it joins."""
-        batcher = batched._batcher
+        batcher = batched.batcher
         assert batcher is not None
         model = batched.model.model
         cache = DynamicCache(config=model.config)
@@ -228,7 +227,7 @@ def test_batching_off_is_the_serial_engine(
     talkative_llama: LoadedModel, store: KVCacheStore
 ) -> None:
     engine = SamKVEngine(talkative_llama, store, batch_decoding=False)
-    assert engine._batcher is None
+    assert engine.batcher is None
     assert not isinstance(engine._lock, FairLock)
     with pytest.raises(ValueError, match="max_batch"):
         DecodeBatcher(talkative_llama.model, FairLock(), max_batch=0)
@@ -239,10 +238,10 @@ def test_max_batch_caps_each_step(
 ) -> None:
     alone = SamKVEngine(talkative_llama, store, batch_decoding=False)
     capped = SamKVEngine(talkative_llama, store, max_batch=2)
-    assert capped._batcher is not None
+    assert capped.batcher is not None
     sizes: list[int] = []
-    forward = capped._batcher._stack.step
-    capped._batcher._stack.step = lambda batch: sizes.append(len(batch)) or forward(batch)  # type: ignore[method-assign]
+    forward = capped.batcher._stack.step
+    capped.batcher._stack.step = lambda batch: sizes.append(len(batch)) or forward(batch)  # type: ignore[method-assign]
     requests = REQUESTS[:4]
     got = _in_threads([lambda r=r: _ask(capped, refs, r) for r in requests], capped._lock)
     assert [a.token_ids for a in got] == [_ask(alone, refs, r).token_ids for r in requests]
@@ -284,7 +283,7 @@ def test_each_batched_step_gives_the_logits_of_the_step_alone(
 ) -> None:
     """Logits, not just tokens: a random tiny model's argmax hides small RoPE or mask errors."""
     alone, batched = engines
-    batcher = batched._batcher
+    batcher = batched.batcher
     assert batcher is not None
     model = alone.model.model
     states = _decode_states(alone, refs, REQUESTS[:3])
@@ -369,7 +368,7 @@ def test_a_lone_answer_decodes_alone_and_later_ones_batch(
 ) -> None:
     """Nobody to batch with: the one-at-a-time path (CUDA graphs on a GPU); meanwhile: batch."""
     alone, batched = engines
-    batcher = batched._batcher
+    batcher = batched.batcher
     assert batcher is not None
     first, second = REQUESTS[0], REQUESTS[3]
     expected = [_ask(alone, refs, r).token_ids for r in (first, second)]
