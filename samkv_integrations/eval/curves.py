@@ -128,6 +128,20 @@ def curves(metrics: dict[str, Any], sweep: Sweep, methods: str | Sequence[str]) 
     }
 
 
+def wrap_spec(label: str, width: int = 32) -> str:
+    """``label`` broken before its ``+options`` into lines of about ``width`` characters.
+
+    A long method spec in one line would run the legend out of the figure.
+    """
+    lines = [""]
+    for i, part in enumerate(label.split("+")):
+        piece = part if i == 0 else "+" + part
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(lines)
+
+
 def draw_curves(
     run_dir: Path, metrics: dict[str, Any], sweep: Sweep, methods: str | Sequence[str]
 ) -> tuple[Path, Path]:
@@ -152,7 +166,7 @@ def draw_curves(
                 [p[f"{key}_vs_full"]["diff"] - p[f"{key}_vs_full"]["low"] for p in shown],
                 [p[f"{key}_vs_full"]["high"] - p[f"{key}_vs_full"]["diff"] for p in shown],
             ]
-            axes.errorbar(x, y, yerr=error, marker="o", capsize=3, label=base)
+            axes.errorbar(x, y, yerr=error, marker="o", capsize=3, label=wrap_spec(base))
         level = round(100 * float(data["bootstrap"]["level"]))
         axes.set_xlabel("kept fraction of the context")
         axes.set_ylabel(f"{title} - {reference['label']} (paired, {level}% bootstrap CI)")

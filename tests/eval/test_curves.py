@@ -10,7 +10,7 @@ import pytest
 
 from samkv_integrations import SamKVEngine
 from samkv_integrations.eval import cli
-from samkv_integrations.eval.curves import Sweep, curves
+from samkv_integrations.eval.curves import Sweep, curves, wrap_spec
 from samkv_integrations.eval.harness import EvalConfig, plan_run, run_eval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -163,3 +163,12 @@ def test_a_decoding_option_can_be_swept(tmp_path: Path, data: Path) -> None:
     assert [p["value"] for p in points] == [0, 64]
     assert [p["label"] for p in points] == [f"{methods}+retro_pages={v}" for v in (0, 64)]
     assert set(metrics["methods"]) == {"full", *(p["label"] for p in points)}
+
+
+def test_long_specs_wrap_before_their_options_in_the_legend() -> None:
+    label = "samkv+score_positions=adjacent+question_context=all+block_size=32"
+    wrapped = wrap_spec(label)
+    assert wrapped.replace("\n", "") == label
+    lines = wrapped.split("\n")
+    assert len(lines) > 1 and all(line.startswith("+") for line in lines[1:])
+    assert wrap_spec("samkv+budget=0.1") == "samkv+budget=0.1"
