@@ -34,11 +34,11 @@ class TestSamKVAttention(MethodContract):
         params=[
             SamKVMethod(scoring="attention"),
             SamKVMethod(scoring="attention", personal_weight=0.5, head_pool="max", tau=0.8),
-            SamKVMethod(scoring="attention", score_positions="adjacent"),
-            SamKVMethod(scoring="attention", question_context="all"),
+            SamKVMethod(scoring="attention", **CRAFTED),  # the earlier default
+            SamKVMethod(scoring="attention", question_context="anchors"),
             SamKVMethod(scoring="attention", lexical_weight=0.5),
         ],
-        ids=["attention", "personal-max-tau", "adjacent", "question-over-all", "lexical"],
+        ids=["attention", "personal-max-tau", "earlier-default", "anchors-only", "lexical"],
     )
     def method(self, request: pytest.FixtureRequest) -> SamKVMethod:
         return request.param
