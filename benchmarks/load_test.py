@@ -201,9 +201,9 @@ def run_round(interface: str, method: str, n: int, ctx: dict[str, Any]) -> dict[
     result = {"interface": interface, "method": method, "concurrency": n} | summary(
         timings, time.perf_counter() - start
     )
-    if interface == "api" and before is not None:
-        # What the round cost the batcher: wall per step, and how often it rebuilt its stack
-        # and recaptured its CUDA graph (each capture costs a few steps' time).
+    if before is not None:  # the api round: what it cost the batcher
+        # Its steps (wall per step), and how often it rebuilt its stack and recaptured its
+        # CUDA graph (each capture costs a few steps' time).
         after = ctx["batched"].batcher.counts()
         result["batched_decode"] = {k: after[k] - before[k] for k in before}
     return result

@@ -140,6 +140,16 @@ def assemble_cache(
     return RecomputeCache(keys, values)
 
 
+def _shifts(
+    model: PreTrainedModel, documents: list[DocumentKV], doc_starts: list[int], counts: list[int]
+) -> torch.Tensor:
+    """``[sum counts]`` shifts from cached to global positions (``counts`` tokens per document)."""
+    shifts = [start - d.prefix_len for start, d in zip(doc_starts, documents, strict=True)]
+    return torch.tensor(shifts, device=model.device).repeat_interleave(
+        torch.tensor(counts, device=model.device), output_size=sum(counts)
+    )
+
+
 def gather_aligned(
     model: PreTrainedModel,
     documents: list[DocumentKV],
@@ -157,13 +167,7 @@ def gather_aligned(
     Returns:
         Keys and values ``[n_layers, n_kv_heads, sum k_i, head_dim]``, in document order.
     """
-    device = model.device
-    shifts = [start - doc.prefix_len for start, doc in zip(doc_starts, documents, strict=True)]
-    delta = torch.repeat_interleave(
-        torch.tensor(shifts, device=device),
-        torch.tensor([len(i) for i in local], device=device),
-        output_size=sum(len(i) for i in local),
-    )
+    delta = _shifts(model, documents, doc_starts, [len(i) for i in local])
     keys = torch.cat([doc.keys[:, :, i] for doc, i in zip(documents, local, strict=True)], dim=2)
     values = torch.cat(
         [doc.values[:, :, i] for doc, i in zip(documents, local, strict=True)], dim=2
@@ -194,11 +198,7 @@ def aligned_cache(
         n_layers: Layers to build (a pass that stops early needs no more).
     """
     counts = [d.n_tokens for d in documents] if local is None else [len(i) for i in local]
-    shifts = [start - d.prefix_len for start, d in zip(doc_starts, documents, strict=True)]
-    delta = torch.tensor(shifts, device=model.device).repeat_interleave(
-        torch.tensor(counts, device=model.device), output_size=sum(counts)
-    )
-    cos, sin = rotation(model, delta)
+    cos, sin = rotation(model, _shifts(model, documents, doc_starts, counts))
     chosen: list[torch.Tensor | slice] = (
         [slice(None)] * len(documents) if local is None else [*local]
     )
