@@ -13,7 +13,8 @@ class Stopwatch:
     """Accumulates seconds per named phase.
 
     On CUDA each phase boundary synchronizes the device: without it, asynchronous kernels
-    would be billed to whichever later phase happens to wait for them.
+    would be billed to whichever later phase happens to wait for them. Each phase is also a
+    ``torch.profiler`` range (``phase:<name>``), so profiles split time the same way.
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
@@ -30,7 +31,8 @@ class Stopwatch:
         self._sync()
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(f"phase:{name}"):
+                yield
         finally:
             self._sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

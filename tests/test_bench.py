@@ -255,10 +255,14 @@ def test_profile_tables_are_written_with_or_without_decoding(
 ) -> None:
     profiles = tmp_path / "profiles"
     code = bench_main(
-        ["--shape", "tiny-llama", "--device", "cpu", "--workloads", "2x32", "--methods",
-         "full", "--repeats", "1", "--warmup", "0", "--decode-steps", decode_steps,
-         "--max-batch", "1", "--profile", str(profiles), "--output", str(tmp_path / "b.json")]
+        ["--shape", "tiny-llama", "--device", "cpu", "--workloads", "2x96", "--methods",
+         "full,samkv+budget=0.3", "--repeats", "1", "--warmup", "0", "--decode-steps",
+         decode_steps, "--max-batch", "1", "--profile", str(profiles), "--output",
+         str(tmp_path / "b.json")]
     )  # fmt: skip
     assert code == 0
-    (table,) = profiles.glob("profile-2docs-*-full.txt")
-    assert "Self CPU" in table.read_text()
+    (full,) = profiles.glob("profile-2docs-*-full.txt")
+    assert "Self CPU" in full.read_text() and "phase:recompute" in full.read_text()
+    # The spec's '+' and '=' leave the file name. 96 tokens a document make blocks to select.
+    (samkv,) = profiles.glob("profile-2docs-*-samkv_budget_0.3.txt")
+    assert "phase:select" in samkv.read_text() and "samkv.question_pass" in samkv.read_text()

@@ -251,9 +251,13 @@ def select_blocks(
     local = None  # question_context="all": every reused token
     if question_context == "anchors":
         local = [torch.tensor(a, dtype=torch.long, device=model.device) for a in anchors]
-    seen = aligned_cache(model, inputs.prefix, docs, inputs.doc_starts, local, max(layers) + 1)
     start = inputs.context_end
-    queries = question_queries(model, seen, inputs.question_ids, start, layers)
+    with torch.profiler.record_function("samkv.question_pass"):  # labels for bench --profile
+        with torch.profiler.record_function("samkv.aligned_cache"):
+            seen = aligned_cache(
+                model, inputs.prefix, docs, inputs.doc_starts, local, max(layers) + 1
+            )
+        queries = question_queries(model, seen, inputs.question_ids, start, layers)
     own = torch.stack([d.query_means[layers].float() for d in docs])
     width = max(n_blocks) + 1
     sizes = torch.tensor(n_blocks, device=slot.device)
@@ -263,10 +267,11 @@ def select_blocks(
         personal = personal_queries(queries.mean(1), own) if personal_weight else None
         adjacent = [start - d.n_tokens for d in docs]
         starts = inputs.doc_starts if score_positions == "global" else adjacent
-        mass = question_block_mass(
-            model, inputs.prefix, docs, starts, layers, queries, start,
-            personal, personal_weight, slot, len(docs) * width,
-        )  # fmt: skip
+        with torch.profiler.record_function("samkv.block_mass"):
+            mass = question_block_mass(
+                model, inputs.prefix, docs, starts, layers, queries, start,
+                personal, personal_weight, slot, len(docs) * width,
+            )  # fmt: skip
         pooled = mass.mean(dim=(0, 1)) if head_pool == "mean" else mass.amax(dim=(0, 1))
         block_mass = pooled.view(len(docs), width)[:, 1:]
         if lexical_weight:

@@ -45,7 +45,7 @@ from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV
 from samkv_integrations.records import DocumentKV
-from samkv_integrations.rope import rotary_module, rotate_half, shift_keys
+from samkv_integrations.rope import rotary_module, rotate, rotate_half, rotation
 
 #: Logit elements (query heads x queries x keys) computed at once; bounds the scratch memory
 #: to a few hundred MB in float32 on long contexts with long questions.
@@ -138,16 +138,14 @@ def question_block_mass(
     lengths = torch.tensor([d.n_tokens for d in documents], device=device)
     doc = torch.arange(len(documents), device=device).repeat_interleave(lengths)
     token = torch.arange(len(doc), device=device)
+    # One rotation per layer for all documents (a shift per token), not one per document.
+    shifts = torch.tensor([b - d.prefix_len for d, b in zip(documents, doc_starts, strict=True)])
+    cos, sin = rotation(model, shifts.to(device)[doc])
     masses = []
     for s, layer in enumerate(layers):
-        keys = torch.cat(
-            [prefix.keys[layer][0].float()]
-            + [
-                shift_keys(model, d.keys[layer].float(), begin - d.prefix_len)
-                for d, begin in zip(documents, doc_starts, strict=True)
-            ],
-            dim=1,
-        )  # [n_kv_heads, prefix + N, head_dim] at global positions
+        reused = torch.cat([d.keys[layer] for d in documents], dim=1).float()
+        keys = torch.cat([prefix.keys[layer][0].float(), rotate(reused, cos, sin)], dim=1)
+        # [n_kv_heads, prefix + N, head_dim] at global positions
         scaling = _scaling(model, layer, keys.shape[-1])
         rotated = rotate_queries(model, layer, queries[s], positions)
         mass = _attention_mass(rotated, keys, scaling)[:, prefix.length :]
