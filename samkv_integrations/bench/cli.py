@@ -74,8 +74,8 @@ def measure_answer(
     sink: list[DecodeState] = []
     cuda = device.type == "cuda"
     # No garbage of earlier measurements in the baseline. The allocator's cached blocks stay,
-    # as in a serving engine: emptying them (as before 2026-11-26) put a cudaMalloc/cudaFree
-    # round, 15-20 ms on the 8B shape, into every answer's TTFT.
+    # as in a serving engine: emptying them put cudaMalloc/cudaFree calls into every TTFT
+    # (22 ms of host time in one profiled answer on the 8B shape, README).
     gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

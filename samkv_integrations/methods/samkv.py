@@ -69,7 +69,7 @@ class SamKVMethod(BaseMethod):
     kept (H200, n=300 per dev set, ``--chunk-tokens 512``; README, "Accuracy on the GPU"),
     these defaults vs the earlier 16/global/anchors: Qwen2.5-Coder-0.5B NQ −8.0 vs −18.7
     points, HotpotQA long −5.3 vs −9.0, short −6.7 vs −11.7; 1.5B NQ −15.7 vs −27.0, long
-    −0.5 vs −10.9 (first 183 questions).
+    −0.7 vs −9.3, short −8.3 vs −15.7.
 
     The kept tokens, compacted in global order, are recomputed at every layer behind the
     prefix, attending causally (global positions) to the kept tokens before them;
