@@ -44,6 +44,7 @@ import torch
 from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV
+from samkv_integrations.methods.recompute import token_shifts
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import rotary_module, rotate, rotate_half, rotation
 
@@ -139,8 +140,9 @@ def question_block_mass(
     doc = torch.arange(len(documents), device=device).repeat_interleave(lengths)
     token = torch.arange(len(doc), device=device)
     # One rotation per layer for all documents (a shift per token), not one per document.
-    shifts = torch.tensor([b - d.prefix_len for d, b in zip(documents, doc_starts, strict=True)])
-    cos, sin = rotation(model, shifts.to(device)[doc])
+    cos, sin = rotation(
+        model, token_shifts(model, documents, doc_starts, [d.n_tokens for d in documents])
+    )
     masses = []
     for s, layer in enumerate(layers):
         reused = torch.cat([d.keys[layer] for d in documents], dim=1).float()

@@ -140,7 +140,7 @@ def assemble_cache(
     return RecomputeCache(keys, values)
 
 
-def _shifts(
+def token_shifts(
     model: PreTrainedModel, documents: list[DocumentKV], doc_starts: list[int], counts: list[int]
 ) -> torch.Tensor:
     """``[sum counts]`` shifts from cached to global positions (``counts`` tokens per document)."""
@@ -167,7 +167,7 @@ def gather_aligned(
     Returns:
         Keys and values ``[n_layers, n_kv_heads, sum k_i, head_dim]``, in document order.
     """
-    delta = _shifts(model, documents, doc_starts, [len(i) for i in local])
+    delta = token_shifts(model, documents, doc_starts, [len(i) for i in local])
     keys = torch.cat([doc.keys[:, :, i] for doc, i in zip(documents, local, strict=True)], dim=2)
     values = torch.cat(
         [doc.values[:, :, i] for doc, i in zip(documents, local, strict=True)], dim=2
@@ -198,7 +198,7 @@ def aligned_cache(
         n_layers: Layers to build (a pass that stops early needs no more).
     """
     counts = [d.n_tokens for d in documents] if local is None else [len(i) for i in local]
-    cos, sin = rotation(model, _shifts(model, documents, doc_starts, counts))
+    cos, sin = rotation(model, token_shifts(model, documents, doc_starts, counts))
     chosen: list[torch.Tensor | slice] = (
         [slice(None)] * len(documents) if local is None else [*local]
     )
