@@ -25,6 +25,7 @@ from samkv_integrations.encode import PrefixKV, encode_prefix
 from samkv_integrations.fair_lock import FairLock
 from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer, chat_ids
 from samkv_integrations.indexing import Indexer
+from samkv_integrations.layer_arrival import LayerArrival
 from samkv_integrations.methods import (
     DEFAULT_METHOD,
     BaseMethod,
@@ -318,16 +319,17 @@ class SamKVEngine:
         with self._lock, torch.inference_mode():
             watch = Stopwatch(model.device)
             with watch.phase("load"):
-                docs, recomputed = self._load(refs, method.reads_cache, on_foreign_cache)
-            inputs = MethodInput(model, self.prefix, docs, question_ids)
-            self._check_fits(inputs.context_end + len(question_ids), options.max_new_tokens)
-            context = method(inputs)
+                docs, arrival, recomputed = self._load(refs, method.reads_cache, on_foreign_cache)
+            inputs = MethodInput(model, self.prefix, docs, question_ids, arrival)
+            try:
+                self._check_fits(inputs.context_end + len(question_ids), options.max_new_tokens)
+                context = method(inputs, watch)
+            finally:  # the copies may still write into the documents' tensors until then
+                arrival.wait()
             with watch.phase("question"), method.question_scope(inputs, context):
                 first_logits = self._prefill(question_ids, context.cache, context.next_position)
             state = method.run_after_question(
-                DecodeState.after_prefill(
-                    inputs, context, first_logits, {"question": watch.seconds["question"]}
-                )
+                DecodeState.after_prefill(inputs, context, first_logits, dict(watch.seconds))
             )
             answer.describe(
                 method.name,
@@ -389,8 +391,8 @@ class SamKVEngine:
 
     def _load(
         self, refs: list[CacheRef], reads_cache: bool, on_foreign_cache: OnForeignCache
-    ) -> tuple[list[DocumentKV], int]:
-        """Each ref's KV on the model's device, and how many were encoded on the spot."""
+    ) -> tuple[list[DocumentKV], LayerArrival, int]:
+        """Each ref's KV on the model's device, its ``LayerArrival``, and how many were encoded."""
         known = self._known_ids
         loader = RefLoader(
             self.model, self.store, self.fingerprint, self.prefix, self.document_ids, known

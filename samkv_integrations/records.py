@@ -110,8 +110,9 @@ class MethodStats:
         context_tokens: Document tokens in the assembled layout.
         kept_tokens: Document tokens in the decode cache, per document.
         recomputed_tokens: Document tokens whose KV was recomputed (over all layers).
-        seconds: Wall-clock seconds per phase (``load``, ``select``, ``recompute``,
-            ``question``, ``first_token``).
+        seconds: Seconds per phase (``load``, then the method's, such as ``select`` and
+            ``recompute``, then ``question``); on CUDA, each phase's span on the device's timeline
+            (``timing.Stopwatch``), so that they add up to the time to first token.
         recomputed_documents: Documents encoded on the spot because their cache was
             missing, stale or (with fallback) from another model.
     """

@@ -23,6 +23,7 @@ from samkv_integrations.errors import (
     CacheMismatchError,
     CacheMissError,
 )
+from samkv_integrations.layer_arrival import LayerArrival, to_device_by_layer
 from samkv_integrations.methods import METHODS
 from samkv_integrations.models import LoadedModel
 from samkv_integrations.records import CacheRef, DocumentKV
@@ -90,7 +91,7 @@ class RefLoader:
 
     def load(
         self, refs: list[CacheRef], reads_cache: bool, on_foreign_cache: OnForeignCache
-    ) -> tuple[list[DocumentKV], int]:
+    ) -> tuple[list[DocumentKV], LayerArrival, int]:
         """Load each ref's cache to the model's device; encode the ones that cannot be used.
 
         Args:
@@ -100,7 +101,8 @@ class RefLoader:
             on_foreign_cache: What to do with a cache another model wrote.
 
         Returns:
-            The documents' KV and how many were encoded on the spot.
+            The documents' KV, still arriving on CUDA (``to_device_by_layer``: read a layer
+            after ``arrival.wait``), the arrival, and how many were encoded on the spot.
         """
         docs: list[DocumentKV | None] = [None] * len(refs)
         to_encode: list[int] = []
@@ -141,9 +143,7 @@ class RefLoader:
                 own_key = cache_key(self.fingerprint, self.document_ids(ref.text, index=i))
                 if foreign and self.store.contains(own_key):
                     # Re-encoded on an earlier call: this engine's own cache of the text.
-                    docs[i] = self.store.get(
-                        own_key, fingerprint=self.fingerprint, device=self.model.device
-                    )
+                    docs[i] = self.store.get(own_key, fingerprint=self.fingerprint, shared=True)
                     continue
                 logger.warning("re-encoding document %d from its text: %s", i, e)
                 if isinstance(e, CacheCorruptedError):
@@ -161,7 +161,8 @@ class RefLoader:
                 except OSError as e:  # the answer needs no stored copy: warn, answer anyway
                     logger.warning("cannot store the re-encoded document %d: %s", i, e)
                 docs[i] = doc
-        return [self._on_device(doc) for doc in docs if doc is not None], len(to_encode)
+        placed = [doc for doc in docs if doc is not None]
+        return *to_device_by_layer(placed, self.model.device, self.model.dtype), len(to_encode)
 
     def _fetch(
         self, ref: CacheRef
@@ -178,12 +179,7 @@ class RefLoader:
                 fingerprint=self.fingerprint,
                 prefix_len=self.prefix.length,
                 extras=declared_extras(m.stored_extras for m in METHODS.values()),
-                device=self.model.device,
+                shared=True,  # to_device_by_layer copies them to the device at once
             )
         except (CacheMissError, CacheCorruptedError, CacheMismatchError) as e:
             return e
-
-    def _on_device(self, doc: DocumentKV) -> DocumentKV:
-        if not doc.keys.numel():
-            return doc
-        return doc.to(self.model.device, self.model.dtype)

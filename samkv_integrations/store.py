@@ -177,6 +177,7 @@ class KVCacheStore:
         prefix_len: int | None = None,
         extras: Collection[str] = (),
         device: torch.device | str | None = None,
+        shared: bool = False,
     ) -> DocumentKV:
         """Load a document cache, checking it before returning it.
 
@@ -188,6 +189,8 @@ class KVCacheStore:
             extras: Names of the stored extras the caller needs.
             device: If given, the tensors are returned on it, as fresh copies (from pinned
                 host memory, asynchronously, when the memory tier holds the entry pinned).
+            shared: Without ``device``, hand out the memory tier's own tensors rather than
+                copies, for a caller that copies them elsewhere at once and never writes them.
 
         Returns:
             The cache, on CPU (pinned if ``pin_memory`` was set and CUDA is available).
@@ -217,7 +220,7 @@ class KVCacheStore:
                     self._stats.hits += 1
                     self._stats.memory_hits += 1
                 self._files.touch(key)
-                return self._memory.output(cached, copy=True, device=device)
+                return self._memory.output(cached, copy=not shared, device=device)
             doc = self._from_storage(key, **expect)
         except CacheMissError:
             with self._lock:
@@ -227,7 +230,7 @@ class KVCacheStore:
             self._stats.hits += 1
         self._files.touch(key)
         self._memory.put(key, doc)
-        copy = 0 < doc.nbytes <= self._memory.capacity_bytes
+        copy = 0 < doc.nbytes <= self._memory.capacity_bytes and not shared
         return self._memory.output(doc, copy=copy, device=device)
 
     def verify(

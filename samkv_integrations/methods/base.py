@@ -9,7 +9,7 @@ A method has up to three stages, each but the first with a default:
    eviction that reads the question's attention or the first logits); default: no change;
 3. ``decoder``: what runs each answer token through the model; default: a plain forward.
 
-The engine calls ``method(inputs)``, prefills the question under
+The engine calls ``method(inputs, watch)``, prefills the question under
 ``method.question_scope(inputs, context)``, then calls ``method.run_after_question(state)`` and
 ``method.decoder(state)`` and never asks which method it runs: anything that differs
 between methods is a class attribute or one of these stages.
@@ -27,6 +27,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from samkv_integrations.decode import Decoder
 from samkv_integrations.encode import PrefixKV
+from samkv_integrations.layer_arrival import LayerArrival
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import shift_keys
 from samkv_integrations.timing import Stopwatch
@@ -45,12 +46,16 @@ class MethodInput:
         documents: The documents' caches, on the model's device, in prompt order. Keys are
             post-RoPE at local positions ``prefix_len ..``.
         question_ids: Token ids of the question suffix (with the generation prompt).
+        arrival: When each layer of the documents' K/V is on the device: a method whose
+            ``waits_per_layer`` is set calls ``arrival.wait(l + 1)`` before reading layer
+            ``l``; for any other, everything has arrived before ``build``.
     """
 
     model: PreTrainedModel
     prefix: PrefixKV
     documents: list[DocumentKV]
     question_ids: list[int]
+    arrival: LayerArrival = field(default_factory=LayerArrival)
 
     @property
     def doc_starts(self) -> list[int]:
@@ -204,9 +209,21 @@ class BaseMethod(ABC):
     #: Per-document tensors the method reads beside K/V, named in ``cache_format.EXTRAS``:
     #: indexing computes those any registered method declares; a cache lacking one is re-encoded.
     stored_extras: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``build`` waits for each layer of the documents' K/V (``MethodInput.arrival``)
+    #: before reading it, so that it can start while the later layers are still loading.
+    waits_per_layer: ClassVar[bool] = False
 
-    def __call__(self, inputs: MethodInput) -> ContextCache:
-        """Build the context cache, timing the method's own phases."""
+    def __call__(self, inputs: MethodInput, watch: Stopwatch | None = None) -> ContextCache:
+        """Build the context cache, timing the method's own phases.
+
+        The engine passes the request's ``watch`` and reads it once the question is
+        prefilled: reading waits for the device, which would stall the host between the
+        method's phases and the question's. Without one, the seconds are in ``seconds``.
+        """
+        if not self.waits_per_layer:
+            inputs.arrival.wait()
+        if watch is not None:
+            return self.build(inputs, watch)
         watch = Stopwatch(inputs.model.device)
         result = self.build(inputs, watch)
         result.seconds = {**watch.seconds, **result.seconds}

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from samkv_integrations.encode import capture_queries
+from samkv_integrations.methods.aligned import aligned_cache
 from samkv_integrations.methods.base import MethodInput
 from samkv_integrations.methods.lexical import lexical_block_scores
 from samkv_integrations.methods.question_attention import (
@@ -24,7 +25,7 @@ from samkv_integrations.methods.question_attention import (
     personal_queries,
     question_block_mass,
 )
-from samkv_integrations.methods.recompute import RecomputeCache, aligned_cache
+from samkv_integrations.methods.recompute import RecomputeCache
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import shift_keys
@@ -255,9 +256,11 @@ def select_blocks(
     with torch.profiler.record_function("samkv.question_pass"):  # labels for bench --profile
         with torch.profiler.record_function("samkv.aligned_cache"):
             seen = aligned_cache(
-                model, inputs.prefix, docs, inputs.doc_starts, local, max(layers) + 1
-            )
+                model, inputs.prefix, docs, inputs.doc_starts, local, max(layers) + 1,
+                inputs.arrival,
+            )  # fmt: skip
         queries = question_queries(model, seen, inputs.question_ids, start, layers)
+    inputs.arrival.wait(max(layers) + 1)  # the pass stopped before the last layer's cache
     own = torch.stack([d.query_means[layers].float() for d in docs])
     width = max(n_blocks) + 1
     sizes = torch.tensor(n_blocks, device=slot.device)

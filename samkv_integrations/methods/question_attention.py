@@ -44,7 +44,7 @@ import torch
 from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV
-from samkv_integrations.methods.recompute import token_shifts
+from samkv_integrations.methods.aligned import token_shifts
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import rotary_module, rotate, rotate_half, rotation
 

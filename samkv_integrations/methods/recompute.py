@@ -15,9 +15,8 @@ appending them, and return the whole cache to attend over. Outside ``scatter`` i
 like any ``DynamicCache`` (under ``blend_appended``, blending the new entries with reused
 KV), so the question prefill and decoding run on it as is.
 
-``gather_aligned`` takes chosen tokens' reused KV at global positions, for a method to
-assemble, blend or score; ``aligned_cache`` assembles them behind the prefix a layer at a
-time, for a pass that reads them once.
+The reused KV those paths start from, re-aligned to global positions, comes from
+``aligned``.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from samkv_integrations.encode import PrefixKV
 from samkv_integrations.models.compat import with_cache
-from samkv_integrations.records import DocumentKV
-from samkv_integrations.rope import rotary_module, rotate, rotation, shift_keys
+from samkv_integrations.rope import rotary_module
 
 #: Attention implementations that take an arbitrary 4D mask.
 _MASKED_ATTENTION = ("sdpa", "eager")
@@ -100,6 +98,14 @@ class RecomputeCache(DynamicCache):
         self.recompute_layers = [RecomputeLayer(k, v) for k, v in zip(keys, values, strict=True)]
         Cache.__init__(self, layers=list(self.recompute_layers))
 
+    @classmethod
+    def of_layers(cls, layers: list[RecomputeLayer]) -> RecomputeCache:
+        """A cache over given layers (some may be ``DeferredLayer``)."""
+        cache = cls.__new__(cls)
+        cache.recompute_layers = layers
+        Cache.__init__(cache, layers=list(layers))
+        return cache
+
     @contextmanager
     def scatter(self, index: torch.Tensor, theta: float = 1.0) -> Iterator[None]:
         """While active, every layer's update writes to the entries ``index`` (blend ``theta``)."""
@@ -137,82 +143,6 @@ def assemble_cache(
     for layer, (prefix_k, prefix_v) in enumerate(zip(prefix.keys, prefix.values, strict=True)):
         keys.append(torch.cat([prefix_k[:1], *(k[layer][None] for k, _ in segments)], dim=-2))
         values.append(torch.cat([prefix_v[:1], *(v[layer][None] for _, v in segments)], dim=-2))
-    return RecomputeCache(keys, values)
-
-
-def token_shifts(
-    model: PreTrainedModel, documents: list[DocumentKV], doc_starts: list[int], counts: list[int]
-) -> torch.Tensor:
-    """``[sum counts]`` shifts from cached to global positions (``counts`` tokens per document)."""
-    shifts = [start - d.prefix_len for start, d in zip(doc_starts, documents, strict=True)]
-    return torch.tensor(shifts, device=model.device).repeat_interleave(
-        torch.tensor(counts, device=model.device), output_size=sum(counts)
-    )
-
-
-def gather_aligned(
-    model: PreTrainedModel,
-    documents: list[DocumentKV],
-    doc_starts: list[int],
-    local: list[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reused KV of chosen tokens, keys moved to their global positions.
-
-    Args:
-        model: The model (its rotary module re-aligns the keys).
-        documents: The documents' caches.
-        doc_starts: Global position of each document's first token.
-        local: Per document, ``[k_i]`` local indices of the chosen tokens.
-
-    Returns:
-        Keys and values ``[n_layers, n_kv_heads, sum k_i, head_dim]``, in document order.
-    """
-    delta = token_shifts(model, documents, doc_starts, [len(i) for i in local])
-    keys = torch.cat([doc.keys[:, :, i] for doc, i in zip(documents, local, strict=True)], dim=2)
-    values = torch.cat(
-        [doc.values[:, :, i] for doc, i in zip(documents, local, strict=True)], dim=2
-    )
-    return shift_keys(model, keys, delta), values
-
-
-def aligned_cache(
-    model: PreTrainedModel,
-    prefix: PrefixKV,
-    documents: list[DocumentKV],
-    doc_starts: list[int],
-    local: list[torch.Tensor] | None,
-    n_layers: int,
-) -> RecomputeCache:
-    """The prefix, then chosen tokens' reused KV at global positions, for the first ``n_layers``.
-
-    The entries of ``assemble_cache(prefix, [gather_aligned(...)])``, built a layer at a
-    time: each entry is copied once, and the float32 scratch of the rotation is one layer's
-    rather than the whole context's (gigabytes on an 8B model's 16k-token context).
-
-    Args:
-        model: The model (its rotary module re-aligns the keys).
-        prefix: The shared prefix.
-        documents: The documents' caches.
-        doc_starts: Global position of each document's first token.
-        local: Per document, ``[k_i]`` local indices of the chosen tokens; ``None``: all.
-        n_layers: Layers to build (a pass that stops early needs no more).
-    """
-    counts = [d.n_tokens for d in documents] if local is None else [len(i) for i in local]
-    cos, sin = rotation(model, token_shifts(model, documents, doc_starts, counts))
-    chosen: list[torch.Tensor | slice] = (
-        [slice(None)] * len(documents) if local is None else [*local]
-    )
-    picks = list(zip(documents, chosen, strict=True))
-    keys, values = [], []
-    for layer in range(n_layers):
-        k = torch.cat([prefix.keys[layer][:1]] + [d.keys[layer][None, :, i] for d, i in picks], -2)
-        k[:, :, prefix.length :] = rotate(k[:, :, prefix.length :], cos, sin)
-        keys.append(k)
-        values.append(
-            torch.cat(
-                [prefix.values[layer][:1]] + [d.values[layer][None, :, i] for d, i in picks], -2
-            )
-        )
     return RecomputeCache(keys, values)
 
 

@@ -7,14 +7,11 @@ from typing import cast
 
 import torch
 
+from samkv_integrations.methods.aligned import gather_aligned
 from samkv_integrations.methods.base import BaseMethod, ContextCache, MethodInput
 from samkv_integrations.methods.block_scores import block_layout, select_blocks
 from samkv_integrations.methods.option_checks import check_choices, check_fractions, check_ints
-from samkv_integrations.methods.recompute import (
-    gather_aligned,
-    recompute_behind_prefix,
-    split_by_document,
-)
+from samkv_integrations.methods.recompute import recompute_behind_prefix, split_by_document
 from samkv_integrations.timing import Stopwatch
 
 _CHOICES = {
@@ -103,6 +100,7 @@ class SamKVMethod(BaseMethod):
 
     name = "samkv"
     stored_extras = ("query_means",)  # Qj: each document's mean query of its last tokens
+    waits_per_layer = True  # the question's pass reads the layers in order as they load
 
     n_init: int = 8
     n_local: int = 8
@@ -170,6 +168,7 @@ class SamKVMethod(BaseMethod):
                 keep |= blocks[doc, block.clamp(max=max(n_blocks) - 1)]
             kept = keep.nonzero().squeeze(1)
             kept_local = split_by_document(kept, lengths)
+        inputs.arrival.wait()  # recompute reads every layer
         with watch.phase("recompute"):
             ids = torch.tensor([t for d in docs for t in d.token_ids], device=device)
             positions, reused, theta = kept + inputs.prefix.length, None, None

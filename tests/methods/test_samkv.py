@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from samkv_integrations.methods import SamKVMethod
+from samkv_integrations.methods.aligned import gather_aligned
 from samkv_integrations.methods.block_scores import (
     adaptive_ratio,
     personalize,
     selection_layer_indices,
 )
-from samkv_integrations.methods.recompute import gather_aligned
 
 from .contract import Case, MethodContract, cache_tensors
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from samkv_integrations.methods import MethodInput, SamKVMethod, block_scores
+from samkv_integrations.methods.aligned import aligned_cache, gather_aligned
 from samkv_integrations.methods.block_scores import question_queries, selection_layer_indices
 from samkv_integrations.methods.question_attention import (
     keep_by_mass,
     question_block_mass,
     rotate_queries,
 )
-from samkv_integrations.methods.recompute import aligned_cache, assemble_cache, gather_aligned
+from samkv_integrations.methods.recompute import assemble_cache
 from samkv_integrations.methods.specs import parse_spec
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.rope import shift_keys
