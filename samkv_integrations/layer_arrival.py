@@ -27,20 +27,25 @@ class LayerArrival:
     Args:
         events: One CUDA event per layer, recorded on the copy stream once that layer of
             every document is copied; empty when everything is already in place.
+        device: The device the documents are copied to.
     """
 
-    def __init__(self, events: list[torch.cuda.Event] | None = None) -> None:
+    def __init__(
+        self, events: list[torch.cuda.Event] | None = None, device: torch.device | None = None
+    ) -> None:
         self._events = events or []
+        self._device = device
         self._waited = 0
 
     def wait(self, n_layers: int | None = None) -> None:
-        """Make the current stream wait until the first ``n_layers`` layers (all: ``None``) arrive.
+        """Make the device's current stream wait for the first ``n_layers`` (all: ``None``).
 
-        The wait is queued on the device; the host goes on at once.
+        The wait is queued on the device; the host goes on at once. One reading stream is
+        assumed: a wait already queued is not queued again.
         """
         n = len(self._events) if n_layers is None else min(n_layers, len(self._events))
         if n > self._waited:
-            torch.cuda.current_stream().wait_event(self._events[n - 1])
+            torch.cuda.current_stream(self._device).wait_event(self._events[n - 1])
             self._waited = n
 
 
@@ -108,4 +113,4 @@ def to_device_by_layer(
             event.record(stream)
             events.append(event)
     current.wait_event(extras_copied)
-    return placed, LayerArrival(events)
+    return placed, LayerArrival(events, device)

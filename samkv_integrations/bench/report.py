@@ -57,6 +57,10 @@ def _fmt_bytes(n: float | None) -> str:
 def print_report(report: dict[str, Any]) -> None:
     """Print one table per workload, with ratios against ``full``."""
     print(f"# {report['model']['name']} on {report['environment']['device']}")
+    print(
+        "(phases in ms; on CUDA each is its span on the device's timeline, and `load` is the "
+        "fetch and queueing: for samkv the transfer to the GPU runs under `select`)"
+    )
     for work in report["workloads"]:
         tokens, index_s = work["context_tokens"], work["index_s"]
         print(f"\n## {work['workload']} ({tokens} context tokens, indexed in {index_s:.2f} s)")
