@@ -254,6 +254,7 @@ def select_blocks(
         local = [torch.tensor(a, dtype=torch.long, device=model.device) for a in anchors]
     start = inputs.context_end
     with torch.profiler.record_function("samkv.question_pass"):  # labels for bench --profile
+        # Layer 0 alone: the deeper layers are built inside the pass, as it reaches them.
         with torch.profiler.record_function("samkv.aligned_cache"):
             seen = aligned_cache(
                 model, inputs.prefix, docs, inputs.doc_starts, local, max(layers) + 1,
