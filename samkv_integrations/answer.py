@@ -37,7 +37,6 @@ class Answer:
         state: DecodeState,
         *,
         context_tokens: int,
-        load_seconds: float,
         recomputed_documents: int,
     ) -> None:
         """Fill in stats, kept indices, details and first-token log-probs from ``state``.
@@ -46,7 +45,6 @@ class Answer:
             method: The method's name.
             state: The state decoding starts from (after the method's after-question stage).
             context_tokens: Document tokens in the assembled layout.
-            load_seconds: Seconds spent loading the documents' caches.
             recomputed_documents: Documents encoded on the spot.
         """
         self.stats = MethodStats(
@@ -54,7 +52,7 @@ class Answer:
             context_tokens=context_tokens,
             kept_tokens=[len(k) for k in state.kept_indices],
             recomputed_tokens=state.recomputed_tokens,
-            seconds={"load": load_seconds, **state.seconds},
+            seconds=dict(state.seconds),  # the engine's phases, ``load`` first
             recomputed_documents=recomputed_documents,
         )
         self.first_token_logprobs = torch.log_softmax(state.first_logits.float(), -1).cpu()

@@ -335,7 +335,6 @@ class SamKVEngine:
                 method.name,
                 state,
                 context_tokens=sum(doc.n_tokens for doc in docs),
-                load_seconds=watch.seconds["load"],
                 recomputed_documents=recomputed,
             )
             del inputs, context, docs  # decoding needs the documents' KV no more

@@ -230,6 +230,8 @@ class KVCacheStore:
             self._stats.hits += 1
         self._files.touch(key)
         self._memory.put(key, doc)
+        if shared:  # the tier's own entry if it kept one (pinned on entry): no second copy
+            doc = self._memory.get(key) or doc
         copy = 0 < doc.nbytes <= self._memory.capacity_bytes and not shared
         return self._memory.output(doc, copy=copy, device=device)
 

@@ -417,6 +417,17 @@ def test_memory_tier_hands_out_copies(backend: Backend) -> None:
     assert store.stats().memory_hits == 2
 
 
+def test_shared_get_hands_out_the_tiers_own_tensors(backend: Backend) -> None:
+    doc = make_doc()
+    key = backend.open().put(doc)
+    store = backend.open(memory_bytes=10 * doc.nbytes)  # empty tier: the first get reads disk
+    from_disk = store.get(key, shared=True)
+    from_tier = store.get(key, shared=True)
+    assert from_tier.keys.data_ptr() == from_disk.keys.data_ptr()  # one entry, never copied
+    assert store.get(key).keys.data_ptr() != from_tier.keys.data_ptr()  # unshared: a copy
+    assert_same(from_tier, make_doc())
+
+
 def test_disk_read_fills_memory_tier(backend: Backend) -> None:
     doc = make_doc()
     key = backend.open().put(doc)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
-from transformers.cache_utils import DynamicLayer
 
 from samkv_integrations.encode import PrefixKV
 from samkv_integrations.layer_arrival import LayerArrival
@@ -31,17 +30,14 @@ class DeferredLayer(RecomputeLayer):
     """
 
     def __init__(self, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        DynamicLayer.__init__(self)
+        super().__init__()
         self._build: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = build
-        self.index, self.reused, self.theta = None, None, 1.0
 
     def materialize(self) -> None:
         """Build the entries now, if they are not yet."""
         if self._build is not None:
-            keys, values = self._build()
+            self.hold(*self._build())
             self._build = None
-            self.lazy_initialization(keys, values)
-            self.keys, self.values = keys, values
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object

@@ -118,7 +118,7 @@ class DecodeState:
         question_ids: Token ids of the question, at the positions before ``next_position``.
         first_logits: ``[vocab]`` logits for the first answer token.
         recomputed_tokens: Document tokens whose KV was recomputed.
-        seconds: Seconds per phase so far (the method's, then ``question``).
+        seconds: Seconds per phase so far (``load``, the method's, then ``question``).
         details: Method-specific facts for display (e.g. SamKV's anchor indices).
         pool: The dropped document tokens' KV, paged (``ContextCache.pool``), or None.
     """

@@ -50,13 +50,21 @@ class RecomputeLayer(DynamicLayer):
     keys: torch.Tensor
     values: torch.Tensor
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(
+        self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None
+    ) -> None:
+        """Hold ``keys``/``values`` ``[1, n_kv_heads, n, head_dim]``; none: until ``hold``."""
         super().__init__()
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
+        if keys is not None and values is not None:
+            self.hold(keys, values)
         self.index: torch.Tensor | None = None
         self.reused: tuple[torch.Tensor, torch.Tensor] | None = None
         self.theta: float | torch.Tensor = 1.0
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take ``keys``/``values`` as the layer's entries, as they are (no copy)."""
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
