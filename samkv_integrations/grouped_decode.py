@@ -10,6 +10,9 @@ of one KV group can stand as that group's queries instead: ``[batch, n_kv_heads,
 head_dim]`` against the unrepeated ``[batch, n_kv_heads, slots, head_dim]`` keys, the mask
 ``[batch, 1, 1, slots]`` broadcasting over both. Newer transformers do the same
 (``pack_gqa``); this scope gives it to every version the package supports.
+
+On CUDA with Triton, that grouped step runs as split-KV attention (``split_kv_attention``):
+SDPA's kernels give each KV head one block of threads, too few to read a long cache fast.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import PreTrainedModel
 
+from samkv_integrations import split_kv_attention as split_kv
 from samkv_integrations.attention_scope import swapped_attention
 
 __all__ = ["grouped_decode_attention", "grouped_decode_scope"]
@@ -48,6 +52,12 @@ def grouped_decode_attention(
     n_kv_heads = key.shape[1]
     if q_len == 1 and n_heads != n_kv_heads:
         grouped = query.reshape(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)
+        if split_kv.supports(grouped, key) and _kernel_reads(attention_mask, key.shape[2]):
+            rows = None if attention_mask is None else attention_mask[:, 0, 0, :]
+            if rows is not None:
+                rows = rows.expand(batch, rows.shape[-1])
+            out = split_kv.split_kv_attention(grouped, key, value, rows, scaling)
+            return out.reshape(batch, 1, n_heads, head_dim)
         out = scaled_dot_product_attention(
             grouped, key, value, attn_mask=attention_mask, scale=scaling
         )
@@ -57,6 +67,13 @@ def grouped_decode_attention(
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
     return out.transpose(1, 2).contiguous()
+
+
+def _kernel_reads(mask: torch.Tensor | None, slots: int) -> bool:
+    """Whether the split-KV kernels read ``mask``: none, or additive ``[batch, 1, 1, slots]``."""
+    if mask is None:
+        return True
+    return mask.is_floating_point() and mask.shape[1:] == (1, 1, slots)
 
 
 def grouped_decode_scope(model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:
