@@ -72,7 +72,7 @@ class SamKVEngine:
     ) -> None:
         self.model = model
         # Whether the plain decoder replays CUDA graphs on a static cache (``static_decode``):
-        # "auto" is on for a CUDA model the static path supports; True off CUDA is an error.
+        # "auto" on CUDA where supported (True off CUDA: an error); "compiled", also compiled.
         self.decode_graphs = decode_graphs_for(model.model, decode_graphs)
         self.store = store
         self.framer = PromptFramer.for_tokenizer(model.tokenizer, system_prompt)
@@ -85,7 +85,7 @@ class SamKVEngine:
         # taking turns with prefills on a FIFO lock.
         self._lock: FairLock | threading.RLock = FairLock() if batch_decoding else threading.RLock()
         self.batcher: DecodeBatcher | None = batcher_for(
-            model.model, self._lock, batch_decoding, max_batch, graphs=self.decode_graphs
+            model.model, self._lock, batch_decoding, max_batch, graphs=bool(self.decode_graphs)
         )
 
     @classmethod

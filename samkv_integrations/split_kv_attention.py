@@ -22,7 +22,6 @@ Triton ships with PyTorch's CUDA wheels only; ``available`` says whether this pa
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 
@@ -32,14 +31,20 @@ __all__ = ["available", "split_kv_attention", "supports"]
 
 #: Keys each block reads per iteration.
 BLOCK_KEYS = 64
-#: Blocks to aim for across the whole call: a few per multiprocessor hides memory latency.
-BLOCKS_PER_MULTIPROCESSOR = 2
+#: Blocks to aim for across the whole call: about two per multiprocessor on an H100 (132);
+#: a fixed count rather than the device's, so that ``torch.compile`` sees a constant.
+TARGET_BLOCKS = 256
+
+#: Whether Triton is installed (PyTorch's CUDA wheels carry it); read once at import so that
+#: a compiled decode step finds a constant, not a lookup to trace.
+TRITON = importlib.util.find_spec("triton") is not None
+if TRITON:
+    from samkv_integrations import split_kv_kernels
 
 
-@functools.cache
 def available() -> bool:
     """Whether Triton is installed and a CUDA device is present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    return TRITON and torch.cuda.is_available()
 
 
 def supports(query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -76,13 +81,13 @@ def split_kv_attention(
     Returns:
         ``[batch, n_kv_heads, group, head_dim]``, the dtype of ``query``.
     """
-    kernels = _kernels()
+    if not available():
+        raise RuntimeError("split-KV attention needs Triton and a CUDA device")
     batch, n_kv_heads, group, head_dim = query.shape
     slots = key.shape[2]
     query, value = query.contiguous(), value if value.stride(-1) == 1 else value.contiguous()
     pairs = batch * n_kv_heads
-    target = BLOCKS_PER_MULTIPROCESSOR * _multiprocessors(query.device)
-    splits = max(1, min(math.ceil(target / pairs), math.ceil(slots / BLOCK_KEYS)))
+    splits = max(1, min(math.ceil(TARGET_BLOCKS / pairs), math.ceil(slots / BLOCK_KEYS)))
     keys_per_split = math.ceil(math.ceil(slots / splits) / BLOCK_KEYS) * BLOCK_KEYS
     splits = math.ceil(slots / keys_per_split)
     partial = torch.empty(
@@ -93,7 +98,7 @@ def split_kv_attention(
     has_mask = mask is not None
     mask_arg = mask if mask is not None else query  # any tensor: never read without a mask
     mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
-    kernels.partial[(pairs, splits)](
+    split_kv_kernels.partial[(pairs, splits)](
         query, key, value, mask_arg, partial, lse, scale,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *mask_strides,
         n_kv_heads, slots, keys_per_split,
@@ -101,7 +106,7 @@ def split_kv_attention(
         HAS_MASK=has_mask,
     )  # fmt: skip
     out = torch.empty_like(query)
-    kernels.merge[(pairs, group)](
+    split_kv_kernels.merge[(pairs, group)](
         partial, lse, out, splits, group, head_dim,
         BLOCK_SPLITS=triton_next_power_of_2(splits), HEAD_DIM=head_dim,
     )  # fmt: skip
@@ -111,18 +116,3 @@ def split_kv_attention(
 def triton_next_power_of_2(n: int) -> int:
     """The smallest power of two at least ``n`` (``triton.next_power_of_2`` without Triton)."""
     return 1 << max(0, n - 1).bit_length()
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-@functools.cache
-def _kernels():  # type: ignore[no-untyped-def]
-    """Compile-on-first-use kernels; imported lazily so that CPU installs need no Triton."""
-    if not available():
-        raise RuntimeError("split-KV attention needs Triton and a CUDA device")
-    from samkv_integrations import split_kv_kernels
-
-    return split_kv_kernels

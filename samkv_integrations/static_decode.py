@@ -18,6 +18,12 @@ preallocated for the whole answer:
 
 On CUDA the step is captured in a ``torch.cuda.CUDAGraph`` and replayed; elsewhere the same
 function runs eagerly (the CPU tests check it against the plain ``Decoder``).
+
+``decode_graphs="compiled"`` also runs the step through ``torch.compile`` before capture,
+which fuses the small kernels between the matrix products (RMSNorm, RoPE, the MLP's
+activation): on the H100 it took the 8B shape's batch-1 step from 8.5 to 6.9 ms. Compiling
+takes tens of seconds per cache shape, so the capacity is rounded up to ``CAPACITY_STEP``
+slots (answers of similar length share one compiled step) and the option is off by default.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -37,9 +43,12 @@ from samkv_integrations.grouped_decode import grouped_decode_scope
 from samkv_integrations.models.compat import with_cache
 
 __all__ = [
+    "CAPACITY_STEP",
     "DecodeGraphs",
+    "GraphMode",
     "StaticDecoder",
     "capture_step",
+    "compiled_slot_step",
     "decode_graphs_for",
     "slot_step",
     "static_unsupported",
@@ -48,9 +57,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The engine option: capture decode steps in CUDA graphs (True), never (False), or where
-#: the model runs on CUDA and the static path supports it ("auto").
-DecodeGraphs = bool | Literal["auto"]
+#: The engine option: capture decode steps in CUDA graphs (True), never (False), where the
+#: model runs on CUDA and the static path supports it ("auto"), or capture them compiled
+#: ("compiled": as True, the step first run through ``torch.compile``).
+DecodeGraphs = bool | Literal["auto", "compiled"]
+
+#: ``decode_graphs_for``'s answer: off, CUDA graphs, or compiled CUDA graphs.
+GraphMode = bool | Literal["compiled"]
+
+#: A compiled step's cache capacity is a multiple of this: each new capacity compiles again.
+CAPACITY_STEP = 512
+
+#: ``torch.compile``'s backend for compiled steps (the tests trace with "eager", which keeps
+#: the arithmetic of the uncompiled step).
+COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
 
 #: ``torch.cuda.graph``'s ``capture_error_mode``.
 CaptureErrorMode = Literal["default", "global", "thread_local", "relaxed"]
@@ -76,18 +96,21 @@ def static_unsupported(model: PreTrainedModel) -> str | None:
     return None
 
 
-def decode_graphs_for(model: PreTrainedModel, decode_graphs: DecodeGraphs) -> bool:
+def decode_graphs_for(model: PreTrainedModel, decode_graphs: DecodeGraphs) -> GraphMode:
     """Resolve the engine option to whether the plain decoder captures CUDA graphs.
 
     ``"auto"`` is on for a CUDA model the static path supports and off otherwise (on CPU
     the static path does not pay: each step attends over the whole preallocated cache).
+    ``"compiled"`` resolves to itself where ``True`` would be allowed.
 
     Raises:
-        ValueError: ``decode_graphs=True`` for a model off CUDA or one the static path
-            cannot decode; the message says why.
+        ValueError: ``decode_graphs=True`` or ``"compiled"`` for a model off CUDA or one the
+            static path cannot decode; the message says why.
     """
-    if decode_graphs not in (True, False, "auto"):
-        raise ValueError(f"decode_graphs must be True, False or 'auto', got {decode_graphs!r}")
+    if decode_graphs not in (True, False, "auto", "compiled"):
+        raise ValueError(
+            f"decode_graphs must be True, False, 'auto' or 'compiled', got {decode_graphs!r}"
+        )
     if decode_graphs is False:
         return False
     device = next(model.parameters()).device
@@ -96,24 +119,25 @@ def decode_graphs_for(model: PreTrainedModel, decode_graphs: DecodeGraphs) -> bo
     else:
         reason = static_unsupported(model)
     if reason is None:
-        return True
-    if decode_graphs is True:
-        raise ValueError(f"decode_graphs=True: {reason} (use 'auto' or False)")
+        return "compiled" if decode_graphs == "compiled" else True
+    if decode_graphs != "auto":
+        raise ValueError(f"decode_graphs={decode_graphs!r}: {reason} (use 'auto' or False)")
     logger.info("decoding eagerly: %s", reason)
     return False
 
 
-def with_graphs(decoder: Decoder, graphs: bool, max_new_tokens: int) -> Decoder:
+def with_graphs(decoder: Decoder, graphs: GraphMode, max_new_tokens: int) -> Decoder:
     """The decoder an answer runs: with ``graphs``, its CUDA-graph twin where it has one.
 
-    The plain ``Decoder`` becomes a graph-replaying ``StaticDecoder``; a method's own decoder
-    is replaced only by the twin it offers (``Decoder.graph_twin``), since it may read or
-    change the ``DynamicCache`` at each step, which the static path no longer extends.
+    The plain ``Decoder`` becomes a graph-replaying ``StaticDecoder`` (compiled first when
+    ``graphs == "compiled"``); a method's own decoder is replaced only by the twin it offers
+    (``Decoder.graph_twin``), since it may read or change the ``DynamicCache`` at each step,
+    which the static path no longer extends.
     """
     if not graphs:
         return decoder
     if type(decoder) is Decoder:
-        return StaticDecoder(max_new_tokens, graphs=True)
+        return StaticDecoder(max_new_tokens, graphs=True, compiled=graphs == "compiled")
     return decoder.graph_twin(max_new_tokens) or decoder
 
 
@@ -164,15 +188,20 @@ class StaticDecoder(Decoder):
     Args:
         max_new_tokens: How many tokens ``step`` may feed; one more raises ``ValueError``.
         graphs: Capture the step in a CUDA graph on the first call and replay it after.
+        compiled: Run the step through ``torch.compile`` (``compiled_slot_step``), on a
+            capacity rounded up to ``CAPACITY_STEP``.
     """
 
-    def __init__(self, max_new_tokens: int, *, graphs: bool = False) -> None:
+    def __init__(
+        self, max_new_tokens: int, *, graphs: bool = False, compiled: bool = False
+    ) -> None:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = max_new_tokens
         self.graphs = graphs
+        self.compiled = compiled
         self._model: PreTrainedModel | None = None
         self._cache: Cache | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -222,6 +251,8 @@ class StaticDecoder(Decoder):
         tensors = layer_tensors(cache)
         n = tensors[0][0].shape[-2]
         capacity = n + self.max_new_tokens
+        if self.compiled:
+            capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self._position = torch.zeros((1, 1), dtype=torch.long, device=device)
         self._slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -242,8 +273,9 @@ class StaticDecoder(Decoder):
         if model is None or cache is None:
             raise RuntimeError("StaticDecoder._forward before _prepare")
         visible = (self._kv_index <= self._slot)[None]
+        step = compiled_slot_step() if self.compiled else slot_step
         with self._attention(model):
-            return slot_step(model, cache, self._token, self._position, visible)[0]
+            return step(model, cache, self._token, self._position, visible)[0]
 
     def _attention(self, model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:
         """What the step's attention runs under: the grouped decode attention (``sdpa`` models).
@@ -284,6 +316,20 @@ def slot_step(
         use_cache=True,
     )
     return out.logits[:, -1]
+
+
+_COMPILED: list[Callable[..., torch.Tensor]] = []
+
+
+def compiled_slot_step() -> Callable[..., torch.Tensor]:
+    """``slot_step`` through ``torch.compile`` (built once per process).
+
+    Shapes are static: one compiled graph per model and cache capacity, up to dynamo's
+    recompile limit, after which new shapes run uncompiled (with dynamo's warning).
+    """
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(slot_step, dynamic=False, backend=COMPILE_BACKEND))
+    return _COMPILED[0]
 
 
 def capture_step(

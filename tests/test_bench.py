@@ -173,8 +173,9 @@ def test_bad_decode_paths_fail_at_parse_time(
 
 
 def test_graph_path_off_cuda_is_a_named_error() -> None:
-    with pytest.raises(ValueError, match="graphs need a CUDA device"):
-        decode_path_list("eager,graphs", torch.device("cpu"))
+    for paths in ("eager,graphs", "compiled"):
+        with pytest.raises(ValueError, match="graphs and compiled need a CUDA device"):
+            decode_path_list(paths, torch.device("cpu"))
     assert decode_path_list("auto", torch.device("cuda")) == ["eager", "graphs"]
 
 

@@ -118,15 +118,17 @@ def test_grouped_decode_attention_takes_the_split_path_and_agrees_with_sdpa() ->
 
 
 @needs_triton
-def test_static_graph_decoding_follows_the_plain_decoder_on_cuda() -> None:
-    """A bf16 tiny Llama on CUDA: the graph-replayed steps (split-KV attention inside) give
-    the plain decoder's logits within bf16 tolerance, step after step on the same tokens."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_static_graph_decoding_follows_the_plain_decoder_on_cuda(compiled: bool) -> None:
+    """A bf16 tiny Llama on CUDA: the graph-replayed steps (split-KV attention inside),
+    compiled by inductor or not, give the plain decoder's logits within bf16 tolerance, step
+    after step on the same tokens."""
     model = random_model("tiny-llama", device="cuda", dtype=torch.bfloat16, seed=3).model
     with torch.inference_mode():
         ids = torch.randint(3, 200, (1, 300), device="cuda")
         cache = model(input_ids=ids, use_cache=True).past_key_values
         plain_cache, static_cache = copy.deepcopy(cache), copy.deepcopy(cache)
-        plain, static = Decoder(), StaticDecoder(8, graphs=True)
+        plain, static = Decoder(), StaticDecoder(8, graphs=True, compiled=compiled)
         for step, token in enumerate((11, 42, 7, 99, 5, 17, 3, 64)):
             want = plain.step(model, plain_cache, token, 300 + step).float()
             got = static.step(model, static_cache, token, 300 + step).float()

@@ -16,7 +16,7 @@ from methods.contract import DOCUMENTS, QUESTION
 from methods.test_decoder_step import RecordingDecoderMethod
 from transformers import DynamicCache
 
-from samkv_integrations import KVCacheStore, SamKVEngine
+from samkv_integrations import KVCacheStore, SamKVEngine, static_decode
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import layer_tensors
 from samkv_integrations.methods import DecodeState, get_method
@@ -25,6 +25,7 @@ from samkv_integrations.models.compat import with_cache
 from samkv_integrations.models.shapes import random_model
 from samkv_integrations.records import CacheRef
 from samkv_integrations.static_decode import (
+    CAPACITY_STEP,
     StaticDecoder,
     decode_graphs_for,
     static_unsupported,
@@ -155,6 +156,28 @@ def test_the_static_capacity_holds_exactly_max_new_tokens(
         _decode(talkative, state, StaticDecoder(5), max_new_tokens=7)
 
 
+def test_a_compiled_step_traces_whole_and_answers_as_the_eager_path(
+    indexed: dict[str, Indexed], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``decode_graphs="compiled"``'s step: dynamo traces it into one graph (a graph break
+    would leave small kernels unfused) and, run by a backend that keeps the arithmetic,
+    it answers token for token as the plain decoder on a capacity of whole CAPACITY_STEPs."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", recording)
+    monkeypatch.setattr(static_decode, "_COMPILED", [])
+    loaded, state = indexed["llama"].engine.model, indexed["llama"].state("samkv")
+    eager = _decode(loaded, state, Decoder(), max_new_tokens=12)
+    decoder = StaticDecoder(12, compiled=True)
+    assert _decode(loaded, state, decoder, max_new_tokens=12) == eager
+    assert len(graphs) == 1
+    assert decoder._kv_index.numel() % CAPACITY_STEP == 0
+
+
 def test_the_decode_cache_keeps_its_values_once_copied(
     indexed: dict[str, Indexed],
 ) -> None:
@@ -173,6 +196,8 @@ def test_graphs_off_cuda_are_an_error_and_auto_decodes_eagerly(
 ) -> None:
     with pytest.raises(ValueError, match="decode_graphs=True: CUDA graphs need a CUDA device"):
         SamKVEngine(tiny_llama, memory_store, decode_graphs=True)
+    with pytest.raises(ValueError, match="decode_graphs='compiled': CUDA graphs need a CUDA"):
+        SamKVEngine(tiny_llama, memory_store, decode_graphs="compiled")
     with pytest.raises(ValueError, match="decode_graphs must be"):
         SamKVEngine(tiny_llama, memory_store, decode_graphs="on")  # type: ignore[arg-type]
     assert decode_graphs_for(tiny_llama.model, "auto") is False
@@ -186,6 +211,8 @@ def test_graphs_off_cuda_are_an_error_and_auto_decodes_eagerly(
 
 def test_only_the_plain_decoder_is_replaced(indexed: dict[str, Indexed]) -> None:
     assert type(with_graphs(Decoder(), True, 4)) is StaticDecoder
+    compiled = with_graphs(Decoder(), "compiled", 4)
+    assert isinstance(compiled, StaticDecoder) and compiled.graphs and compiled.compiled
     assert type(with_graphs(Decoder(), False, 4)) is Decoder
     engine, refs = indexed["qwen2"].engine, indexed["qwen2"].refs
     # Pretend the engine had resolved graphs on: the plain path now reaches the graph

@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_decode_paths_arg,
         default="auto",
         help="batch-1 decode paths timed through the engine's decoder: eager, static (static "
-        "cache, no graph), graphs (CUDA graph replay), method (the method's own decoder, e.g. "
+        "cache, no graph), graphs (CUDA graph replay), compiled (graphs of the step compiled by "
+        "torch.compile), method (the method's own decoder, e.g. "
         "+decode=retro); auto: eager,graphs on CUDA, eager,static elsewhere",
     )
     parser.add_argument(

@@ -28,7 +28,7 @@ from samkv_integrations.static_decode import StaticDecoder
 #: Batch-1 decode paths the bench can time: the plain ``Decoder`` on a ``DynamicCache``,
 #: the static cache run eagerly, the static cache replayed as a CUDA graph, and the
 #: method's own decoder (a decoding policy such as ``+decode=retro``; plain otherwise).
-DECODE_PATHS = ("eager", "static", "graphs", "method")
+DECODE_PATHS = ("eager", "static", "graphs", "compiled", "method")
 
 #: Builds the method's own decoder for a decode cache (``BaseMethod.decoder`` on the state
 #: that holds it).
@@ -101,7 +101,8 @@ def decoder_rate(
     elif path == "eager":
         decoder = Decoder()
     else:
-        decoder = StaticDecoder(warmup + steps, graphs=path == "graphs")
+        graphs = path in ("graphs", "compiled")
+        decoder = StaticDecoder(warmup + steps, graphs=graphs, compiled=path == "compiled")
     token, first_step_s = 0, 0.0
     sync(device)
     start = time.perf_counter()
@@ -254,11 +255,13 @@ def decode_path_list(text: str, device: torch.device) -> list[str]:
     """``--decode-paths``: the named paths; ``auto`` is eager and graphs on CUDA, else static.
 
     Raises:
-        ValueError: ``graphs`` named for a model off CUDA.
+        ValueError: ``graphs`` or ``compiled`` named for a model off CUDA.
     """
     if text == "auto":
         return ["eager", "graphs" if device.type == "cuda" else "static"]
     paths = [p.strip() for p in text.split(",") if p.strip()]
-    if "graphs" in paths and device.type != "cuda":
-        raise ValueError(f"decode paths: graphs need a CUDA device; the model is on {device.type}")
+    if {"graphs", "compiled"} & set(paths) and device.type != "cuda":
+        raise ValueError(
+            f"decode paths: graphs and compiled need a CUDA device; the model is on {device.type}"
+        )
     return paths
