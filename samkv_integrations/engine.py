@@ -72,7 +72,7 @@ class SamKVEngine:
     ) -> None:
         self.model = model
         # Whether the plain decoder replays CUDA graphs on a static cache (``static_decode``):
-        # "auto" on CUDA where supported (True off CUDA: an error); "compiled", also compiled.
+        # "auto" on CUDA where supported (True off CUDA: an error); "compiled" compiles lone steps.
         self.decode_graphs = decode_graphs_for(model.model, decode_graphs)
         self.store = store
         self.framer = PromptFramer.for_tokenizer(model.tokenizer, system_prompt)

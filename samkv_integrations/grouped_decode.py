@@ -52,7 +52,7 @@ def grouped_decode_attention(
     n_kv_heads = key.shape[1]
     if q_len == 1 and n_heads != n_kv_heads:
         grouped = query.reshape(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)
-        if split_kv.supports(grouped, key) and _kernel_reads(attention_mask, key.shape[2]):
+        if split_kv.supports(grouped, key, value) and _kernel_reads(attention_mask, key):
             rows = None if attention_mask is None else attention_mask[:, 0, 0, :]
             if rows is not None:
                 rows = rows.expand(batch, rows.shape[-1])
@@ -69,11 +69,12 @@ def grouped_decode_attention(
     return out.transpose(1, 2).contiguous()
 
 
-def _kernel_reads(mask: torch.Tensor | None, slots: int) -> bool:
+def _kernel_reads(mask: torch.Tensor | None, key: torch.Tensor) -> bool:
     """Whether the split-KV kernels read ``mask``: none, or additive ``[batch, 1, 1, slots]``."""
     if mask is None:
         return True
-    return mask.is_floating_point() and mask.shape[1:] == (1, 1, slots)
+    shape_ok = mask.shape[1:] == (1, 1, key.shape[2])
+    return mask.is_floating_point() and shape_ok and mask.device == key.device
 
 
 def grouped_decode_scope(model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:

@@ -11,9 +11,11 @@ then merging the partials exactly (Dao et al., "Flash-Decoding for long-context 
 2023; what FlashAttention's ``splitkv`` kernels and vLLM's paged attention v2 do) fills the
 GPU.
 
-Shapes: queries ``[batch, n_kv_heads, group, head_dim]``, keys and values ``[batch,
-n_kv_heads, slots, head_dim]`` (any strides with a contiguous last dimension), an optional
-additive mask ``[batch, slots]``; returns ``[batch, n_kv_heads, group, head_dim]`` in the
+Shapes: queries ``[batch, n_kv_heads, group, head_dim]`` (group ≤ 16, head_dim a power of two
+from 16 to 128), keys and values ``[batch, n_kv_heads, slots, head_dim]`` (any strides; a
+last dimension that is not contiguous is copied), an optional additive mask ``[batch,
+slots]`` (finite: a hidden slot holds the dtype's minimum, not ``-inf``, which the kernels
+do not guard against); returns ``[batch, n_kv_heads, group, head_dim]`` in the
 queries' dtype. Scores, the running softmax and the merge are float32; the probabilities are
 rounded to the values' dtype for their product with the values, as FlashAttention does.
 
@@ -39,7 +41,10 @@ TARGET_BLOCKS = 256
 #: a compiled decode step finds a constant, not a lookup to trace.
 TRITON = importlib.util.find_spec("triton") is not None
 if TRITON:
-    from samkv_integrations import split_kv_kernels
+    try:
+        from samkv_integrations import split_kv_kernels
+    except ImportError:  # a Triton that does not import is no Triton: SDPA serves
+        TRITON = False
 
 
 def available() -> bool:
@@ -47,18 +52,27 @@ def available() -> bool:
     return TRITON and torch.cuda.is_available()
 
 
-def supports(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether ``split_kv_attention`` takes these tensors (else the caller uses SDPA)."""
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether ``split_kv_attention`` takes these tensors (else the caller uses SDPA).
+
+    One dtype (bf16 or fp16) and one CUDA device for all three, the current one; keys and
+    values of one shape; the sizes the kernels were written and tested for: at most 16
+    queries per KV head, a head size that is a power of two from 16 to 128.
+    """
     head_dim = query.shape[-1]
     return (
         available()
         and query.is_cuda
         and query.dtype in (torch.bfloat16, torch.float16)
-        and key.dtype == query.dtype
-        and 16 <= head_dim <= 256
+        and key.dtype == value.dtype == query.dtype
+        and key.device == value.device == query.device
+        and key.shape == value.shape
+        and key.shape[-1] == head_dim
+        # Triton launches on the current device, whatever device the tensors are on.
+        and query.device.index == torch.cuda.current_device()
+        and 16 <= head_dim <= 128
         and head_dim & (head_dim - 1) == 0
-        and key.stride(-1) == 1
-        and query.shape[2] <= 64
+        and query.shape[2] <= 16
     )
 
 
@@ -75,7 +89,8 @@ def split_kv_attention(
         query: ``[batch, n_kv_heads, group, head_dim]``.
         key: ``[batch, n_kv_heads, slots, head_dim]``.
         value: Same shape as ``key``.
-        mask: Additive ``[batch, slots]`` (0 or a large negative), or ``None``.
+        mask: Additive ``[batch, slots]`` (0 or a large finite negative) on the queries'
+            device, or ``None``.
         scale: Multiplies the scores (``1 / sqrt(head_dim)`` for most models).
 
     Returns:
@@ -85,7 +100,9 @@ def split_kv_attention(
         raise RuntimeError("split-KV attention needs Triton and a CUDA device")
     batch, n_kv_heads, group, head_dim = query.shape
     slots = key.shape[2]
-    query, value = query.contiguous(), value if value.stride(-1) == 1 else value.contiguous()
+    query = query.contiguous()
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
     pairs = batch * n_kv_heads
     splits = max(1, min(math.ceil(TARGET_BLOCKS / pairs), math.ceil(slots / BLOCK_KEYS)))
     keys_per_split = math.ceil(math.ceil(slots / splits) / BLOCK_KEYS) * BLOCK_KEYS
@@ -94,18 +111,17 @@ def split_kv_attention(
         (batch, n_kv_heads, splits, group, head_dim), dtype=torch.float32, device=query.device
     )
     lse = torch.empty((batch, n_kv_heads, splits, group), dtype=torch.float32, device=query.device)
-    block_group = max(16, triton_next_power_of_2(group))
     has_mask = mask is not None
     mask_arg = mask if mask is not None else query  # any tensor: never read without a mask
     mask_strides = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
+    out = torch.empty_like(query)
     split_kv_kernels.partial[(pairs, splits)](
         query, key, value, mask_arg, partial, lse, scale,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *mask_strides,
         n_kv_heads, slots, keys_per_split,
-        GROUP=group, BLOCK_GROUP=block_group, BLOCK_KEYS=BLOCK_KEYS, HEAD_DIM=head_dim,
+        GROUP=group, BLOCK_GROUP=16, BLOCK_KEYS=BLOCK_KEYS, HEAD_DIM=head_dim,
         HAS_MASK=has_mask,
     )  # fmt: skip
-    out = torch.empty_like(query)
     split_kv_kernels.merge[(pairs, group)](
         partial, lse, out, splits, group, head_dim,
         BLOCK_SPLITS=triton_next_power_of_2(splits), HEAD_DIM=head_dim,

@@ -41,6 +41,7 @@ from samkv_integrations.decode import Decoder
 from samkv_integrations.encode import layer_tensors
 from samkv_integrations.grouped_decode import grouped_decode_scope
 from samkv_integrations.models.compat import with_cache
+from samkv_integrations.split_kv_attention import TRITON
 
 __all__ = [
     "CAPACITY_STEP",
@@ -118,6 +119,8 @@ def decode_graphs_for(model: PreTrainedModel, decode_graphs: DecodeGraphs) -> Gr
         reason: str | None = f"CUDA graphs need a CUDA device; the model is on {device.type}"
     else:
         reason = static_unsupported(model)
+    if reason is None and decode_graphs == "compiled" and not TRITON:
+        reason = "torch.compile's GPU code needs Triton, which this PyTorch install lacks"
     if reason is None:
         return "compiled" if decode_graphs == "compiled" else True
     if decode_graphs != "auto":
@@ -253,6 +256,9 @@ class StaticDecoder(Decoder):
         capacity = n + self.max_new_tokens
         if self.compiled:
             capacity = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+            if (id(model), capacity) not in _COMPILED_SHAPES:
+                _COMPILED_SHAPES.add((id(model), capacity))
+                logger.info("compiling the decode step for %d cache slots (once)", capacity)
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self._position = torch.zeros((1, 1), dtype=torch.long, device=device)
         self._slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -321,11 +327,17 @@ def slot_step(
 _COMPILED: list[Callable[..., torch.Tensor]] = []
 
 
-def compiled_slot_step() -> Callable[..., torch.Tensor]:
-    """``slot_step`` through ``torch.compile`` (built once per process).
+#: (model id, capacity) pairs a compiled step was built for: the first of each is logged.
+_COMPILED_SHAPES: set[tuple[int, int]] = set()
 
-    Shapes are static: one compiled graph per model and cache capacity, up to dynamo's
-    recompile limit, after which new shapes run uncompiled (with dynamo's warning).
+
+def compiled_slot_step() -> Callable[..., torch.Tensor]:
+    """``slot_step`` through ``torch.compile``, built once per process.
+
+    The ``COMPILE_BACKEND`` of that first call stays. Shapes are static: one compiled graph per model and cache capacity, up to dynamo's
+    recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default), after which
+    new shapes run uncompiled, with dynamo's warning. The batched steps of concurrent
+    answers (``stacked_cache``) are not compiled.
     """
     if not _COMPILED:
         _COMPILED.append(torch.compile(slot_step, dynamic=False, backend=COMPILE_BACKEND))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from samkv_integrations import split_kv_attention as split_kv
+from samkv_integrations import static_decode
 from samkv_integrations.decode import Decoder
 from samkv_integrations.grouped_decode import grouped_decode_attention
 from samkv_integrations.models.shapes import random_model
@@ -51,7 +52,22 @@ def test_next_power_of_two() -> None:
 def test_cpu_tensors_are_not_taken() -> None:
     query = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16)
     key = torch.randn(1, 2, 100, 64, dtype=torch.bfloat16)
-    assert not split_kv.supports(query, key)
+    assert not split_kv.supports(query, key, key)
+
+
+@needs_triton
+def test_only_the_sizes_and_dtypes_the_kernels_handle_are_taken() -> None:
+    def tensor(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.zeros(*shape, device="cuda", dtype=dtype)
+
+    query, key = tensor(1, 2, 4, 64), tensor(1, 2, 100, 64)
+    assert split_kv.supports(query, key, key)
+    assert not split_kv.supports(query, key, tensor(1, 2, 100, 64, dtype=torch.float16))
+    assert not split_kv.supports(query, key, tensor(1, 2, 99, 64))  # values unlike keys
+    assert not split_kv.supports(query, key.cpu(), key)
+    assert not split_kv.supports(tensor(1, 2, 17, 64), key, key)  # group above 16
+    assert not split_kv.supports(tensor(1, 2, 4, 256), tensor(1, 2, 9, 256), tensor(1, 2, 9, 256))
+    assert not split_kv.supports(tensor(1, 2, 4, 96), tensor(1, 2, 9, 96), tensor(1, 2, 9, 96))
 
 
 @needs_triton
@@ -62,6 +78,7 @@ def test_cpu_tensors_are_not_taken() -> None:
         (1, 8, 4, 1, 128),  # one slot
         (1, 8, 4, 64, 128),  # exactly one block
         (3, 2, 7, 1000, 64),  # a group that is not a power of two, several rows
+        (2, 1, 16, 300, 64),  # the largest group taken
         (16, 8, 4, 2731, 128),  # a batched step
         (1, 2, 1, 20000, 64),  # a long cache, one query per KV head
     ],
@@ -110,11 +127,13 @@ def test_grouped_decode_attention_takes_the_split_path_and_agrees_with_sdpa() ->
     value = torch.randn(2, 8, 777, 128, device="cuda", generator=generator).bfloat16()
     mask = torch.zeros(2, 1, 1, 777, device="cuda", dtype=torch.bfloat16)
     mask[1, ..., 500:] = torch.finfo(torch.bfloat16).min
-    got = grouped_decode_attention(0, query, key, value, mask, 128**-0.5)
     grouped = query.reshape(2, 8, 4, 128)
-    want = _reference(grouped, key, value, mask[:, 0, 0], 128**-0.5).reshape(2, 1, 32, 128)
-    assert got.shape == (2, 1, 32, 128)
-    assert _relative_error(got, want) < 1e-2
+    # A mask per row, and one row's mask broadcast over both rows.
+    for rows in (mask, mask[1:]):
+        got = grouped_decode_attention(0, query, key, value, rows, 128**-0.5)
+        want = _reference(grouped, key, value, rows[:, 0, 0].expand(2, 777), 128**-0.5)
+        assert got.shape == (2, 1, 32, 128)
+        assert _relative_error(got, want.reshape(2, 1, 32, 128)) < 1e-2
 
 
 @needs_triton
@@ -133,3 +152,23 @@ def test_static_graph_decoding_follows_the_plain_decoder_on_cuda(compiled: bool)
             want = plain.step(model, plain_cache, token, 300 + step).float()
             got = static.step(model, static_cache, token, 300 + step).float()
             assert (got - want).norm() / want.norm() < 2e-2, step
+
+
+@needs_triton
+def test_a_compiled_cuda_step_is_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the step reaches the split-KV kernels; dynamo still traces it whole."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", recording)
+    monkeypatch.setattr(static_decode, "_COMPILED", [])
+    model = random_model("tiny-llama", device="cuda", dtype=torch.bfloat16, seed=5).model
+    with torch.inference_mode():
+        cache = model(input_ids=torch.randint(3, 200, (1, 100), device="cuda")).past_key_values
+        decoder = StaticDecoder(4, compiled=True)
+        for step in range(4):
+            decoder.step(model, cache, 7 + step, 100 + step)
+    assert len(graphs) == 1

@@ -170,12 +170,16 @@ def test_a_compiled_step_traces_whole_and_answers_as_the_eager_path(
 
     monkeypatch.setattr(static_decode, "COMPILE_BACKEND", recording)
     monkeypatch.setattr(static_decode, "_COMPILED", [])
-    loaded, state = indexed["llama"].engine.model, indexed["llama"].state("samkv")
-    eager = _decode(loaded, state, Decoder(), max_new_tokens=12)
-    decoder = StaticDecoder(12, compiled=True)
-    assert _decode(loaded, state, decoder, max_new_tokens=12) == eager
+    loaded = indexed["llama"].engine.model
+    # Two answers whose caches differ in length but round up to one capacity: one graph.
+    states = [indexed["llama"].state(method) for method in ("samkv", "sagekv+budget=0.3")]
+    assert states[0].cache.get_seq_length() != states[1].cache.get_seq_length()
+    for state in states:
+        eager = _decode(loaded, state, Decoder(), max_new_tokens=12)
+        decoder = StaticDecoder(12, compiled=True)
+        assert _decode(loaded, state, decoder, max_new_tokens=12) == eager
+        assert decoder._kv_index.numel() == CAPACITY_STEP
     assert len(graphs) == 1
-    assert decoder._kv_index.numel() % CAPACITY_STEP == 0
 
 
 def test_the_decode_cache_keeps_its_values_once_copied(
