@@ -11,7 +11,7 @@ import uuid
 import pytest
 import torch
 
-from samkv_integrations import KVCacheStore, SamKVEngine
+from samkv_integrations import KVCacheStore, SamKVEngine, static_decode
 from samkv_integrations.models import LoadedModel
 from samkv_integrations.models.shapes import random_model
 
@@ -69,3 +69,20 @@ def tiny_engine(tiny_model: LoadedModel, memory_store: KVCacheStore) -> SamKVEng
 def default_engine(tmp_path_factory: pytest.TempPathFactory) -> SamKVEngine:
     """The real embedded default model, with a store of its own for this test session."""
     return SamKVEngine.from_pretrained(store=tmp_path_factory.mktemp("kvcache"), device="cpu")
+
+
+@pytest.fixture
+def compiled_graphs(monkeypatch: pytest.MonkeyPatch) -> list[torch.fx.GraphModule]:
+    """The graphs dynamo hands a compiled decode step's backend, which runs them as traced.
+
+    One graph per compiled shape means the step traced whole: a graph break would add one.
+    """
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", recording)
+    monkeypatch.setattr(static_decode, "_COMPILED", [])
+    return graphs

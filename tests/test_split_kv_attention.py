@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from samkv_integrations import split_kv_attention as split_kv
-from samkv_integrations import static_decode
 from samkv_integrations.decode import Decoder
 from samkv_integrations.grouped_decode import grouped_decode_attention
 from samkv_integrations.models.shapes import random_model
@@ -155,20 +154,12 @@ def test_static_graph_decoding_follows_the_plain_decoder_on_cuda(compiled: bool)
 
 
 @needs_triton
-def test_a_compiled_cuda_step_is_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_compiled_cuda_step_is_one_graph(compiled_graphs: list[torch.fx.GraphModule]) -> None:
     """On CUDA the step reaches the split-KV kernels; dynamo still traces it whole."""
-    graphs: list[torch.fx.GraphModule] = []
-
-    def recording(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
-        graphs.append(graph)
-        return graph.forward
-
-    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", recording)
-    monkeypatch.setattr(static_decode, "_COMPILED", [])
     model = random_model("tiny-llama", device="cuda", dtype=torch.bfloat16, seed=5).model
     with torch.inference_mode():
         cache = model(input_ids=torch.randint(3, 200, (1, 100), device="cuda")).past_key_values
         decoder = StaticDecoder(4, compiled=True)
         for step in range(4):
             decoder.step(model, cache, 7 + step, 100 + step)
-    assert len(graphs) == 1
+    assert len(compiled_graphs) == 1

@@ -16,7 +16,7 @@ from methods.contract import DOCUMENTS, QUESTION
 from methods.test_decoder_step import RecordingDecoderMethod
 from transformers import DynamicCache
 
-from samkv_integrations import KVCacheStore, SamKVEngine, static_decode
+from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import layer_tensors
 from samkv_integrations.methods import DecodeState, get_method
@@ -157,19 +157,11 @@ def test_the_static_capacity_holds_exactly_max_new_tokens(
 
 
 def test_a_compiled_step_traces_whole_and_answers_as_the_eager_path(
-    indexed: dict[str, Indexed], monkeypatch: pytest.MonkeyPatch
+    indexed: dict[str, Indexed], compiled_graphs: list[torch.fx.GraphModule]
 ) -> None:
     """``decode_graphs="compiled"``'s step: dynamo traces it into one graph (a graph break
     would leave small kernels unfused) and, run by a backend that keeps the arithmetic,
     it answers token for token as the plain decoder on a capacity of whole CAPACITY_STEPs."""
-    graphs: list[torch.fx.GraphModule] = []
-
-    def recording(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
-        graphs.append(graph)
-        return graph.forward
-
-    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", recording)
-    monkeypatch.setattr(static_decode, "_COMPILED", [])
     loaded = indexed["llama"].engine.model
     # Two answers whose caches differ in length but round up to one capacity: one graph.
     states = [indexed["llama"].state(method) for method in ("samkv", "sagekv+budget=0.3")]
@@ -179,7 +171,7 @@ def test_a_compiled_step_traces_whole_and_answers_as_the_eager_path(
         decoder = StaticDecoder(12, compiled=True)
         assert _decode(loaded, state, decoder, max_new_tokens=12) == eager
         assert decoder._kv_index.numel() == CAPACITY_STEP
-    assert len(graphs) == 1
+    assert len(compiled_graphs) == 1
 
 
 def test_the_decode_cache_keeps_its_values_once_copied(
