@@ -4,7 +4,7 @@ One decode step has one query per head. With the KV group's heads standing as it
 (``grouped_decode``), SDPA's fused kernels (cuDNN, FlashAttention, memory-efficient) give
 each ``(batch, KV head)`` pair one block of threads: on the Llama-3.1-8B shape at batch 1
 that is 8 blocks on an H100's 132 multiprocessors, and the attention over a 2.6k-slot
-compact cache took 58 µs per layer (1.9 ms of a 9.4 ms step, profiled in CUDA-graph
+compact cache took 58 µs per layer (1.9 ms of a 9.5 ms step, profiled in CUDA-graph
 replays), where reading its 10.6 MB of keys and values takes about 4 µs. Splitting the keys
 across blocks, each block computing a partial softmax attention with its log-sum-exp,
 then merging the partials exactly (Dao et al., "Flash-Decoding for long-context inference",
