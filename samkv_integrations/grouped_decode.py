@@ -53,9 +53,7 @@ def grouped_decode_attention(
     if q_len == 1 and n_heads != n_kv_heads:
         grouped = query.reshape(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)
         if split_kv.supports(grouped, key, value) and _kernel_reads(attention_mask, key):
-            rows = None if attention_mask is None else attention_mask[:, 0, 0, :]
-            if rows is not None:
-                rows = rows.expand(batch, rows.shape[-1])
+            rows = None if attention_mask is None else attention_mask[:, 0, 0].expand(batch, -1)
             out = split_kv.split_kv_attention(grouped, key, value, rows, scaling)
             return out.reshape(batch, 1, n_heads, head_dim)
         out = scaled_dot_product_attention(

@@ -324,8 +324,8 @@ def slot_step(
     return out.logits[:, -1]
 
 
+#: ``compiled_slot_step``'s one compiled function, once built (the tests reset it).
 _COMPILED: list[Callable[..., torch.Tensor]] = []
-
 
 #: (model id, capacity) pairs a compiled step was built for: the first of each is logged.
 _COMPILED_SHAPES: set[tuple[int, int]] = set()
@@ -334,10 +334,11 @@ _COMPILED_SHAPES: set[tuple[int, int]] = set()
 def compiled_slot_step() -> Callable[..., torch.Tensor]:
     """``slot_step`` through ``torch.compile``, built once per process.
 
-    The ``COMPILE_BACKEND`` of that first call stays. Shapes are static: one compiled graph per model and cache capacity, up to dynamo's
-    recompile limit (``torch._dynamo.config.recompile_limit``, 8 by default), after which
-    new shapes run uncompiled, with dynamo's warning. The batched steps of concurrent
-    answers (``stacked_cache``) are not compiled.
+    The ``COMPILE_BACKEND`` of that first call stays. Shapes are static: one compiled graph
+    per model and cache capacity, up to dynamo's recompile limit
+    (``torch._dynamo.config.recompile_limit``, 8 by default), after which new shapes run
+    uncompiled, with dynamo's warning. The batched steps of concurrent answers
+    (``stacked_cache``) are not compiled.
     """
     if not _COMPILED:
         _COMPILED.append(torch.compile(slot_step, dynamic=False, backend=COMPILE_BACKEND))
