@@ -65,6 +65,12 @@ class Timing:
     total_s: float | None = None
     tokens: int = 0
     error: str | None = None
+    #: The engine's phase times (load, select, ..., question), measured on the device: their
+    #: sum is the prefill's own time, and ``prefilled_s - prefill_s`` when it started.
+    phases: dict[str, float] | None = None
+    prefill_s: float | None = None
+    #: Seconds from the request's start until its prefill ended (under the model lock).
+    prefilled_s: float | None = None
 
 
 def ascii_model(args: argparse.Namespace) -> LoadedModel:
@@ -96,14 +102,24 @@ def sync(device: torch.device) -> None:
 
 def ask_api(engine: SamKVEngine, refs: list[Any], method: str, i: int, args: Any) -> Timing:
     timing, start = Timing(), time.perf_counter()
+
+    def prefilled(_state: Any) -> None:
+        timing.prefilled_s = time.perf_counter() - start
+
     try:
         stream = engine.stream(
-            QUESTION.format(i=i), refs, method, max_new_tokens=args.max_new_tokens
+            QUESTION.format(i=i),
+            refs,
+            method,
+            max_new_tokens=args.max_new_tokens,
+            observe=prefilled,
         )
         for _ in stream:
             if timing.ttft_s is None:
                 timing.ttft_s = time.perf_counter() - start
         timing.tokens = len(stream.answer.token_ids)
+        timing.phases = dict(stream.answer.stats.seconds)
+        timing.prefill_s = sum(timing.phases.values())
     except Exception as e:  # one failed request is a result, not the end of the run
         timing.error = f"{type(e).__name__}: {e}"
     timing.total_s = time.perf_counter() - start

@@ -23,7 +23,8 @@ cache, with positions that follow the cache. Our answers bring caches the method
 Only decoders that run the plain step join (``runs_plain_step``); a method's own decoder
 (``+decode=retro``) keeps the one-at-a-time path. With the engine's ``decode_graphs``, a
 stack that outlives its first few steps replays its step as a CUDA graph (``StackedCache``);
-an answer with nobody to batch with takes the engine's one-at-a-time path (``deltas``).
+an answer with nobody to batch with takes the engine's one-at-a-time path until others
+start batching, and then joins them (``LoneDecoder``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any, cast
 
@@ -46,7 +47,7 @@ from samkv_integrations.encode import layer_tensors
 from samkv_integrations.stacked_cache import Member, StackedCache
 from samkv_integrations.static_decode import static_unsupported
 
-__all__ = ["BatchedDecoder", "DecodeBatcher", "batcher_for", "runs_plain_step"]
+__all__ = ["BatchedDecoder", "DecodeBatcher", "LoneDecoder", "batcher_for", "runs_plain_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,38 @@ class BatchedDecoder(Decoder):
     def close(self) -> None:
         """Leave the batch (idempotent)."""
         self._batcher.leave(self._member)
+
+
+class LoneDecoder(Decoder):
+    """An answer's steps on its own decoder until others decode in the batch; then in it.
+
+    At the first step after answers start batching, ``alone`` hands the KV it holds back to
+    the answer's cache and a ``BatchedDecoder`` takes over the steps left; the tokens are
+    those of either decoder alone. ``close`` it when the answer ends.
+    """
+
+    def __init__(self, batcher: DecodeBatcher, alone: Decoder, max_new_tokens: int) -> None:
+        self._batcher = batcher
+        self._alone = alone
+        self._steps_left = max_new_tokens
+        self._batched: BatchedDecoder | None = None
+
+    def step(
+        self, model: PreTrainedModel, cache: DynamicCache, token: int, position: int
+    ) -> torch.Tensor:
+        """Feed ``token`` at global ``position``, alone or in the batch; ``[vocab]`` logits."""
+        if self._batched is None and self._batcher.batching():
+            self._alone.hand_back(cache)
+            self._batched = BatchedDecoder(self._batcher, self._steps_left)
+        if self._batched is not None:
+            return self._batched.step(model, cache, token, position)
+        self._steps_left -= 1
+        return self._alone.step(model, cache, token, position)
+
+    def close(self) -> None:
+        """Leave the batch if it joined one (idempotent)."""
+        if self._batched is not None:
+            self._batched.close()
 
 
 class DecodeBatcher:
@@ -141,22 +174,25 @@ class DecodeBatcher:
         position: int,
         options: GenerationOptions,
         ids: list[int],
-        alone: Callable[[], Iterator[str]] | None = None,
+        alone: Decoder | None = None,
     ) -> Iterator[str]:
-        """``generate_deltas`` (same arguments) in the batch, or ``alone()`` with nobody to join.
+        """``generate_deltas`` (same arguments) in the batch, or with ``alone`` until others come.
 
-        Given ``alone``, an answer that starts while no other decodes runs it, the engine's
-        one-at-a-time path (CUDA graphs where on), so a single user loses nothing to
-        batching; it still counts as in flight, so the answers that start meanwhile batch.
+        Given ``alone`` (the engine's one-at-a-time decoder: CUDA graphs where on), an answer
+        that starts while no other decodes steps with it, so a single user loses nothing to
+        batching. It counts as in flight, so the answers that start meanwhile batch, and
+        once they do it hands its KV back (``Decoder.hand_back``) and joins them: two
+        streams of steps would take turns on the model instead of sharing one forward.
         """
         with self._cond:
             solo = alone is not None and self._in_flight == 0
             self._in_flight += 1
         try:
-            if solo and alone is not None:
-                yield from alone()
-                return
-            decoder = BatchedDecoder(self, options.max_new_tokens)
+            decoder: BatchedDecoder | LoneDecoder = (
+                LoneDecoder(self, alone, options.max_new_tokens)
+                if solo and alone is not None
+                else BatchedDecoder(self, options.max_new_tokens)
+            )
             try:
                 yield from generate_deltas(
                     self.model, tokenizer, cache, logits, position, options, ids, decoder
@@ -194,6 +230,11 @@ class DecodeBatcher:
         if logits is None:  # the loop above ends only with one of them set
             raise RuntimeError("batched decoding: no logits")
         return logits
+
+    def batching(self) -> bool:
+        """Whether answers decode in the batch now (or have asked for a step)."""
+        with self._cond:
+            return self._open > 0 or bool(self._pending)
 
     def leave(self, member: Member) -> None:
         """End ``member``'s decoding; its rows are dropped at the next rebuild."""

@@ -2,8 +2,8 @@
 
 This is the one bridge the adapters and the demo server use between the engine's blocking
 iterators and their consumers. The engine itself does not need it for thread safety: it
-takes its lock and inference mode for each step and releases both before each ``yield``
-(``SamKVEngine._locked_steps``), so an ``AnswerStream`` may be advanced from a different
+takes its lock for each decode step and never holds it across a ``yield``
+(``model_lock.LockedDecoder``), so an ``AnswerStream`` may be advanced from a different
 thread each time. One worker thread still iterates each stream, start to finish (or to an
 early stop), because:
 

@@ -95,6 +95,14 @@ class Decoder:
         )
         return out.logits[0, -1]
 
+    def hand_back(self, cache: DynamicCache) -> None:
+        """Leave the KV of every step taken so far in ``cache``, for another decoder.
+
+        An answer joining the decode batch (``batching``) goes on from ``cache``, ``[1,
+        n_kv_heads, n, head_dim]`` per layer. The plain step extends ``cache`` in place, so
+        here there is nothing to do; a decoder that writes elsewhere points it back.
+        """
+
     def graph_twin(self, max_new_tokens: int) -> Decoder | None:
         """A decoder running these same steps on a static cache as a CUDA graph, or None.
 

@@ -33,6 +33,7 @@ from samkv_integrations.methods import (
     MethodInput,
     get_method,
 )
+from samkv_integrations.model_lock import LockedDecoder, ModelLock
 from samkv_integrations.models import LoadedModel, load_model, samkv_home
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import CacheRef, DocumentKV, MethodStats
@@ -82,8 +83,11 @@ class SamKVEngine:
         self._known_ids = KnownIds(KNOWN_IDS)
         # Prefills run one at a time (interleaved, no TTFT would mean anything); answers in
         # flight decode together (``batcher``, public for its ``counts()``; ``None`` when off),
-        # taking turns with prefills on a FIFO lock.
-        self._lock: FairLock | threading.RLock = FairLock() if batch_decoding else threading.RLock()
+        # taking turns with prefills on a FIFO lock, which keeps cuDNN attention off on CUDA.
+        self._lock = ModelLock(
+            FairLock() if batch_decoding else threading.RLock(),
+            skip_cudnn_attention=model.device.type == "cuda",
+        )
         self.batcher: DecodeBatcher | None = batcher_for(
             model.model, self._lock, batch_decoding, max_batch, graphs=bool(self.decode_graphs)
         )
@@ -291,20 +295,6 @@ class SamKVEngine:
             answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
         yield from self._decode(cache, first_logits, len(prompt_ids), options, answer, Decoder())
 
-    def _locked_steps(self, deltas: Iterator[str]) -> Iterator[str]:
-        """Advance ``deltas`` one step at a time under the model lock.
-
-        Neither the lock nor inference mode is held across a ``yield``: a stream may be
-        advanced from a different thread each time (as Starlette's thread pool does), and
-        both are bound to the thread that entered them.
-        """
-        while True:
-            with self._lock:
-                delta = next(deltas, None)
-            if delta is None:
-                return
-            yield delta
-
     def _run(
         self,
         question_ids: list[int],
@@ -355,14 +345,13 @@ class SamKVEngine:
         """Decode from ``cache``: in the batch of answers in flight if it takes ``decoder``."""
         model, tokenizer, ids = self.model.model, self.model.tokenizer, answer.token_ids
 
-        def alone() -> Iterator[str]:
-            one = with_graphs(decoder, self.decode_graphs, options.max_new_tokens)
-            deltas = generate_deltas(model, tokenizer, cache, logits, position, options, ids, one)
-            return self._locked_steps(deltas)
-
+        # Only the steps take the lock (never held across a yield: a stream may be advanced
+        # from another thread each time, as Starlette's thread pool does).
+        one = with_graphs(decoder, self.decode_graphs, options.max_new_tokens)
+        alone = LockedDecoder(one, self._lock)
         if self.batcher is not None and runs_plain_step(decoder):
             return self.batcher.deltas(tokenizer, cache, logits, position, options, ids, alone)
-        return alone()
+        return generate_deltas(model, tokenizer, cache, logits, position, options, ids, alone)
 
     def _prefill(self, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
         """Prefill ``ids`` at global positions ``start ..`` into ``cache``; ``[vocab]`` next logits."""

@@ -211,6 +211,7 @@ class StaticDecoder(Decoder):
         self._logits: torch.Tensor | None = None
         self._first_slot = 0
         self._next_slot = 0
+        self._handed_back = False
 
     @torch.inference_mode()
     def step(
@@ -220,6 +221,8 @@ class StaticDecoder(Decoder):
 
         The logits are a copy: a replay overwrites the graph's output buffer.
         """
+        if self._handed_back:
+            raise ValueError("this StaticDecoder handed its cache back: it takes no more steps")
         if self._model is None:
             self._prepare(model, cache)
         elif model is not self._model:
@@ -242,6 +245,20 @@ class StaticDecoder(Decoder):
             raise RuntimeError("CUDA graph capture left no graph")
         graph.replay()
         return logits.clone()
+
+    def hand_back(self, cache: DynamicCache) -> None:
+        """Point ``cache``'s layers at every slot written so far, and take no more steps.
+
+        The layers view the buffers (no copy); the CUDA graph is released.
+        """
+        self._handed_back = True
+        if self._cache is None:  # no step taken: ``cache`` is as it came
+            return
+        for dynamic, static in zip(cache.layers, self._cache.layers, strict=True):
+            keys, values = cast(SlotLayer, static).buffers
+            cast(DynamicLayer, dynamic).keys = keys[:, :, : self._next_slot]
+            cast(DynamicLayer, dynamic).values = values[:, :, : self._next_slot]
+        self._graph = self._logits = self._cache = None
 
     def _prepare(self, model: PreTrainedModel, cache: DynamicCache) -> None:
         """Allocate the input buffers and the static cache, from the decode cache."""

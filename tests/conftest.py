@@ -16,13 +16,13 @@ from samkv_integrations.models import LoadedModel
 from samkv_integrations.models.shapes import random_model
 
 
-def talkative_model(shape: str = "tiny-llama", seed: int = 0) -> LoadedModel:
+def talkative_model(shape: str = "tiny-llama", seed: int = 0, device: str = "cpu") -> LoadedModel:
     """A random-weight model whose greedy answers never end before ``max_new_tokens``.
 
     Zeroing the output rows of the special tokens means greedy decoding never picks EOS, so
     every answer has text to stream and compare.
     """
-    loaded = random_model(shape, device="cpu", seed=seed)
+    loaded = random_model(shape, device=device, seed=seed)
     with torch.no_grad():
         loaded.model.get_output_embeddings().weight[loaded.tokenizer.all_special_ids] = 0.0
     return LoadedModel.from_module(loaded.model, loaded.tokenizer, loaded.name)
@@ -31,6 +31,12 @@ def talkative_model(shape: str = "tiny-llama", seed: int = 0) -> LoadedModel:
 @pytest.fixture(scope="session")
 def talkative_llama() -> LoadedModel:
     return talkative_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def talkative_cuda_llama() -> LoadedModel:
+    """``talkative_llama`` on the GPU (for CUDA-only tests)."""
+    return talkative_model("tiny-llama", device="cuda")
 
 
 @pytest.fixture(scope="session")

@@ -121,10 +121,10 @@ def test_concurrent_answers_equal_the_answers_alone(
 ) -> None:
     alone, batched = engines
     expected = [_ask(alone, refs, r) for r in REQUESTS]
-    assert batched.batcher is not None and isinstance(batched._lock, FairLock)
+    assert batched.batcher is not None and isinstance(batched._lock.lock, FairLock)
     steps_before = batched.batcher.steps
     counts_before = batched.batcher.counts()
-    got = _in_threads([lambda r=r: _ask(batched, refs, r) for r in REQUESTS], batched._lock)
+    got = _in_threads([lambda r=r: _ask(batched, refs, r) for r in REQUESTS], batched._lock.lock)
     for request, want, answer in zip(REQUESTS, expected, got, strict=True):
         assert not isinstance(answer, Exception), f"{request}: {answer!r}"
         assert answer.token_ids == want.token_ids, request
@@ -165,6 +165,62 @@ def test_joining_and_leaving_mid_answer_disturbs_no_one(
     assert [a.token_ids for a in others] == expected[1:]
 
 
+def _lone_answer_joins(alone: SamKVEngine, batched: SamKVEngine, refs: list[CacheRef]) -> None:
+    """A lone answer starts on the one-at-a-time path, then shares the others' steps."""
+    assert batched.batcher is not None
+    lone = ("Which letter is last?", [0, 1], "samkv", {"max_new_tokens": 40})
+    others = [("Where is Lyon?", [2], "full", {"max_new_tokens": 40}), REQUESTS[2]]
+    expected = [_ask(alone, refs, r).token_ids for r in (lone, *others)]
+    sizes: list[int] = []
+    forward = batched.batcher._stack.step
+    batched.batcher._stack.step = lambda batch: sizes.append(len(batch)) or forward(batch)  # type: ignore[method-assign]
+    try:
+        question, docs, method, options = lone
+        stream = batched.stream(question, [refs[i] for i in docs], method=method, **options)
+        deltas = iter(stream)
+        for _ in range(3):  # alone: nobody decodes in the batch yet
+            next(deltas)
+        assert sizes == []
+        got: list[Any] = []
+        joiner = threading.Thread(
+            target=lambda: got.extend(
+                _in_threads([lambda r=r: _ask(batched, refs, r) for r in others])
+            )
+        )
+        joiner.start()
+        deadline = time.monotonic() + 30
+        while not batched.batcher.batching() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for _ in deltas:
+            pass
+        joiner.join(timeout=60)
+    finally:
+        del batched.batcher._stack.step
+    assert stream.answer.token_ids == expected[0]
+    assert [a.token_ids for a in got] == expected[1:]
+    assert max(sizes) == 3  # the lone answer's rows stepped with both others'
+
+
+def test_a_lone_answer_joins_the_batch_once_others_decode(
+    engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
+) -> None:
+    _lone_answer_joins(*engines, refs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_lone_answer_leaves_its_cuda_graph_to_join_the_batch(
+    talkative_cuda_llama: LoadedModel,
+) -> None:
+    """On the GPU the lone answer replays its own graph (``StaticDecoder``) until it hands
+    its cache back; its tokens are those of the one-at-a-time engine's graphs."""
+    loaded = talkative_cuda_llama
+    store = KVCacheStore(f"memory://samkv-test-join-{time.time_ns()}")
+    alone = SamKVEngine(loaded, store, batch_decoding=False)
+    batched = SamKVEngine(loaded, store)
+    assert alone.decode_graphs and batched.decode_graphs
+    _lone_answer_joins(alone, batched, alone.index(DOCS, progress=False))
+
+
 def test_stop_strings_and_lengths_apply_per_answer(
     engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
 ) -> None:
@@ -175,7 +231,7 @@ def test_stop_strings_and_lengths_apply_per_answer(
     shorter = (*REQUESTS[0][:3], {"max_new_tokens": 3})
     longer = (*REQUESTS[0][:3], {"max_new_tokens": 24})
     got = _in_threads(
-        [lambda r=r: _ask(batched, refs, r) for r in (cut, shorter, longer)], batched._lock
+        [lambda r=r: _ask(batched, refs, r) for r in (cut, shorter, longer)], batched._lock.lock
     )
     assert got[0].text == free[: free.index(stop)]
     assert len(got[1].token_ids) == 3 and len(got[2].token_ids) == 24
@@ -205,7 +261,7 @@ def test_a_bad_request_fails_alone(
         return list(batcher.deltas(batched.model.tokenizer, cache, logits, 7, options, []))
 
     calls = [lambda r=r: _ask(batched, refs, r) for r in (*good, too_long)] + [foreign_cache]
-    got = _in_threads(calls, batched._lock, waiters=3)
+    got = _in_threads(calls, batched._lock.lock, waiters=3)
     assert [a.token_ids for a in got[:2]] == expected
     assert isinstance(got[2], ValueError) and "max_new_tokens" in str(got[2])
     assert isinstance(got[3], ValueError) and "float64" in str(got[3])
@@ -228,7 +284,7 @@ def test_batching_off_is_the_serial_engine(
 ) -> None:
     engine = SamKVEngine(talkative_llama, store, batch_decoding=False)
     assert engine.batcher is None
-    assert not isinstance(engine._lock, FairLock)
+    assert not isinstance(engine._lock.lock, FairLock)
     with pytest.raises(ValueError, match="max_batch"):
         DecodeBatcher(talkative_llama.model, FairLock(), max_batch=0)
 
@@ -243,7 +299,7 @@ def test_max_batch_caps_each_step(
     forward = capped.batcher._stack.step
     capped.batcher._stack.step = lambda batch: sizes.append(len(batch)) or forward(batch)  # type: ignore[method-assign]
     requests = REQUESTS[:4]
-    got = _in_threads([lambda r=r: _ask(capped, refs, r) for r in requests], capped._lock)
+    got = _in_threads([lambda r=r: _ask(capped, refs, r) for r in requests], capped._lock.lock)
     assert [a.token_ids for a in got] == [_ask(alone, refs, r).token_ids for r in requests]
     assert max(sizes) == 2
 

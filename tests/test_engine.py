@@ -224,9 +224,9 @@ def test_a_stream_can_be_advanced_from_a_new_thread_each_step(tiny_engine: SamKV
         done = pieces[-1] == ""
     assert "".join(pieces) == expected
     assert not torch.is_inference_mode_enabled()
-    acquired = tiny_engine._lock.acquire(timeout=1)
+    acquired = tiny_engine._lock.lock.acquire(timeout=1)
     assert acquired
-    tiny_engine._lock.release()
+    tiny_engine._lock.lock.release()
 
 
 def test_observe_sees_the_state_decoding_starts_from(tiny_engine: SamKVEngine) -> None:

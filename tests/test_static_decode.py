@@ -187,6 +187,33 @@ def test_the_decode_cache_keeps_its_values_once_copied(
         assert torch.equal(keys, old)
 
 
+def test_hand_back_leaves_every_decoded_slot_in_the_cache(
+    indexed: dict[str, Indexed],
+) -> None:
+    """An answer moving to the decode batch goes on from the cache as the plain path left it."""
+    talkative, state = indexed["qwen2"].engine.model, indexed["qwen2"].state("samkv")
+    eager_cache, static_cache = _copy(state), _copy(state)
+    static = StaticDecoder(8)
+    token, position = int(state.first_logits.argmax()), state.next_position
+    with torch.inference_mode():
+        for step in range(3):
+            expected = Decoder().step(talkative.model, eager_cache, token, position + step)
+            static.step(talkative.model, static_cache, token, position + step)
+            token = int(expected.argmax())
+        static.hand_back(static_cache)
+        for (keys, values), (want_keys, want_values) in zip(
+            layer_tensors(static_cache), layer_tensors(eager_cache), strict=True
+        ):
+            torch.testing.assert_close(keys, want_keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="handed its cache back"):
+            static.step(talkative.model, static_cache, token, position + 3)
+        # The plain step goes on from it as from the eager cache.
+        got = Decoder().step(talkative.model, static_cache, token, position + 3)
+        expected = Decoder().step(talkative.model, eager_cache, token, position + 3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_graphs_off_cuda_are_an_error_and_auto_decodes_eagerly(
     tiny_llama: LoadedModel, memory_store: KVCacheStore
 ) -> None:

@@ -17,7 +17,7 @@ def test_step_gaps_reports_the_batched_steps(tmp_path: Path) -> None:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    # The first answer decodes alone (nobody to batch with); the others share steps.
+    # The first answer starts alone (nobody to batch with), then shares the others' steps.
     assert report["steps"] >= 1 and sum(report["batch_sizes"].values()) == report["steps"]
     assert all(1 <= int(size) <= 3 for size in report["batch_sizes"])
     assert report["step_ms_median"] > 0
