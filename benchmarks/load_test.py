@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import platform
 import random
@@ -41,6 +42,8 @@ import string
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -209,7 +212,10 @@ def run_round(interface: str, method: str, n: int, ctx: dict[str, Any]) -> dict[
     elif interface == "api":
         engine, refs = ctx["batched"], ctx["refs"]
         before = engine.batcher.counts() if engine.batcher is not None else None
-        timings = in_threads([lambda i=i: ask_api(engine, refs, method, i, args) for i in range(n)])
+        with stamped_steps(engine, start) as stamps:
+            timings = in_threads(
+                [lambda i=i: ask_api(engine, refs, method, i, args) for i in range(n)]
+            )
     else:
         url, top_k = ctx["url"], min(len(ctx["refs"]), 8)
         timings = in_threads([lambda i=i: ask_server(url, method, i, top_k) for i in range(n)])
@@ -221,8 +227,50 @@ def run_round(interface: str, method: str, n: int, ctx: dict[str, Any]) -> dict[
         # Its steps (wall per step), and how often it rebuilt its stack and recaptured its
         # CUDA graph (each capture costs a few steps' time).
         after = ctx["batched"].batcher.counts()
-        result["batched_decode"] = {k: after[k] - before[k] for k in before}
+        result["batched_decode"] = {k: after[k] - before[k] for k in before} | step_summary(stamps)
     return result
+
+
+@contextmanager
+def stamped_steps(engine: SamKVEngine, start: float) -> Iterator[list[tuple[float, float, int]]]:
+    """Each batched step's (start, end, rows), seconds from ``start``, while the block runs.
+
+    On CUDA a step's end waits for its kernels (the slot mask's copy from the host follows
+    them), so ``end - start`` is the step's own time and the gap to the next step's start
+    is the answers' round trip.
+    """
+    stamps: list[tuple[float, float, int]] = []
+    stack = engine.batcher._stack if engine.batcher is not None else None
+    if stack is None:
+        yield stamps
+        return
+    plain = stack.step
+
+    def stamped(batch: list[Any]) -> torch.Tensor:
+        begin = time.perf_counter() - start
+        logits = plain(batch)
+        stamps.append((begin, time.perf_counter() - start, len(batch)))
+        return logits
+
+    stack.step = stamped  # type: ignore[method-assign]
+    try:
+        yield stamps
+    finally:
+        del stack.step
+
+
+def step_summary(stamps: list[tuple[float, float, int]]) -> dict[str, Any]:
+    """When the batched steps ran, their median time and gap, and their median rows."""
+    if not stamps:
+        return {}
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(stamps)]
+    return {
+        "first_step_s": stamps[0][0],
+        "last_step_end_s": stamps[-1][1],
+        "step_ms_median": 1000 * float(np.median([end - begin for begin, end, _ in stamps])),
+        "gap_ms_median": 1000 * float(np.median(gaps)) if gaps else None,
+        "rows_median": float(np.median([rows for *_, rows in stamps])),
+    }
 
 
 class PreIndexed:

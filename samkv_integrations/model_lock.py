@@ -19,7 +19,9 @@ memory-efficient kernels need no per-shape setup.
 Only cuDNN's flag is touched, and only while some engine holds its lock: backends a caller
 narrowed (``torch.nn.attention.sdpa_kernel``) stay narrowed, and the flag is restored when
 the last holder leaves. PyTorch keeps the flag process-wide, so another thread that runs
-SDPA outside the engine meanwhile skips cuDNN as well (it falls back, it does not fail).
+SDPA outside the engine meanwhile skips cuDNN as well: it falls back to another kernel, or
+finds none if it allowed cuDNN alone; and its own ``sdpa_kernel`` block, if it overlaps a
+holder, restores the flag as it found it (off) when it ends.
 """
 
 from __future__ import annotations
@@ -72,18 +74,27 @@ class ModelLock:
     def __init__(self, lock: FairLock | threading.RLock, *, skip_cudnn_attention: bool) -> None:
         self.lock = lock
         self.skip_cudnn_attention = skip_cudnn_attention
-        self._depth = 0  # changed only by the thread holding ``lock``
+        # Changed only by the thread holding ``lock``. ``_switched`` remembers whether the
+        # outermost entry counted itself a holder (the option may change while held).
+        self._depth = 0
+        self._switched = False
 
     def __enter__(self) -> bool:
         self.lock.acquire()
+        try:
+            if self._depth == 0 and self.skip_cudnn_attention:
+                _CUDNN_ATTENTION_OFF.enter()
+                self._switched = True
+        except BaseException:
+            self.lock.release()
+            raise
         self._depth += 1
-        if self._depth == 1 and self.skip_cudnn_attention:
-            _CUDNN_ATTENTION_OFF.enter()
         return True
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if self._depth == 1 and self.skip_cudnn_attention:
+            if self._depth == 1 and self._switched:
+                self._switched = False
                 _CUDNN_ATTENTION_OFF.leave()
         finally:
             self._depth -= 1

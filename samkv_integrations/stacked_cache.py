@@ -142,10 +142,10 @@ class StackedCache:
         """Capture ``_forward`` (``static_decode.capture_step``), or stay eager if that fails.
 
         The warm-up runs write this step's KV at this step's slot, as the replay that follows
-        does again. ``thread_local``: the answers' threads keep using the GPU meanwhile.
+        does again. The answers' threads keep using the GPU meanwhile (``capture_step``).
         """
         try:
-            self._graph, self._logits = capture_step(self._forward, error_mode="thread_local")
+            self._graph, self._logits = capture_step(self._forward)
         except RuntimeError as e:
             logger.warning("batched decoding stays eager: CUDA graph capture failed (%s)", e)
             self.graphs = False

@@ -73,9 +73,6 @@ CAPACITY_STEP = 512
 #: the arithmetic of the uncompiled step).
 COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
 
-#: ``torch.cuda.graph``'s ``capture_error_mode``.
-CaptureErrorMode = Literal["default", "global", "thread_local", "relaxed"]
-
 #: Eager runs on a side stream before capture, as ``torch.cuda.graphs`` asks: they let
 #: lazy initialisation (cuBLAS workspaces, autotuning) happen outside the graph.
 WARMUP_RUNS = 2
@@ -362,14 +359,13 @@ def compiled_slot_step() -> Callable[..., torch.Tensor]:
     return _COMPILED[0]
 
 
-def capture_step(
-    forward: Callable[[], torch.Tensor], *, error_mode: CaptureErrorMode = "global"
-) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture_step(forward: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm ``forward`` up on a side stream, then capture it (the pattern of ``torch.cuda.graphs``).
 
-    ``error_mode`` is ``torch.cuda.graph``'s ``capture_error_mode``: ``"thread_local"`` lets
-    other threads use the GPU meanwhile. Returns the graph and the output tensor that each
-    replay overwrites.
+    The capture's errors are thread-local: other answers' threads pick tokens and copy
+    logits on the GPU, outside the model lock, while one answer captures its step; under
+    the default (global) mode such a call from another thread fails and invalidates the
+    capture. Returns the graph and the output tensor that each replay overwrites.
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -378,6 +374,6 @@ def capture_step(
             forward()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode=error_mode):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         output = forward()
     return graph, output

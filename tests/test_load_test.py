@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -53,8 +55,19 @@ def test_load_test_reports_every_round(tmp_path: Path) -> None:
         counts = r.get("batched_decode")
         assert (counts is not None) == (interface == "api")
         if counts is not None:
-            assert set(counts) == {"steps", "rebuilds", "captures"}
+            assert {"steps", "rebuilds", "captures"} <= set(counts)
             assert 0 <= counts["rebuilds"] <= counts["steps"] and counts["captures"] == 0
+            if counts["steps"]:  # the stamped steps of the round
+                assert 0 <= counts["first_step_s"] <= counts["last_step_end_s"] <= r["wall_s"]
+                assert counts["step_ms_median"] > 0 and 1 <= counts["rows_median"] <= 2
+    for (interface, _, _), r in rounds.items():
+        # The engine's rounds record each prefill: its phases, and when it ended.
+        for timing in r["timings"]:
+            if interface == "server":
+                assert timing["phases"] is None and timing["prefilled_s"] is None
+            else:
+                assert timing["prefill_s"] == pytest.approx(sum(timing["phases"].values()))
+                assert 0 < timing["prefilled_s"] <= timing["ttft_s"]
     assert {(s["interface"], s["method"], s["concurrency"]) for s in report["speedups"]} == {
         (i, m, n) for i in ("api", "server") for m in ("samkv", "full") for n in (1, 2)
     }

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from samkv_integrations import KVCacheStore, SamKVEngine
+from samkv_integrations import KVCacheStore, SamKVEngine, model_lock
 from samkv_integrations.fair_lock import FairLock
 from samkv_integrations.methods import DecodeState
 from samkv_integrations.model_lock import ModelLock
@@ -59,6 +59,34 @@ def test_overlapping_engines_restore_the_flag_when_the_last_leaves(cudnn_attenti
     assert not torch.backends.cuda.cudnn_sdp_enabled()  # the second still holds its lock
     second.__exit__(None, None, None)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_the_option_changed_while_held_still_restores_the_flag(cudnn_attention: None) -> None:
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    lock = ModelLock(FairLock(), skip_cudnn_attention=True)
+    with lock:
+        lock.skip_cudnn_attention = False  # as benchmarks/prefill_shapes.py does between runs
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with lock:
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_a_failed_switch_leaves_the_lock_free(
+    cudnn_attention: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = ModelLock(FairLock(), skip_cudnn_attention=True)
+
+    def broken() -> None:
+        raise RuntimeError("no flag")
+
+    monkeypatch.setattr(model_lock._CUDNN_ATTENTION_OFF, "enter", broken)
+    with pytest.raises(RuntimeError, match="no flag"), lock:
+        pass
+    taken: list[bool] = []
+    other = threading.Thread(target=lambda: taken.append(lock.lock.acquire(timeout=5)))
+    other.start()
+    other.join(timeout=10)
+    assert taken == [True]
 
 
 def test_off_cuda_the_flag_is_left_alone(

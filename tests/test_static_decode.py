@@ -7,6 +7,8 @@ positions have gaps (samkv, sagekv), with EOS, stop strings and a full static ca
 
 from __future__ import annotations
 
+import copy
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -112,9 +114,11 @@ def test_static_answers_equal_the_eager_ones(
     assert static.text == eager.text
 
 
-def test_each_steps_logits_match_the_eager_step(
+def test_each_steps_logits_match_the_eager_step_and_hand_back_keeps_their_kv(
     indexed: dict[str, Indexed],
 ) -> None:
+    """Once handed back (an answer moving to the decode batch), the cache holds what the
+    plain path's does, and the plain step goes on from it."""
     talkative, state = indexed["qwen2"].engine.model, indexed["qwen2"].state("samkv")
     eager_cache, static_cache = _copy(state), _copy(state)
     static = StaticDecoder(8)
@@ -125,6 +129,16 @@ def test_each_steps_logits_match_the_eager_step(
             got = static.step(talkative.model, static_cache, token, position + step)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
             token = int(expected.argmax())
+        static.hand_back(static_cache)
+        for got_kv, want_kv in zip(
+            layer_tensors(static_cache), layer_tensors(eager_cache), strict=True
+        ):
+            torch.testing.assert_close(got_kv, want_kv, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="handed its cache back"):
+            static.step(talkative.model, static_cache, token, position + 8)
+        got = Decoder().step(talkative.model, static_cache, token, position + 8)
+        expected = Decoder().step(talkative.model, eager_cache, token, position + 8)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_eos_and_stop_strings_end_both_paths_alike(
@@ -187,31 +201,39 @@ def test_the_decode_cache_keeps_its_values_once_copied(
         assert torch.equal(keys, old)
 
 
-def test_hand_back_leaves_every_decoded_slot_in_the_cache(
-    indexed: dict[str, Indexed],
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_a_capture_survives_another_thread_picking_tokens(
+    talkative_cuda_llama: LoadedModel,
 ) -> None:
-    """An answer moving to the decode batch goes on from the cache as the plain path left it."""
-    talkative, state = indexed["qwen2"].engine.model, indexed["qwen2"].state("samkv")
-    eager_cache, static_cache = _copy(state), _copy(state)
-    static = StaticDecoder(8)
-    token, position = int(state.first_logits.argmax()), state.next_position
+    """Answers pick tokens outside the model lock, so one may read logits back while
+    another captures its step: the capture must not fail, nor the other thread."""
+    model = talkative_cuda_llama.model
+    ids = torch.arange(3, 40, device="cuda")[None]
     with torch.inference_mode():
-        for step in range(3):
-            expected = Decoder().step(talkative.model, eager_cache, token, position + step)
-            static.step(talkative.model, static_cache, token, position + step)
-            token = int(expected.argmax())
-        static.hand_back(static_cache)
-        for (keys, values), (want_keys, want_values) in zip(
-            layer_tensors(static_cache), layer_tensors(eager_cache), strict=True
-        ):
-            torch.testing.assert_close(keys, want_keys, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match="handed its cache back"):
-            static.step(talkative.model, static_cache, token, position + 3)
-        # The plain step goes on from it as from the eager cache.
-        got = Decoder().step(talkative.model, static_cache, token, position + 3)
-        expected = Decoder().step(talkative.model, eager_cache, token, position + 3)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        prefill = model(input_ids=ids, use_cache=True)
+        logits = prefill.logits[0, -1]
+        caches = [copy.deepcopy(prefill.past_key_values) for _ in range(2)]
+    stop, errors = threading.Event(), []
+
+    def pick() -> None:
+        try:
+            while not stop.is_set():
+                int(logits.argmax())
+        except RuntimeError as e:
+            errors.append(e)
+
+    picker = threading.Thread(target=pick)
+    picker.start()
+    try:
+        with torch.inference_mode():
+            token, position = int(logits.argmax()), ids.shape[1]
+            got = StaticDecoder(4, graphs=True).step(model, caches[0], token, position)
+            expected = Decoder().step(model, caches[1], token, position)
+    finally:
+        stop.set()
+        picker.join(timeout=30)
+    assert errors == []
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_graphs_off_cuda_are_an_error_and_auto_decodes_eagerly(
