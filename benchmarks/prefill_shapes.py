@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import string
 import sys
 import threading
 import time
@@ -29,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from load_test import QUESTION as REQUEST
+from load_test import documents
 
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.models.shapes import random_model
 
-QUESTION = "Request 1: which two documents mention the same city, and in what year?"
+QUESTION = REQUEST.format(i=1)  # the load test's question
 
 
 def prefill_ms(engine: SamKVEngine, refs: list[Any], method: str, question: str) -> float:
@@ -96,14 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         pin_memory=args.device == "cuda",
     )
     engine = SamKVEngine(loaded, store)
-    framing = len(engine.document_ids("x")) - 1
-    rng = random.Random(0)
-    alphabet = string.ascii_letters + string.digits + " .,"
-    texts = [
-        "".join(rng.choices(alphabet, k=max(args.tokens - framing, 1)))
-        for _ in range(args.documents + 2)
-    ]
-    refs = engine.index(texts, progress=False)
+    refs = engine.index(documents(engine, args.documents + 2, args.tokens, 0), progress=False)
     modes: dict[str, Any] = {"engine": cases(engine, refs, args.documents, args.method)}
     engine._lock.skip_cudnn_attention = False  # the backend PyTorch picks, as before
     modes["cudnn"] = cases(engine, refs, args.documents, args.method)

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from load_test import stamped_steps
 
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.models.shapes import random_model
-from samkv_integrations.stacked_cache import StackedCache
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,28 +40,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         engine = SamKVEngine(model, KVCacheStore(store_dir), max_batch=max(args.answers, 1))
         texts = [" ".join(f"w{d}x{t}" for t in range(args.words)) for d in range(args.documents)]
         refs = engine.index(texts, progress=False)
-        stamps: list[tuple[float, float, int]] = []
-        plain_step = StackedCache.step
-
-        def stamped(stack: StackedCache, batch: list[Any]) -> Any:
-            start = time.perf_counter()
-            logits = plain_step(stack, batch)
-            stamps.append((start, time.perf_counter(), len(batch)))
-            return logits
 
         def ask(i: int) -> None:
             engine.answer(f"question {i}?", refs, max_new_tokens=args.max_new_tokens, stop=[])
 
         ask(-1)  # warm-up, alone
-        StackedCache.step = stamped  # type: ignore[method-assign]
-        try:
+        with stamped_steps(engine, time.perf_counter()) as stamps:
             threads = [threading.Thread(target=ask, args=(i,)) for i in range(args.answers)]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
-        finally:
-            StackedCache.step = plain_step  # type: ignore[method-assign]
     gaps = np.array([b[0] - a[1] for a, b in itertools.pairwise(stamps)]) * 1000
     return {
         "command": " ".join(sys.argv),
