@@ -14,8 +14,11 @@ ways of serving the same N requests are timed:
 TTFT is from the start of the round (or, serial, of the request) to the first answer
 delta; ``request_tokens_per_s`` is a request's tokens after the first over the time after
 the first. The model has random weights of a named shape (``samkv bench --shape``); its
-output rows are zeroed except for tokens that print one ASCII character, so every step
-yields one delta and every answer runs to ``--max-new-tokens``.
+output rows are zeroed except for tokens that print one ASCII character, so that steps
+yield one delta each, and EOS is kept out of the first ``--min-new-tokens`` tokens (all of
+them by default): otherwise a zeroed row (EOS among them) wins wherever every printable
+logit is negative, answers end at random lengths, and the concurrent and serial rounds,
+whose numerics differ, would be timed on different amounts of work.
 
 The server is driven with pre-indexed refs: a stand-in for the demo's Chroma index returns
 every document as a retrieved chunk (no embeddings, no vector search). Its chunk texts are
@@ -115,6 +118,7 @@ def ask_api(engine: SamKVEngine, refs: list[Any], method: str, i: int, args: Any
             refs,
             method,
             max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens,
             observe=prefilled,
         )
         for _ in stream:
@@ -276,10 +280,17 @@ def step_summary(stamps: list[tuple[float, float, int]]) -> dict[str, Any]:
 class PreIndexed:
     """What the demo app reads of its ``DemoIndex``, over refs indexed beforehand."""
 
-    def __init__(self, engine: SamKVEngine, refs: list[Any], texts: list[str], full: bool) -> None:
+    def __init__(
+        self,
+        engine: SamKVEngine,
+        refs: list[Any],
+        texts: list[str],
+        full: bool,
+        min_new_tokens: int,
+    ) -> None:
         from samkv_chroma_demo.pipeline import RetrievedChunk
 
-        self.engine, self.name = engine, "load-test"
+        self.engine, self.name, self.min_new_tokens = engine, "load-test", min_new_tokens
         self.chunks = [
             RetrievedChunk(f"d{k}", f"document {k}", text if full else f"document {k}", 1.0, ref)
             for k, (ref, text) in enumerate(zip(refs, texts, strict=True))
@@ -292,7 +303,10 @@ class PreIndexed:
         return list(self.chunks)  # every document, whatever top_k (capped at 8 by the app)
 
     def stream(self, question: str, chunks: Any, method: str, **kwargs: Any) -> Any:
-        return self.engine.stream(question, [c.ref for c in chunks], method, **kwargs)
+        refs = [c.ref for c in chunks]
+        return self.engine.stream(
+            question, refs, method, min_new_tokens=self.min_new_tokens, **kwargs
+        )
 
 
 def start_server(index: PreIndexed, max_new_tokens: int) -> tuple[str, Any]:
@@ -330,6 +344,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default="samkv,full", help="comma-separated method specs")
     p.add_argument("--interfaces", default=",".join(INTERFACES), help="serial,api,server")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=None,
+        help="tokens before EOS may end an answer (default: --max-new-tokens, equal work)",
+    )
     p.add_argument("--max-batch", type=int, default=64, help="the engine's max_batch")
     p.add_argument(
         "--serial-decode-graphs",
@@ -354,8 +374,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.interfaces = [i.strip() for i in args.interfaces.split(",") if i.strip()]
     bad = set(args.interfaces) - set(INTERFACES)
-    if bad or min(args.concurrency) < 1 or args.max_new_tokens < 1:
-        p.error(f"interfaces {sorted(bad)} / concurrency / max-new-tokens out of range")
+    if args.min_new_tokens is None:
+        args.min_new_tokens = args.max_new_tokens
+    if bad or min(args.concurrency) < 1 or not 0 <= args.min_new_tokens <= args.max_new_tokens >= 1:
+        p.error(f"interfaces {sorted(bad)} / concurrency / min- or max-new-tokens out of range")
     count, tokens = (int(x) for x in args.workload.lower().split("x"))
     args.documents, args.tokens = count, tokens
     return args
@@ -384,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     if "server" in args.interfaces:
         ctx["url"], server = start_server(
-            PreIndexed(batched, refs, texts, args.server_chunk_text), args.max_new_tokens
+            PreIndexed(batched, refs, texts, args.server_chunk_text, args.min_new_tokens),
+            args.max_new_tokens,
         )
     results = []
     try:
@@ -418,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "workload": args.workload,
         "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.min_new_tokens,
         "max_batch": args.max_batch,
         "memory_gib": args.memory_gib,
         "pin_memory": args.pin_memory,

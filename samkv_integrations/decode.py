@@ -24,6 +24,9 @@ class GenerationOptions:
 
     Attributes:
         max_new_tokens: Upper bound on generated tokens.
+        min_new_tokens: EOS is not picked before this many tokens (as transformers'
+            ``min_new_tokens``); stop strings still end the answer. Load tests set it to
+            ``max_new_tokens`` so that every answer does the same work.
         temperature: 0 for greedy decoding; above 0 samples from the tempered distribution.
         top_p: Nucleus sampling mass (with ``temperature > 0``).
         seed: Seed for sampling, for reproducible samples.
@@ -31,6 +34,7 @@ class GenerationOptions:
     """
 
     max_new_tokens: int = 256
+    min_new_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -41,6 +45,13 @@ class GenerationOptions:
             raise TypeError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int):
+            raise TypeError(f"min_new_tokens must be an int, got {self.min_new_tokens!r}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens}"
+            )
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -178,7 +189,10 @@ def generate_deltas(
     logits = first_logits
     position = next_position
     text = ""
+    eos_index = torch.tensor(sorted(eos), dtype=torch.long, device=first_logits.device)
     for step in range(options.max_new_tokens):
+        if step < options.min_new_tokens and len(eos_index):
+            logits = logits.index_fill(0, eos_index, -math.inf)
         token = _pick(logits, options, generator)
         if token in eos:
             break

@@ -224,7 +224,7 @@ class SamKVEngine:
         """Answer ``question`` from the documents behind ``refs``.
 
         Keyword arguments are ``GenerationOptions`` fields (``max_new_tokens``,
-        ``temperature``, ``top_p``, ``seed``, ``stop``), ``on_foreign_cache`` ("error" or
+        ``min_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``), ``on_foreign_cache`` ("error" or
         "recompute": what to do with a cache another model wrote), ``method_options``
         (hyperparameters for a method given by name) and ``observe`` (see ``stream``).
         """
@@ -310,14 +310,18 @@ class SamKVEngine:
             watch = Stopwatch(model.device)
             with watch.phase("load"):
                 docs, arrival, recomputed = self._load(refs, method.reads_cache, on_foreign_cache)
-            inputs = MethodInput(model, self.prefix, docs, question_ids, arrival)
+            inputs = MethodInput(
+                model, self.prefix, docs, question_ids, arrival, prefill_question=True
+            )
             try:
                 self._check_fits(inputs.context_end + len(question_ids), options.max_new_tokens)
                 context = method(inputs, watch)
             finally:  # the copies may still write into the documents' tensors until then
                 arrival.wait()
-            with watch.phase("question"), method.question_scope(inputs, context):
-                first_logits = self._prefill(question_ids, context.cache, context.next_position)
+            first_logits = context.question_logits  # set if the method's forward ran it
+            if first_logits is None:
+                with watch.phase("question"), method.question_scope(inputs, context):
+                    first_logits = self._prefill(question_ids, context.cache, context.next_position)
             state = method.run_after_question(
                 DecodeState.after_prefill(inputs, context, first_logits, dict(watch.seconds))
             )

@@ -48,6 +48,22 @@ def test_a_budget_that_is_not_a_number_names_the_field(tiny_engine: SamKVEngine)
         tiny_engine.answer("Which?", refs, "samkv", method_options={"budget": "0.2"})
 
 
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"min_new_tokens": -1}, ValueError),
+        ({"min_new_tokens": 5, "max_new_tokens": 4}, ValueError),
+        ({"min_new_tokens": 2.0}, TypeError),
+        ({"min_new_tokens": True}, TypeError),
+    ],
+)
+def test_min_new_tokens_outside_its_range_is_refused(
+    options: dict[str, object], error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="min_new_tokens"):
+        GenerationOptions(**options)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("field", ["temperature", "top_p"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_sampling_options_are_refused_before_decoding(

@@ -39,6 +39,7 @@ def test_load_test_reports_every_round(tmp_path: Path) -> None:
         "2x40",
         3,
     )
+    assert report["min_new_tokens"] == 3  # by default, as many as max_new_tokens
     rounds = {(r["interface"], r["method"], r["concurrency"]): r for r in report["results"]}
     assert set(rounds) == {
         (i, m, n) for i in ("serial", "api", "server") for m in ("samkv", "full") for n in (1, 2)

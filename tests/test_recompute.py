@@ -95,10 +95,11 @@ def test_recompute_behind_prefix_keeps_gapped_positions(tiny_llama: LoadedModel)
     reference = prefix.cache(model)
     with torch.inference_mode():
         model(input_ids=ids[None], position_ids=positions[None], **with_cache(model, reference))
-        plain = recompute_behind_prefix(model, prefix, ids, positions)
+        plain, no_logits = recompute_behind_prefix(model, prefix, ids, positions)
         reused = (torch.zeros(4, 2, 5, 16), torch.zeros(4, 2, 5, 16))
         theta = torch.full((5,), 0.999999)
-        blended = recompute_behind_prefix(model, prefix, ids, positions, reused, theta)
+        blended, _ = recompute_behind_prefix(model, prefix, ids, positions, reused, theta)
+    assert no_logits is None
     for want, got, blend in zip(reference.layers, plain.layers, blended.layers, strict=True):
         torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=1e-5)
@@ -107,6 +108,43 @@ def test_recompute_behind_prefix_keeps_gapped_positions(tiny_llama: LoadedModel)
         recompute_behind_prefix(model, prefix, ids, positions, theta=theta)
     with pytest.raises(ValueError, match="theta"):
         recompute_behind_prefix(model, prefix, ids, positions, reused)
+
+
+@pytest.mark.parametrize("n_kept", [5, 0])
+def test_question_in_the_recompute_forward_equals_a_later_prefill(
+    tiny_llama: LoadedModel, n_kept: int
+) -> None:
+    # The question run after the recomputed (and blended) tokens in one forward must give
+    # the cache and logits of recomputing first and prefilling the question over the result;
+    # with a blend, a slice off by the question's length would blend the question instead.
+    model = tiny_llama.model
+    prefix = encode_prefix(model, list(range(30, 40)))
+    ids = torch.tensor([50, 51, 52, 60, 61])[:n_kept]
+    positions = torch.tensor([10, 11, 12, 20, 21])[:n_kept]
+    generator = torch.Generator().manual_seed(0)
+    reused = (
+        torch.randn(4, 2, n_kept, 16, generator=generator),
+        torch.randn(4, 2, n_kept, 16, generator=generator),
+    )
+    theta = torch.tensor([1.0, 0.5, 0.9, 0.7, 1.0])[:n_kept]
+    question = [70, 71, 72]
+    with torch.inference_mode():
+        cache, none = recompute_behind_prefix(model, prefix, ids, positions, reused, theta)
+        later = model(
+            input_ids=torch.tensor([question]),
+            position_ids=torch.arange(30, 33)[None],
+            **with_cache(model, cache),
+            logits_to_keep=1,
+        ).logits[0, -1]
+        fused, logits = recompute_behind_prefix(
+            model, prefix, ids, positions, reused, theta, question_ids=question, question_start=30
+        )
+    assert none is None and logits is not None
+    torch.testing.assert_close(logits, later, atol=1e-5, rtol=1e-5)
+    assert fused.get_seq_length() == 10 + n_kept + 3
+    for got, want in zip(fused.layers, cache.layers, strict=True):
+        torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=1e-5)
 
 
 def test_check_model_refuses_attention_without_4d_masks() -> None:

@@ -157,6 +157,13 @@ def test_eos_and_stop_strings_end_both_paths_alike(
     static_eos = _decode(talkative, state, StaticDecoder(20), max_new_tokens=20)
     assert static_eos == eager_eos
     assert eos not in eager_eos.token_ids and len(eager_eos.token_ids) < 20
+    # min_new_tokens keeps EOS out of the first tokens: both paths run to the end.
+    eager_min = _decode(talkative, state, Decoder(), max_new_tokens=20, min_new_tokens=20)
+    static_min = _decode(talkative, state, StaticDecoder(20), max_new_tokens=20, min_new_tokens=20)
+    assert static_min == eager_min and len(eager_min.token_ids) == 20
+    n_before = len(eager_eos.token_ids)
+    assert eager_min.token_ids[:n_before] == eager_eos.token_ids
+    assert eos not in eager_min.token_ids
 
 
 def test_the_static_capacity_holds_exactly_max_new_tokens(

@@ -4,13 +4,17 @@ A method has up to three stages, each but the first with a default:
 
 1. ``build``: from the shared prefix, the documents' cached KV (at their local positions)
    and the question, build the context cache the question prefill starts from
-   (``question_scope`` may change how that prefill attends: a decoding policy's pool);
+   (``question_scope`` may change how that prefill attends: a decoding policy's pool). A
+   build whose last work is one causal forward over the context (``full``, ``samkv``'s
+   recompute) may run the question in that same forward when ``MethodInput.prefill_question``
+   allows it, and return the question's logits (``ContextCache.question_logits``): the
+   engine then skips its own question prefill, whose launches cost more than its arithmetic;
 2. ``after_question``: once the question is prefilled, change the decode cache (a one-shot
    eviction that reads the question's attention or the first logits); default: no change;
 3. ``decoder``: what runs each answer token through the model; default: a plain forward.
 
 The engine calls ``method(inputs, watch)``, prefills the question under
-``method.question_scope(inputs, context)``, then calls ``method.run_after_question(state)`` and
+``method.question_scope(inputs, context)`` unless ``build`` did, then calls ``method.run_after_question(state)`` and
 ``method.decoder(state)`` and never asks which method it runs: anything that differs
 between methods is a class attribute or one of these stages.
 """
@@ -49,6 +53,11 @@ class MethodInput:
         arrival: When each layer of the documents' K/V is on the device: a method whose
             ``waits_per_layer`` is set calls ``arrival.wait(l + 1)`` before reading layer
             ``l``; for any other, everything has arrived before ``build``.
+        prefill_question: Whether ``build`` may prefill ``question_ids`` (at ``context_end
+            ..``) in its own last forward and return their logits in
+            ``ContextCache.question_logits``. The engine sets it; a wrapper whose
+            ``question_scope`` changes how the question attends clears it for its inner
+            method.
     """
 
     model: PreTrainedModel
@@ -56,6 +65,7 @@ class MethodInput:
     documents: list[DocumentKV]
     question_ids: list[int]
     arrival: LayerArrival = field(default_factory=LayerArrival)
+    prefill_question: bool = False
 
     @property
     def doc_starts(self) -> list[int]:
@@ -91,6 +101,10 @@ class ContextCache:
         details: Method-specific facts for display (e.g. SamKV's anchor indices).
         pool: The dropped document tokens' KV, paged, for a decoder that fetches them back
             (set by a decoding policy such as RetroAttention; None otherwise).
+        question_logits: ``[vocab]`` logits for the first answer token if ``build``
+            prefilled the question itself (``MethodInput.prefill_question``); the cache then
+            also holds the question's entries, after those ``positions`` describes. None
+            otherwise.
     """
 
     cache: DynamicCache
@@ -101,6 +115,7 @@ class ContextCache:
     seconds: dict[str, float] = field(default_factory=dict)
     details: dict[str, object] = field(default_factory=dict)
     pool: KVPool | None = None
+    question_logits: torch.Tensor | None = None
 
 
 @dataclass(slots=True)

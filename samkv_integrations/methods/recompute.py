@@ -21,7 +21,7 @@ The reused KV those paths start from, re-aligned to global positions, comes from
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -41,8 +41,10 @@ class RecomputeLayer(DynamicLayer):
 
     Attributes:
         index: ``[n_sel]`` cache entries that the next updates write to, or ``None`` to append.
-        reused: While appending, K/V ``[1, n_kv_heads, n, head_dim]`` to blend the last ``n``
-            appended entries with, or ``None``.
+        reused: While appending, K/V ``[1, n_kv_heads, n, head_dim]`` to blend the ``n``
+            appended entries before the last ``trailing`` with, or ``None``.
+        trailing: Appended entries after the blended ones (a question run in the same
+            forward), left as computed.
         theta: Weight of the new K/V: ``entry = (1 - theta) * old + theta * new``; one
             weight while scattering, ``[n, 1]`` (one per blended entry) while appending.
     """
@@ -59,6 +61,7 @@ class RecomputeLayer(DynamicLayer):
             self.hold(keys, values)
         self.index: torch.Tensor | None = None
         self.reused: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.trailing = 0
         self.theta: float | torch.Tensor = 1.0
 
     def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -74,9 +77,10 @@ class RecomputeLayer(DynamicLayer):
             keys, values = super().update(key_states, value_states, *args, **kwargs)
             if self.reused is not None:
                 old_k, old_v = self.reused
-                n = old_k.shape[-2]
-                keys[:, :, -n:] = torch.lerp(old_k, keys[:, :, -n:], self.theta)
-                values[:, :, -n:] = torch.lerp(old_v, values[:, :, -n:], self.theta)
+                end = keys.shape[-2] - self.trailing
+                start = end - old_k.shape[-2]
+                keys[:, :, start:end] = torch.lerp(old_k, keys[:, :, start:end], self.theta)
+                values[:, :, start:end] = torch.lerp(old_v, values[:, :, start:end], self.theta)
             return keys, values
         if self.theta == 1.0:
             self.keys[:, :, self.index] = key_states
@@ -127,20 +131,22 @@ class RecomputeCache(DynamicCache):
 
     @contextmanager
     def blend_appended(
-        self, reused: tuple[torch.Tensor, torch.Tensor], theta: torch.Tensor
+        self, reused: tuple[torch.Tensor, torch.Tensor], theta: torch.Tensor, trailing: int = 0
     ) -> Iterator[None]:
         """While active, appended states end with ``n`` entries blended with ``reused``.
 
         ``reused`` holds keys and values ``[n_layers, n_kv_heads, n, head_dim]``; ``theta``
-        the ``[n]`` weights of the new entries.
+        the ``[n]`` weights of the new entries; ``trailing`` entries appended after those
+        ``n`` (a question in the same forward) are left as computed.
         """
         try:
             for layer, k, v in zip(self.recompute_layers, *reused, strict=True):
                 layer.reused, layer.theta = (k[None], v[None]), theta[:, None].to(k.dtype)
+                layer.trailing = trailing
             yield
         finally:
             for layer in self.recompute_layers:
-                layer.reused, layer.theta = None, 1.0
+                layer.reused, layer.theta, layer.trailing = None, 1.0, 0
 
 
 def assemble_cache(
@@ -275,7 +281,9 @@ def recompute_behind_prefix(
     positions: torch.Tensor,
     reused: tuple[torch.Tensor, torch.Tensor] | None = None,
     theta: torch.Tensor | None = None,
-) -> DynamicCache:
+    question_ids: Sequence[int] = (),
+    question_start: int = 0,
+) -> tuple[DynamicCache, torch.Tensor | None]:
     """A cache of the prefix and ``[n]`` tokens at increasing global ``positions``, computed afresh.
 
     Every token attends to the prefix and to the tokens before it here, not to anything
@@ -291,12 +299,18 @@ def recompute_behind_prefix(
         theta: ``[n]`` weight of each token's fresh KV: each layer stores ``(1 - theta) ·
             reused + theta · fresh`` before attention, so later tokens attend to the blend
             (1 stores the fresh KV). The hidden states carry on from the fresh computation.
+        question_ids: ``m`` ids to prefill in the same forward, at global positions
+            ``question_start ..``, attending to everything before them as a later prefill
+            over this cache would (none: no logits).
+        question_start: Global position of the first question token, after ``positions``.
 
     Returns:
-        The cache ``[1, n_kv_heads, prefix_len + n, head_dim]`` per layer.
+        The cache ``[1, n_kv_heads, prefix_len + n (+ m), head_dim]`` per layer, and the
+        ``[vocab]`` logits after the question (``None`` without one).
     """
-    if not token_ids.numel():
-        return prefix.cache(model)
+    m = len(question_ids)
+    if not token_ids.numel() and not m:
+        return prefix.cache(model), None
     if (reused is None) != (theta is None):
         raise ValueError("reused and theta: blending needs both the reused KV and its weights")
     # One causal prefill of prefix and tokens from an empty cache: index-causal equals
@@ -307,17 +321,26 @@ def recompute_behind_prefix(
     cache = RecomputeCache(
         [k[:1, :, :0] for k in prefix.keys], [v[:1, :, :0] for v in prefix.values]
     )
-    prefix_ids = torch.tensor(prefix.token_ids, dtype=token_ids.dtype, device=token_ids.device)
-    prefix_positions = torch.arange(prefix.length, device=positions.device)
-    with (
-        cache.blend_appended(reused, theta)
+    device = positions.device
+    ids = [torch.tensor(prefix.token_ids, dtype=token_ids.dtype, device=device), token_ids]
+    position_ids = [torch.arange(prefix.length, device=device), positions]
+    if m:  # not checked against positions: that would sync
+        ids.append(torch.tensor(list(question_ids), dtype=token_ids.dtype, device=device))
+        position_ids.append(torch.arange(question_start, question_start + m, device=device))
+    blending = (
+        cache.blend_appended(reused, theta, trailing=m)
         if reused is not None and theta is not None
         else nullcontext()
-    ):
-        model.get_decoder()(
-            input_ids=torch.cat([prefix_ids, token_ids])[None],
-            position_ids=torch.cat([prefix_positions, positions])[None],
-            **with_cache(model.get_decoder(), cache),
+    )
+    # The question's logits need the head; without a question, the decoder alone does.
+    runner = model if m else model.get_decoder()
+    extra = {"logits_to_keep": 1} if m else {}
+    with blending:
+        out = runner(
+            input_ids=torch.cat(ids)[None],
+            position_ids=torch.cat(position_ids)[None],
+            **with_cache(runner, cache),
             use_cache=True,
+            **extra,
         )
-    return cache
+    return cache, out.logits[0, -1] if m else None

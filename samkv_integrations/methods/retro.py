@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +153,8 @@ class RetroMethod(BaseMethod):
         Returns:
             ``inner``'s context cache with ``pool`` set (None if nothing was dropped).
         """
+        if self.retro_question == "pool":  # the question must run under question_scope
+            inputs = dataclasses.replace(inputs, prefill_question=False)
         context = self.inner.build(inputs, watch)
         with watch.phase("pool"):
             context.pool = dropped_pool(

@@ -171,13 +171,14 @@ class SamKVMethod(BaseMethod):
         inputs.arrival.wait()  # recompute reads every layer
         with watch.phase("recompute"):
             ids = torch.tensor([t for d in docs for t in d.token_ids], device=device)
-            positions, reused, theta = kept + inputs.prefix.length, None, None
-            if self.update == "fusion" and len(kept):
-                theta = self._fusion_weights(kept_local)
-            if theta is not None:
-                reused = gather_aligned(model, docs, inputs.doc_starts, kept_local)
-            prefix = inputs.prefix
-            cache = recompute_behind_prefix(model, prefix, ids[kept], positions, reused, theta)
+            positions, starts = kept + inputs.prefix.length, inputs.doc_starts
+            fusion = self.update == "fusion" and len(kept)
+            theta = self._fusion_weights(kept_local) if fusion else None
+            reused = None if theta is None else gather_aligned(model, docs, starts, kept_local)
+            cache, question_logits = recompute_behind_prefix(  # the question in the same forward
+                model, inputs.prefix, ids[kept], positions, reused, theta,
+                inputs.question_ids if inputs.prefill_question else [], inputs.context_end,
+            )  # fmt: skip
         return ContextCache(
             cache=cache,
             positions=torch.cat([torch.arange(inputs.prefix.length, device=device), positions]),
@@ -185,13 +186,13 @@ class SamKVMethod(BaseMethod):
             kept_indices=kept_local,
             recomputed_tokens=int(kept.numel()),
             details={"anchor_indices": anchors, **facts},
+            question_logits=question_logits,
         )
 
     def _fusion_weights(self, kept_local: list[torch.Tensor]) -> torch.Tensor | None:
         """``[n_kept]`` weights of the fresh KV: ``fusion_theta`` after a dropped token, else 1.
 
-        A reused entry knows more than the fresh one only if a token of its document before
-        it was dropped. ``None`` when no kept token follows a drop: nothing to blend.
+        Only then does the reused entry know more than the fresh one; ``None``: no such token.
         """
         after_drop = torch.cat([k > torch.arange(len(k), device=k.device) for k in kept_local])
         if not after_drop.any():

@@ -5,7 +5,9 @@ A method's test class sets ``__test__ = True`` and provides fixtures:
 - ``method``: the method with the settings under test;
 - ``full_equivalent``: ``(method, n_documents)`` settings whose answer must equal full
   recompute on the first ``n_documents`` documents;
-- ``max_kept_fraction`` (optional): an upper bound on the kept fraction, or ``None``.
+- ``max_kept_fraction`` (optional): an upper bound on the kept fraction, or ``None``;
+- ``question_in_build`` (optional): whether ``build`` runs the question itself when
+  ``MethodInput.prefill_question`` allows it (default ``False``).
 
 The inherited tests run on tiny random Llama and Qwen2 models (``tiny_model``), with three
 documents of different lengths, through the real engine and through ``MethodInput``. What
@@ -16,6 +18,7 @@ each decode step is held to the same contract as one that only builds.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -25,6 +28,7 @@ from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.engine import Answer
 from samkv_integrations.methods import BaseMethod, ContextCache, DecodeState, MethodInput
 from samkv_integrations.models import LoadedModel
+from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import CacheRef
 
 #: Three documents: about 250, 135 and 60 byte tokens once framed, so that blocks exist.
@@ -72,6 +76,10 @@ class MethodContract:
     @pytest.fixture
     def max_kept_fraction(self) -> float | None:
         return None
+
+    @pytest.fixture
+    def question_in_build(self) -> bool:
+        return False
 
     @pytest.fixture
     def case(self, tiny_model: LoadedModel, memory_store: KVCacheStore) -> Case:
@@ -184,6 +192,35 @@ class MethodContract:
         assert context.kept_indices == []
         assert context.next_position == inputs.prefix.length
         assert context.recomputed_tokens == 0
+
+    def test_question_prefilled_in_build_equals_the_engines_prefill(
+        self, method: BaseMethod, case: Case, question_in_build: bool
+    ) -> None:
+        # A build that runs the question in its own forward must leave what the engine's
+        # later prefill (under the method's question scope) would have: logits and cache.
+        inputs = case.inputs
+        separate = method(inputs)
+        fused = method(dataclasses.replace(inputs, prefill_question=True))
+        n_question = len(inputs.question_ids)
+        assert separate.question_logits is None
+        assert (fused.question_logits is not None) == question_in_build
+        if fused.question_logits is None:
+            assert fused.cache.get_seq_length() == separate.cache.get_seq_length()
+            return
+        model = inputs.model
+        with torch.inference_mode(), method.question_scope(inputs, separate):
+            logits = model(
+                input_ids=torch.tensor([inputs.question_ids]),
+                position_ids=(torch.arange(n_question) + separate.next_position)[None],
+                **with_cache(model, separate.cache),
+                logits_to_keep=1,
+            ).logits[0, -1]
+        torch.testing.assert_close(fused.question_logits, logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(fused.positions, separate.positions)
+        assert fused.next_position == separate.next_position
+        for got, want in zip(cache_tensors(fused), cache_tensors(separate), strict=True):
+            for got_part, want_part in zip(got, want, strict=True):
+                torch.testing.assert_close(got_part, want_part, atol=1e-4, rtol=1e-4)
 
     def test_repeated_runs_are_deterministic(self, method: BaseMethod, case: Case) -> None:
         first, second = case.answer(method), case.answer(method)

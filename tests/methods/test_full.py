@@ -15,6 +15,10 @@ class TestFullMethod(MethodContract):
         return FullMethod()
 
     @pytest.fixture
+    def question_in_build(self) -> bool:
+        return True
+
+    @pytest.fixture
     def full_equivalent(self) -> tuple[FullMethod, int]:
         return FullMethod(), 3
 

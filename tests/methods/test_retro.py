@@ -93,12 +93,17 @@ def greedy_tokens(state: DecodeState, cache: DynamicCache, n: int) -> list[int]:
 class TestRetroMethod(MethodContract):
     __test__ = True
 
-    @pytest.fixture(params=["retro", "quest"])
+    @pytest.fixture(params=["retro", "quest", "quest+retro_question=compact"])
     def method(self, request: pytest.FixtureRequest) -> RetroMethod:
         spec = f"samkv+ranking=global+budget=0.2+decode={request.param}+retro_pages=2"
         method = get_method(spec + "+retro_page_size=4")
         assert isinstance(method, RetroMethod)
         return method
+
+    @pytest.fixture
+    def question_in_build(self, method: RetroMethod) -> bool:
+        # The pooled question prefill must run under question_scope, so not in samkv's build.
+        return method.retro_question == "compact"
 
     @pytest.fixture
     def full_equivalent(self) -> tuple[RetroMethod, int]:

@@ -27,6 +27,10 @@ class TestSageKVMethod(MethodContract):
         return request.param
 
     @pytest.fixture
+    def question_in_build(self) -> bool:
+        return True
+
+    @pytest.fixture
     def full_equivalent(self) -> tuple[SageKVMethod, int]:
         return SageKVMethod(budget=1.0), 3
 

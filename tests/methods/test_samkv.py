@@ -27,6 +27,10 @@ class TestSamKVMethod(MethodContract):
         return request.param
 
     @pytest.fixture
+    def question_in_build(self) -> bool:
+        return True
+
+    @pytest.fixture
     def full_equivalent(self) -> tuple[SamKVMethod, int]:
         return SamKVMethod(ranking="global", budget=1.0, update="overwrite"), 3
 

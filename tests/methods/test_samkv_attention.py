@@ -45,6 +45,10 @@ class TestSamKVAttention(MethodContract):
         return request.param
 
     @pytest.fixture
+    def question_in_build(self) -> bool:
+        return True
+
+    @pytest.fixture
     def full_equivalent(self) -> tuple[SamKVMethod, int]:
         return SamKVMethod(scoring="attention", budget=1.0, update="overwrite"), 3
 
