@@ -178,8 +178,12 @@ def test_bad_decode_paths_fail_at_parse_time(
 
 
 def test_graph_path_off_cuda_is_a_named_error() -> None:
-    for paths in ("eager,graphs", "compiled"):
-        with pytest.raises(ValueError, match="graphs and compiled need a CUDA device"):
+    for paths, named in [
+        ("eager,graphs", "graphs"),
+        ("compiled", "compiled"),
+        ("method,method-graphs", "method-graphs"),
+    ]:
+        with pytest.raises(ValueError, match=f"{named} need a CUDA device"):
             decode_path_list(paths, torch.device("cpu"))
     assert decode_path_list("auto", torch.device("cuda")) == ["eager", "graphs"]
 
@@ -239,8 +243,9 @@ def test_the_method_path_needs_the_methods_decoder(tiny_llama: LoadedModel) -> N
     from samkv_integrations.bench.throughput import decoder_rate
 
     cache = DynamicCache(config=tiny_llama.model.config)
-    with pytest.raises(ValueError, match="method path needs"):
-        decoder_rate(tiny_llama.model, cache, 0, "method", 1)
+    for path in ("method", "method-graphs"):
+        with pytest.raises(ValueError, match=f"the {path} path needs"):
+            decoder_rate(tiny_llama.model, cache, 0, path, 1)
 
 
 def test_the_default_methods_include_samkv_at_both_reported_budgets() -> None:

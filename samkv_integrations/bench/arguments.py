@@ -109,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="batch-1 decode paths timed through the engine's decoder: eager, static (static "
         "cache, no graph), graphs (CUDA graph replay), compiled (graphs of the step compiled by "
         "torch.compile), method (the method's own decoder, e.g. "
-        "+decode=retro); auto: eager,graphs on CUDA, eager,static elsewhere",
+        "+decode=retro), method-graphs (that decoder as an engine with CUDA graphs runs it: "
+        "its graph twin where it has one); auto: eager,graphs on CUDA, eager,static elsewhere",
     )
     parser.add_argument(
         "--max-batch", type=int_at_least(1), default=256, help="largest decode batch tried"

@@ -23,12 +23,15 @@ from transformers import DynamicCache, PreTrainedModel
 from samkv_integrations.decode import Decoder
 from samkv_integrations.encode import cache_nbytes, layer_tensors
 from samkv_integrations.models.compat import with_cache
-from samkv_integrations.static_decode import StaticDecoder
+from samkv_integrations.static_decode import StaticDecoder, with_graphs
 
 #: Batch-1 decode paths the bench can time: the plain ``Decoder`` on a ``DynamicCache``,
-#: the static cache run eagerly, the static cache replayed as a CUDA graph, and the
-#: method's own decoder (a decoding policy such as ``+decode=retro``; plain otherwise).
-DECODE_PATHS = ("eager", "static", "graphs", "compiled", "method")
+#: the static cache run eagerly, the static cache replayed as a CUDA graph, the method's
+#: own decoder (a decoding policy such as ``+decode=retro``; plain otherwise), and that
+#: decoder as an engine with CUDA graphs runs it (its graph twin, where it offers one).
+DECODE_PATHS = ("eager", "static", "graphs", "compiled", "method", "method-graphs")
+#: Paths that replay CUDA graphs: CUDA only.
+_GRAPH_PATHS = {"graphs", "compiled", "method-graphs"}
 
 #: Builds the method's own decoder for a decode cache (``BaseMethod.decoder`` on the state
 #: that holds it).
@@ -84,20 +87,23 @@ def decoder_rate(
 
     Returns ``tokens_per_s`` over ``steps`` steps after two untimed ones, and ``first_step_s``:
     the first step alone, which for the static paths copies the cache (and captures the graph).
-    The ``method`` path needs ``method_decoder``.
+    The ``method`` paths need ``method_decoder``.
     """
     if path not in DECODE_PATHS:
         raise ValueError(f"decode paths: unknown path {path!r}; known: {', '.join(DECODE_PATHS)}")
-    if path == "method" and method_decoder is None:
-        raise ValueError("decode paths: the method path needs the method's decoder")
+    own = path in ("method", "method-graphs")
+    if own and method_decoder is None:
+        raise ValueError(f"decode paths: the {path} path needs the method's decoder")
     device = next(model.parameters()).device
     copy = DynamicCache(
         ddp_cache_data=[(k.clone(), v.clone()) for k, v in layer_tensors(cache)],
         config=model.config,
     )
     warmup = 2
-    if path == "method" and method_decoder is not None:
+    if own and method_decoder is not None:
         decoder = method_decoder(copy)
+        if path == "method-graphs":
+            decoder = with_graphs(decoder, True, warmup + steps)
     elif path == "eager":
         decoder = Decoder()
     else:
@@ -255,13 +261,14 @@ def decode_path_list(text: str, device: torch.device) -> list[str]:
     """``--decode-paths``: the named paths; ``auto`` is eager and graphs on CUDA, else static.
 
     Raises:
-        ValueError: ``graphs`` or ``compiled`` named for a model off CUDA.
+        ValueError: ``graphs``, ``compiled`` or ``method-graphs`` named for a model off CUDA.
     """
     if text == "auto":
         return ["eager", "graphs" if device.type == "cuda" else "static"]
     paths = [p.strip() for p in text.split(",") if p.strip()]
-    if {"graphs", "compiled"} & set(paths) and device.type != "cuda":
+    if _GRAPH_PATHS & set(paths) and device.type != "cuda":
         raise ValueError(
-            f"decode paths: graphs and compiled need a CUDA device; the model is on {device.type}"
+            f"decode paths: {', '.join(sorted(_GRAPH_PATHS & set(paths)))} need a CUDA device; "
+            f"the model is on {device.type}"
         )
     return paths
