@@ -16,9 +16,10 @@ delta; ``request_tokens_per_s`` is a request's tokens after the first over the t
 the first. The model has random weights of a named shape (``samkv bench --shape``); its
 output rows are zeroed except for tokens that print one ASCII character, so that steps
 yield one delta each, and EOS is kept out of the first ``--min-new-tokens`` tokens (all of
-them by default): otherwise a zeroed row (EOS among them) wins wherever every printable
-logit is negative, answers end at random lengths, and the concurrent and serial rounds,
-whose numerics differ, would be timed on different amounts of work.
+them by default): otherwise answers end wherever EOS wins, at random lengths, and the
+concurrent and serial rounds, whose numerics differ, would be timed on different amounts of
+work. (Until the ninth session the random shapes also kept their family's EOS id, 2, a
+printable byte ('#') in their tokenizer; they now end with the tokenizer's own.)
 
 The server is driven with pre-indexed refs: a stand-in for the demo's Chroma index returns
 every document as a retrieved chunk (no embeddings, no vector search). Its chunk texts are

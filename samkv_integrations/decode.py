@@ -189,9 +189,14 @@ def generate_deltas(
     logits = first_logits
     position = next_position
     text = ""
-    eos_index = torch.tensor(sorted(eos), dtype=torch.long, device=first_logits.device)
+    # EOS ids to mask while min_new_tokens holds them back (built only then: a copy to the device).
+    eos_index = (
+        torch.tensor(sorted(eos), dtype=torch.long, device=first_logits.device)
+        if options.min_new_tokens and eos
+        else None
+    )
     for step in range(options.max_new_tokens):
-        if step < options.min_new_tokens and len(eos_index):
+        if eos_index is not None and step < options.min_new_tokens:
             logits = logits.index_fill(0, eos_index, -math.inf)
         token = _pick(logits, options, generator)
         if token in eos:

@@ -22,8 +22,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from samkv_integrations.decode import eos_token_ids
 from samkv_integrations.models import LoadedModel, digests, load_model, samkv_home
 from samkv_integrations.models.loaded import fingerprint_model, weights_identity_of_module
+from samkv_integrations.models.shapes import random_model
 
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
@@ -321,3 +323,16 @@ def test_model_kwargs_reach_from_pretrained(tmp_path: Path) -> None:
         load_model(str(tmp_path), device="cpu", model_kwargs={"subfolder": "missing"})
     again = load_model(str(tmp_path), device="cpu", model_kwargs={"low_cpu_mem_usage": True})
     assert again.fingerprint == load_model(str(tmp_path), device="cpu").fingerprint
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-qwen2"])
+def test_random_shapes_use_their_tokenizers_special_ids(shape: str) -> None:
+    # The shape's family ids (Llama's EOS is 2) are plain bytes in the byte tokenizer:
+    # generation would stop at '#'.
+    loaded = random_model(shape, device="cpu")
+    tokenizer, generation = loaded.tokenizer, loaded.model.generation_config
+    assert eos_token_ids(loaded.model, tokenizer) == {tokenizer.eos_token_id}
+    assert (generation.bos_token_id, generation.pad_token_id) == (
+        tokenizer.bos_token_id,
+        tokenizer.pad_token_id,
+    )

@@ -89,10 +89,11 @@ class MethodInput:
 
 @dataclass(slots=True)
 class ContextCache:
-    """The cache decoding starts from, before the question is prefilled.
+    """The cache decoding starts from, before the question is prefilled (unless ``build`` did).
 
     Attributes:
-        cache: Prefix plus the kept document tokens, compacted, in global order.
+        cache: Prefix plus the kept document tokens, compacted, in global order (then the
+            question's entries, if ``question_logits`` is set).
         positions: ``[cache_len]`` global position of each cache entry (gaps allowed).
         next_position: Global position of the first question token.
         kept_indices: Per document, the local indices of its tokens in the cache.

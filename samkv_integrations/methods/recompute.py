@@ -322,10 +322,10 @@ def recompute_behind_prefix(
         [k[:1, :, :0] for k in prefix.keys], [v[:1, :, :0] for v in prefix.values]
     )
     device = positions.device
-    ids = [torch.tensor(prefix.token_ids, dtype=token_ids.dtype, device=device), token_ids]
+    ids = [torch.tensor(prefix.token_ids, dtype=torch.long, device=device), token_ids.long()]
     position_ids = [torch.arange(prefix.length, device=device), positions]
     if m:  # not checked against positions: that would sync
-        ids.append(torch.tensor(list(question_ids), dtype=token_ids.dtype, device=device))
+        ids.append(torch.tensor(list(question_ids), dtype=torch.long, device=device))
         position_ids.append(torch.arange(question_start, question_start + m, device=device))
     blending = (
         cache.blend_appended(reused, theta, trailing=m)

@@ -25,8 +25,8 @@ class SageKVMethod(BaseMethod):
 
     Paper: https://arxiv.org/abs/2503.08879 ("LLMs Know What to Drop").
 
-    ``build`` is ``full``'s: the prefix and every document token are prefilled from their
-    text, and the engine prefills the question on top. ``after_question`` then makes the one
+    ``build`` is ``full``'s: the prefix, every document token and (where the engine allows
+    it) the question are prefilled from their text in one forward. ``after_question`` then makes the one
     selection: the last ``window`` question tokens' queries score every cache entry at every
     layer (softmax over the whole cache, as the model attends), summed over the query heads
     of each KV group and over the window, giving ``[n_layers, n_kv_heads, n_context]``; each

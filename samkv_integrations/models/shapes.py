@@ -172,6 +172,11 @@ def random_model(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = shape_config(shape, **overrides)
     tokenizer = byte_tokenizer()
+    # The shape's family ids (Llama's EOS is 2) are plain bytes in this tokenizer ('#'):
+    # the model must end, start and pad with the tokenizer's own special tokens.
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")

@@ -68,6 +68,10 @@ class Case:
         return sum(doc.n_tokens for doc in self.inputs.documents)
 
 
+#: ``MethodInput`` keywords under which a build may run the question itself.
+FUSED = {"prefill_question": True}
+
+
 class MethodContract:
     """Properties every method must have; subclasses provide the ``method`` fixtures."""
 
@@ -185,13 +189,22 @@ class MethodContract:
         assert got.text == full.text
         assert got.stats.kept_fraction == 1.0
 
-    def test_no_documents_leave_the_prefix(self, method: BaseMethod, case: Case) -> None:
+    def test_no_documents_leave_the_prefix(
+        self, method: BaseMethod, case: Case, question_in_build: bool
+    ) -> None:
         inputs = case.inputs
         context = method(MethodInput(inputs.model, inputs.prefix, [], inputs.question_ids))
         assert context.cache.get_seq_length() == inputs.prefix.length
         assert context.kept_indices == []
         assert context.next_position == inputs.prefix.length
         assert context.recomputed_tokens == 0
+        # With the question run in the build, the cache holds the prefix and the question.
+        fused = method(MethodInput(inputs.model, inputs.prefix, [], inputs.question_ids, **FUSED))
+        expected = inputs.prefix.length + len(inputs.question_ids) * question_in_build
+        assert fused.cache.get_seq_length() == expected
+        assert (fused.question_logits is not None) == question_in_build
+        answer = case.engine.answer(QUESTION, [], method, max_new_tokens=2)
+        assert answer.stats.context_tokens == 0 and len(answer.token_ids) <= 2
 
     def test_question_prefilled_in_build_equals_the_engines_prefill(
         self, method: BaseMethod, case: Case, question_in_build: bool
