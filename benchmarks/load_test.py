@@ -265,7 +265,12 @@ def stamped_steps(engine: SamKVEngine, start: float) -> Iterator[list[tuple[floa
 
 
 def step_summary(stamps: list[tuple[float, float, int]]) -> dict[str, Any]:
-    """When the batched steps ran, their median time and gap, and their median rows."""
+    """When the batched steps ran, their median time and gap, their median rows, and each step.
+
+    ``steps_ms`` lists every step as ``[start, end, rows]`` (ms from the round's start), so
+    that where a round's decoding time goes (eager steps, captures, rebuilds) can be read
+    from the JSON without rerunning it.
+    """
     if not stamps:
         return {}
     gaps = [b[0] - a[1] for a, b in itertools.pairwise(stamps)]
@@ -275,6 +280,7 @@ def step_summary(stamps: list[tuple[float, float, int]]) -> dict[str, Any]:
         "step_ms_median": 1000 * float(np.median([end - begin for begin, end, _ in stamps])),
         "gap_ms_median": 1000 * float(np.median(gaps)) if gaps else None,
         "rows_median": float(np.median([rows for *_, rows in stamps])),
+        "steps_ms": [[round(1000 * b, 2), round(1000 * e, 2), rows] for b, e, rows in stamps],
     }
 
 

@@ -42,7 +42,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         refs = engine.index(texts, progress=False)
 
         def ask(i: int) -> None:
-            engine.answer(f"question {i}?", refs, max_new_tokens=args.max_new_tokens, stop=[])
+            engine.answer(
+                f"question {i}?",
+                refs,
+                max_new_tokens=args.max_new_tokens,
+                min_new_tokens=args.max_new_tokens,  # every answer in every step, to the end
+                stop=[],
+            )
 
         ask(-1)  # warm-up, alone
         with stamped_steps(engine, time.perf_counter()) as stamps:

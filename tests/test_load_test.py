@@ -6,6 +6,7 @@ process itself may not open (pytest-socket). Only fields and sanity are checked,
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -61,6 +62,10 @@ def test_load_test_reports_every_round(tmp_path: Path) -> None:
             if counts["steps"]:  # the stamped steps of the round
                 assert 0 <= counts["first_step_s"] <= counts["last_step_end_s"] <= r["wall_s"]
                 assert counts["step_ms_median"] > 0 and 1 <= counts["rows_median"] <= 2
+                steps = counts["steps_ms"]
+                assert len(steps) == counts["steps"]
+                assert all(0 <= b <= e and 1 <= rows <= 2 for b, e, rows in steps)
+                assert all(a[1] <= b[0] for a, b in itertools.pairwise(steps))
     for (interface, _, _), r in rounds.items():
         # The engine's rounds record each prefill: its phases, and when it ended.
         for timing in r["timings"]:
