@@ -224,9 +224,10 @@ class SamKVEngine:
         """Answer ``question`` from the documents behind ``refs``.
 
         Keyword arguments are ``GenerationOptions`` fields (``max_new_tokens``,
-        ``min_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``), ``on_foreign_cache`` ("error" or
-        "recompute": what to do with a cache another model wrote), ``method_options``
-        (hyperparameters for a method given by name) and ``observe`` (see ``stream``).
+        ``min_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``),
+        ``on_foreign_cache`` ("error" or "recompute": what to do with a cache another model
+        wrote), ``method_options`` (hyperparameters for a method given by name) and
+        ``observe`` (see ``stream``).
         """
         stream = self.stream(question, refs, method, **kwargs)
         for _ in stream:

@@ -14,9 +14,10 @@ A method has up to three stages, each but the first with a default:
 3. ``decoder``: what runs each answer token through the model; default: a plain forward.
 
 The engine calls ``method(inputs, watch)``, prefills the question under
-``method.question_scope(inputs, context)`` unless ``build`` did, then calls ``method.run_after_question(state)`` and
-``method.decoder(state)`` and never asks which method it runs: anything that differs
-between methods is a class attribute or one of these stages.
+``method.question_scope(inputs, context)`` unless ``build`` did, then calls
+``method.run_after_question(state)`` and ``method.decoder(state)`` and never asks which
+method it runs: anything that differs between methods is a class attribute or one of these
+stages.
 """
 
 from __future__ import annotations

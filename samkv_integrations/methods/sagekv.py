@@ -26,13 +26,13 @@ class SageKVMethod(BaseMethod):
     Paper: https://arxiv.org/abs/2503.08879 ("LLMs Know What to Drop").
 
     ``build`` is ``full``'s: the prefix, every document token and (where the engine allows
-    it) the question are prefilled from their text in one forward. ``after_question`` then makes the one
-    selection: the last ``window`` question tokens' queries score every cache entry at every
-    layer (softmax over the whole cache, as the model attends), summed over the query heads
-    of each KV group and over the window, giving ``[n_layers, n_kv_heads, n_context]``; each
-    KV head of each layer keeps its own top ``k = floor(budget · n_context)`` document
-    tokens (``n_context``: the document tokens of the layout), gathered per head, so every
-    layer's cache stays ``[1, n_kv_heads, prefix + k + question, head_dim]``. Decoding then
+    it) the question are prefilled from their text in one forward. ``after_question`` then
+    makes the one selection: the last ``window`` question tokens' queries score every cache
+    entry at every layer (softmax over the whole cache, as the model attends), summed over
+    the query heads of each KV group and over the window, giving ``[n_layers, n_kv_heads,
+    n_context]``; each KV head of each layer keeps its own top ``k = floor(budget ·
+    n_context)`` document tokens (``n_context``: the document tokens of the layout),
+    gathered per head, so every layer's cache stays ``[1, n_kv_heads, prefix + k + question, head_dim]``. Decoding then
     runs on the reduced cache. Recomputing the window's queries costs one forward of
     ``window`` tokens over the cache (``eviction.window_attention``).
 

@@ -170,7 +170,7 @@ class SamKVMethod(BaseMethod):
             kept_local = split_by_document(kept, lengths)
         inputs.arrival.wait()  # recompute reads every layer
         with watch.phase("recompute"):
-            ids = torch.tensor([t for d in docs for t in d.token_ids], device=device).long()
+            ids = torch.tensor([t for d in docs for t in d.token_ids], device=device)
             positions, starts = kept + inputs.prefix.length, inputs.doc_starts
             fusion = self.update == "fusion" and len(kept)
             theta = self._fusion_weights(kept_local) if fusion else None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.engine import Answer
@@ -66,10 +67,6 @@ class Case:
     @property
     def context_tokens(self) -> int:
         return sum(doc.n_tokens for doc in self.inputs.documents)
-
-
-#: ``MethodInput`` keywords under which a build may run the question itself.
-FUSED = {"prefill_question": True}
 
 
 class MethodContract:
@@ -199,7 +196,10 @@ class MethodContract:
         assert context.next_position == inputs.prefix.length
         assert context.recomputed_tokens == 0
         # With the question run in the build, the cache holds the prefix and the question.
-        fused = method(MethodInput(inputs.model, inputs.prefix, [], inputs.question_ids, **FUSED))
+        question = inputs.question_ids
+        fused = method(
+            MethodInput(inputs.model, inputs.prefix, [], question, prefill_question=True)
+        )
         expected = inputs.prefix.length + len(inputs.question_ids) * question_in_build
         assert fused.cache.get_seq_length() == expected
         assert (fused.question_logits is not None) == question_in_build
@@ -214,20 +214,13 @@ class MethodContract:
         inputs = case.inputs
         separate = method(inputs)
         fused = method(dataclasses.replace(inputs, prefill_question=True))
-        n_question = len(inputs.question_ids)
         assert separate.question_logits is None
         assert (fused.question_logits is not None) == question_in_build
         if fused.question_logits is None:
             assert fused.cache.get_seq_length() == separate.cache.get_seq_length()
             return
-        model = inputs.model
-        with torch.inference_mode(), method.question_scope(inputs, separate):
-            logits = model(
-                input_ids=torch.tensor([inputs.question_ids]),
-                position_ids=(torch.arange(n_question) + separate.next_position)[None],
-                **with_cache(model, separate.cache),
-                logits_to_keep=1,
-            ).logits[0, -1]
+        with method.question_scope(inputs, separate):
+            logits = prefill(inputs, separate.cache, separate.next_position)
         torch.testing.assert_close(fused.question_logits, logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(fused.positions, separate.positions)
         assert fused.next_position == separate.next_position
@@ -241,6 +234,19 @@ class MethodContract:
         assert torch.equal(first.first_token_logprobs, second.first_token_logprobs)
         assert first.token_ids == second.token_ids
         assert first.kept_indices == second.kept_indices
+
+
+def prefill(inputs: MethodInput, cache: DynamicCache, start: int) -> torch.Tensor:
+    """Prefill the question into ``cache`` at positions ``start ..``; the next logits."""
+    n = len(inputs.question_ids)
+    with torch.inference_mode():
+        out = inputs.model(
+            input_ids=torch.tensor([inputs.question_ids]),
+            position_ids=(torch.arange(n) + start)[None],
+            **with_cache(inputs.model, cache),
+            use_cache=True,
+        )
+    return out.logits[0, -1]
 
 
 def cache_tensors(context: ContextCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -23,26 +23,12 @@ from samkv_integrations.methods.pages import merge_partials, partial_attention
 from samkv_integrations.methods.quest_graph import StaticQuestDecoder
 from samkv_integrations.methods.retro_attention import RetroDecoder
 from samkv_integrations.models import LoadedModel
-from samkv_integrations.models.compat import with_cache
 from samkv_integrations.static_decode import with_graphs
 
-from .contract import Case, MethodContract
+from .contract import Case, MethodContract, prefill
 
 #: A budget that keeps well under half of the documents, so that the pool is not empty.
 SMALL = SamKVMethod(ranking="global", budget=0.2)
-
-
-def prefill(inputs: MethodInput, cache: DynamicCache, start: int) -> torch.Tensor:
-    """Prefill the question into ``cache`` at positions ``start ..``; the next logits."""
-    n = len(inputs.question_ids)
-    with torch.inference_mode():
-        out = inputs.model(
-            input_ids=torch.tensor([inputs.question_ids]),
-            position_ids=(torch.arange(n) + start)[None],
-            **with_cache(inputs.model, cache),
-            use_cache=True,
-        )
-    return out.logits[0, -1]
 
 
 def decode_state(inputs: MethodInput, method: RetroMethod) -> DecodeState:
