@@ -240,9 +240,11 @@ def run_round(interface: str, method: str, n: int, ctx: dict[str, Any]) -> dict[
 def stamped_steps(engine: SamKVEngine, start: float) -> Iterator[list[tuple[float, float, int]]]:
     """Each batched step's (start, end, rows), seconds from ``start``, while the block runs.
 
-    On CUDA a step's end waits for its kernels (the slot mask's copy from the host follows
-    them), so ``end - start`` is the step's own time and the gap to the next step's start
-    is the answers' round trip.
+    On CUDA a step returns once its work is queued, so the stamps are CUDA events, measured
+    from one recorded at entry (the device idle): one recorded before the step's host work
+    (a rebuild, a capture, eager launches: on an idle device they count as the step's) and
+    one after its kernels, so a gap to the next step's start is time the device waited for
+    the worker's picks and gathering. Elsewhere they are the host's clock around each step.
     """
     stamps: list[tuple[float, float, int]] = []
     stack = engine.batcher._stack if engine.batcher is not None else None
@@ -250,11 +252,24 @@ def stamped_steps(engine: SamKVEngine, start: float) -> Iterator[list[tuple[floa
         yield stamps
         return
     plain = stack.step
+    cuda = next(stack.model.parameters()).device.type == "cuda"
+    events: list[tuple[Any, Any, int]] = []
+    origin = torch.cuda.Event(enable_timing=True) if cuda else None
+    if origin is not None:
+        origin.record()
+    origin_s = time.perf_counter() - start
 
-    def stamped(batch: list[Any]) -> torch.Tensor:
-        begin = time.perf_counter() - start
-        logits = plain(batch)
-        stamps.append((begin, time.perf_counter() - start, len(batch)))
+    def stamped(batch: list[Any], settled: bool = False) -> torch.Tensor:
+        if not cuda:
+            begin = time.perf_counter() - start
+            logits = plain(batch, settled)
+            stamps.append((begin, time.perf_counter() - start, len(batch)))
+            return logits
+        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began.record()
+        logits = plain(batch, settled)
+        ended.record()
+        events.append((began, ended, len(batch)))
         return logits
 
     stack.step = stamped  # type: ignore[method-assign]
@@ -262,6 +277,16 @@ def stamped_steps(engine: SamKVEngine, start: float) -> Iterator[list[tuple[floa
         yield stamps
     finally:
         del stack.step
+        if origin is not None:
+            torch.cuda.synchronize()
+            stamps.extend(
+                (
+                    origin_s + origin.elapsed_time(b) / 1000,
+                    origin_s + origin.elapsed_time(e) / 1000,
+                    n,
+                )
+                for b, e, n in events
+            )
 
 
 def step_summary(stamps: list[tuple[float, float, int]]) -> dict[str, Any]:

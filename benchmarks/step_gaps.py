@@ -1,14 +1,11 @@
 """How long batched decoding waits between steps: a diagnostic of the per-step round trip.
 
 ``N`` answers start together on one engine (batched decoding on) and decode
-``--max-new-tokens`` each. Every stacked step (``StackedCache.step``) is stamped when it
-starts and returns; the gap from one step's return to the next step's start is the time the
-answers' threads take to pick their tokens, detokenize and ask again, plus the worker's
-gathering. Printed and written to ``--out``: steps, batch sizes, and the median and p90 gap.
-
-On CUDA the step returns once its kernels are queued (or its graph replayed), so a gap also
-holds the GPU's time for the step; on the CPU it is the Python round trip alone. A
-diagnostic, not a speed figure: the CPU machine never times what is reported.
+``--max-new-tokens`` each. Every stacked step (``StackedCache.step``) is stamped
+(``load_test.stamped_steps``: CUDA events on the GPU, the host's clock elsewhere); the gap
+from one step's end to the next step's start is time the device waits for the host: the
+worker's picks and gathering, and whatever the answers' threads hold the GIL for meanwhile. Printed and written to ``--out``: steps, batch sizes, and the median and p90 gap.
+A diagnostic, not a speed figure: the CPU machine never times what is reported.
 
 Run: python benchmarks/step_gaps.py --shape tiny-llama --device cpu --answers 16 --out gaps.json
 """

@@ -2,29 +2,31 @@
 
 Batch-1 decoding is launch-bound (issue 16): a step costs about the same for one answer as
 for sixteen. Each answer arrives, once prefilled, with its own compact cache (its length,
-global positions with gaps). Its ``generate_deltas`` runs in its own thread, unchanged
-(token picking, stop strings and detokenizing stay in ``decode``), with a ``BatchedDecoder``
-that hands each ``(token, position)`` to one worker thread and waits for the logits. The
-worker runs the waiting steps as one forward on the answers' stacked KV
-(``stacked_cache.StackedCache``). Answers join and leave between steps; an answer slow to
-ask for its next step (after ``gather_s``) sits that step out in its row, hidden from
-itself, so only a join, running out of slots or most rows having ended rebuilds the stack
-(every row copied). H200 measurements: ``benchmarks/results/issue16-load/`` and the README.
+global positions with gaps). Its ``generate_deltas`` runs in its own thread (stop strings,
+EOS and detokenizing stay in ``decode``) with a ``BatchedDecoder``, and one worker thread
+runs the waiting steps as one forward on the answers' stacked KV
+(``stacked_cache.StackedCache``):
 
-Prefills are not batched: they stay serialized under the engine's model lock, which the
-worker holds for each step too. Each is long and of its own shape (load, method, question),
-and a waiting prefill gets the lock before the next step (``FairLock``).
+- A greedy answer hands the worker its run (``Decoder.run_ahead``): after each step the
+  worker picks every greedy answer's next token at once (one argmax, one copy to the host)
+  and launches the next step before waking their threads, which read, detokenize and stop
+  while it runs; the GPU no longer waits for each answer's Python between steps.
+- A sampled answer hands over ``(token, position)`` and waits for its logits.
+
+Answers join and leave between steps; one slow to ask (after ``gather_s``) sits a step out
+in its row, hidden from itself, so a stack is rebuilt only as ``StackedCache.step`` says.
+H200 measurements: ``benchmarks/results/issue16-{load,session10}/`` and the README.
+
+Prefills are not batched: each is long and of its own shape, serialized under the engine's
+model lock, which the worker holds for each step too; a waiting prefill goes first.
 
 transformers' continuous batching (``generate_batch``, ``ContinuousBatchingManager``, paged
 caches) is not used: it takes prompts as token ids and prefills them into its own paged
 cache, with positions that follow the cache. Our answers bring caches the methods built
 (kept tokens only, positions with gaps), for which its scheduler has no entry point.
 
-Only decoders that run the plain step join (``runs_plain_step``); a method's own decoder
-(``+decode=retro``) keeps the one-at-a-time path. With the engine's ``decode_graphs``, a
-stack that outlives its first few steps replays its step as a CUDA graph (``StackedCache``);
-an answer with nobody to batch with takes the engine's one-at-a-time path until others
-start batching, and then joins them (``LoneDecoder``).
+Which answers join and how: ``batch_decoders``. A new stack waits briefly for every answer
+in flight, so that one waiting to step alone (``LoneDecoder``) is in it from the start.
 """
 
 from __future__ import annotations
@@ -34,20 +36,21 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
-from typing import Any, cast
+from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
-from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
-from samkv_integrations.encode import layer_tensors
-from samkv_integrations.stacked_cache import Member, StackedCache
+from samkv_integrations.batch_decoders import BatchedDecoder, LoneDecoder
+from samkv_integrations.decode import Decoder, GenerationOptions, GreedyRun, generate_deltas
+from samkv_integrations.fair_lock import FairLock
+from samkv_integrations.greedy_picks import hand_over, pick_greedy
+from samkv_integrations.model_lock import ModelLock
+from samkv_integrations.stacked_cache import Member, StackedCache, take_kv
 from samkv_integrations.static_decode import static_unsupported
 
-__all__ = ["BatchedDecoder", "DecodeBatcher", "LoneDecoder", "batcher_for", "runs_plain_step"]
+__all__ = ["DecodeBatcher", "batcher_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,84 +60,23 @@ GATHER_S = 0.01
 IDLE_S = 1.0
 
 
-def runs_plain_step(decoder: Decoder) -> bool:
-    """Whether ``decoder`` runs the plain forward (``Decoder.step`` not overridden)."""
-    return type(decoder).step is Decoder.step
-
-
-class BatchedDecoder(Decoder):
-    """The plain decode step, run by a ``DecodeBatcher`` together with other answers' steps.
-
-    One instance serves one answer; ``close`` it when the answer ends (``DecodeBatcher.deltas``
-    does). Its first ``step`` moves the answer's KV out of ``cache`` into the batch and leaves
-    ``cache`` empty: later steps do not extend it (as with the static decoder).
-    """
-
-    def __init__(self, batcher: DecodeBatcher, max_new_tokens: int) -> None:
-        self._batcher = batcher
-        self._member = Member(max_steps=max_new_tokens)
-
-    def step(
-        self, model: PreTrainedModel, cache: DynamicCache, token: int, position: int
-    ) -> torch.Tensor:
-        """Feed ``token`` at global ``position`` in the next batched step; ``[vocab]`` logits."""
-        if model is not self._batcher.model:
-            raise ValueError("batched decoding: the decoder's batcher serves another model")
-        return self._batcher.step(self._member, cache, token, position)
-
-    def close(self) -> None:
-        """Leave the batch (idempotent)."""
-        self._batcher.leave(self._member)
-
-
-class LoneDecoder(Decoder):
-    """An answer's steps on its own decoder until others decode in the batch; then in it.
-
-    At the first step after answers start batching, ``alone`` hands the KV it holds back to
-    the answer's cache and a ``BatchedDecoder`` takes over the steps left; the tokens are
-    those of either decoder alone. ``close`` it when the answer ends.
-    """
-
-    def __init__(self, batcher: DecodeBatcher, alone: Decoder, max_new_tokens: int) -> None:
-        self._batcher = batcher
-        self._alone = alone
-        self._steps_left = max_new_tokens
-        self._batched: BatchedDecoder | None = None
-
-    def step(
-        self, model: PreTrainedModel, cache: DynamicCache, token: int, position: int
-    ) -> torch.Tensor:
-        """Feed ``token`` at global ``position``, alone or in the batch; ``[vocab]`` logits."""
-        if self._batched is None and self._batcher.batching():
-            self._alone.hand_back(cache)
-            self._batched = BatchedDecoder(self._batcher, self._steps_left)
-        if self._batched is not None:
-            return self._batched.step(model, cache, token, position)
-        self._steps_left -= 1
-        return self._alone.step(model, cache, token, position)
-
-    def close(self) -> None:
-        """Leave the batch if it joined one (idempotent)."""
-        if self._batched is not None:
-            self._batched.close()
-
-
 class DecodeBatcher:
     """Runs the decode steps of concurrent answers as one forward each (see the module doc).
 
     Args:
         model: The model (all of its cache layers full attention, ``sdpa`` or ``eager``).
         lock: The engine's model lock, held for each step (and for each prefill elsewhere);
-            a ``FairLock``, so that a waiting prefill goes before the next step.
+            a ``FairLock`` (reentrant), so that a waiting prefill goes before the next step.
         max_batch: Most answers in one step; more wait for a free row.
         gather_s: How long a step waits for the previous step's answers to ask again.
-        graphs: Replay each stack's step as a CUDA graph once it has lived a few steps.
+        graphs: Replay each stack's step as a CUDA graph once it has lived a few steps, or
+            at once when every answer in flight is in it and no prefill waits.
     """
 
     def __init__(
         self,
         model: PreTrainedModel,
-        lock: AbstractContextManager[Any],
+        lock: ModelLock | FairLock,
         *,
         max_batch: int = 64,
         gather_s: float = GATHER_S,
@@ -151,7 +93,7 @@ class DecodeBatcher:
         self.model = model
         self.max_batch = max_batch
         self.gather_s = gather_s
-        self._lock = lock
+        self.model_lock = lock
         # Two conditions on one lock: the worker waits on ``_cond`` (a step asked for, an answer
         # left), the answers on ``_answered`` (their logits). With one, every request would
         # wake every answer still waiting: O(answers²) wake-ups per step, each taking the GIL.
@@ -161,7 +103,11 @@ class DecodeBatcher:
         self._pending: list[Member] = []
         self._open = 0
         self._in_flight = 0  # answers decoding, batched or alone
+        self._finished = 0  # of those, greedy runs the worker ended, their threads still reading
         self._worker: threading.Thread | None = None
+        # Greedy answers were handed tokens that they have not been woken for: the worker
+        # wakes them once the next step is launched, so that their Python runs beside it.
+        self._unwoken = False
         self._stack = StackedCache(model, graphs=graphs)  # touched only by the worker thread
         self._stopping = False
         _BATCHERS.add(self)
@@ -178,11 +124,8 @@ class DecodeBatcher:
     ) -> Iterator[str]:
         """``generate_deltas`` (same arguments) in the batch, or with ``alone`` until others come.
 
-        Given ``alone`` (the engine's one-at-a-time decoder: CUDA graphs where on), an answer
-        that starts while no other decodes steps with it, so a single user loses nothing to
-        batching. It counts as in flight, so the answers that start meanwhile batch, and
-        once they do it hands its KV back (``Decoder.hand_back``) and joins them: two
-        streams of steps would take turns on the model instead of sharing one forward.
+        An answer that starts while no other decodes steps with ``alone`` (``LoneDecoder``); it
+        counts as in flight, so later ones batch, and it joins them once they do.
         """
         with self._cond:
             solo = alone is not None and self._in_flight == 0
@@ -205,22 +148,9 @@ class DecodeBatcher:
 
     def step(self, member: Member, cache: DynamicCache, token: int, position: int) -> torch.Tensor:
         """Queue ``member``'s step and wait for its ``[vocab]`` logits (called by its thread)."""
-        if not member._joined:
-            member.kv = self._take_kv(cache)
-            member._joined = True
-            with self._cond:
-                self._open += 1
+        self._join(member, cache)
         with self._cond:
-            if not member.open:
-                raise member.error or ValueError("batched decoding: this answer left the batch")
-            if member.steps_done >= member.max_steps:
-                raise ValueError(f"max_new_tokens: the decoder was sized for {member.max_steps}")
-            member.request, member.logits, member.error = (token, position), None, None
-            self._pending.append(member)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._loop, name="samkv-decode", daemon=True)
-                self._worker.start()
-            self._cond.notify_all()
+            self._ask(member, token, position)
             while member.logits is None and member.error is None:
                 self._answered.wait()
             logits, error = member.logits, member.error
@@ -230,6 +160,49 @@ class DecodeBatcher:
         if logits is None:  # the loop above ends only with one of them set
             raise RuntimeError("batched decoding: no logits")
         return logits
+
+    def run_ahead(
+        self, member: Member, cache: DynamicCache, token: int, position: int, run: GreedyRun
+    ) -> Iterator[int]:
+        """``member``'s greedy tokens, picked by the worker (``Decoder.run_ahead``)."""
+        self._join(member, cache)
+        with self._cond:
+            if run.tokens > member.max_steps - member.steps_done:
+                raise ValueError(f"max_new_tokens: the decoder was sized for {member.max_steps}")
+            self._ask(member, token, position)  # the worker sees the run once _cond is free
+            member.run, member.finished, member.run_start = run, False, member.steps_done
+            member.run_until = member.steps_done + run.tokens
+        while True:
+            with self._cond:
+                while not member.picked and member.error is None and not member.finished:
+                    self._answered.wait()
+                if not member.picked:  # tokens picked before an error still count
+                    if member.finished:
+                        return
+                    raise cast(BaseException, member.error)
+                picked = member.picked.popleft()
+            yield picked
+
+    def _join(self, member: Member, cache: DynamicCache) -> None:
+        """Move the answer's KV out of ``cache`` at its first step (its thread, no lock held)."""
+        if not member._joined:
+            member.kv = take_kv(self.model, cache)
+            member._joined = True
+            with self._cond:
+                self._open += 1
+
+    def _ask(self, member: Member, token: int, position: int) -> None:
+        """Queue ``member``'s step on ``token`` at ``position`` (under ``_cond``)."""
+        if not member.open:
+            raise member.error or ValueError("batched decoding: this answer left the batch")
+        if member.steps_done >= member.max_steps:
+            raise ValueError(f"max_new_tokens: the decoder was sized for {member.max_steps}")
+        member.request, member.logits, member.error = (token, position), None, None
+        self._pending.append(member)
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._loop, name="samkv-decode", daemon=True)
+            self._worker.start()
+        self._cond.notify_all()
 
     def batching(self) -> bool:
         """Whether answers decode in the batch now (or have asked for a step)."""
@@ -241,58 +214,81 @@ class DecodeBatcher:
         with self._cond:
             if member.open and member._joined:
                 self._open -= 1
-            member.open, member.kv = False, None
+            if member.finished and not member.closed:
+                self._finished -= 1
+            member.closed = True
+            queued = member in self._pending  # a greedy run's next step, queued by the worker
+            if queued:  # a new list: a worker iterating the old one (even via GC) is unharmed
+                self._pending = [m for m in self._pending if m is not member]
+            # A step the worker took already moves its KV into the stack; else none reads it.
+            member.open, member.kv = False, None if queued or member.row >= 0 else member.kv
             self._cond.notify_all()
 
-    def _take_kv(self, cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Check ``cache`` fits the model, take its tensors and leave it empty."""
-        tensors = layer_tensors(cache)
-        device = next(self.model.parameters()).device
-        expected = len(DynamicCache(config=self.model.config).layers)
-        if len(tensors) != expected:
-            raise ValueError(f"batched decoding: cache has {len(tensors)} layers, model {expected}")
-        for i, (keys, values) in enumerate(tensors):
-            if keys.shape[0] != 1 or keys.shape[:3] != values.shape[:3] or keys.shape[2] < 1:
-                raise ValueError(
-                    f"batched decoding: cache layer {i} holds keys {tuple(keys.shape)} and "
-                    f"values {tuple(values.shape)}; expected [1, heads, n >= 1, dim] each"
-                )
-            if keys.device != device or keys.dtype != self.model.dtype:
-                raise ValueError(
-                    f"batched decoding: cache layer {i} is {keys.dtype} on {keys.device}; "
-                    f"the model is {self.model.dtype} on {device}"
-                )
-        # The batch holds the only copy from here: free the request's tensors as rows move.
-        for layer, (keys, values) in zip(cache.layers, tensors, strict=True):
-            emptied = cast(DynamicLayer, layer)  # layer_tensors checked it holds tensors
-            emptied.keys, emptied.values = keys[:, :, :0].clone(), values[:, :, :0].clone()
-        return tensors
-
     def _loop(self) -> None:
-        """The worker: gather a step's answers, run it, hand out the logits, until idle."""
+        """The worker: gather a step's answers, run it, hand out logits or tokens, until idle."""
         while True:
             batch = self._gather()
             if batch is None:
                 return
             stacked = list(self._stack.rows)
             try:
-                with self._lock, torch.inference_mode():
-                    batch = self._take(batch)  # and whoever asked while it waited for the lock
-                    logits = self._stack.step(batch)
+                batch, logits = self._locked_step(batch)
+                if logits is None:  # every answer taken had left meanwhile
+                    continue
+                self._wake()  # the tokens of the last step, now that this one runs
+                greedy = [m for m in batch if m.run is not None]
+                picks = pick_greedy(greedy, logits) if greedy else []
             except Exception as e:  # a failed step fails the answers it held, never the worker
                 logger.warning("batched decode step of %d answers failed: %s", len(batch), e)
                 lost = {*batch, *(m for m in stacked if m.kv is None)}
                 self._stack.drop()
                 with self._cond:
-                    for member in lost:
+                    for member in lost - {m for m in lost if m.finished or m.closed}:
                         self._open -= member.open
                         member.open, member.error, member.kv, member.row = False, e, None, -1
+                    self._pending = [m for m in self._pending if m not in lost]
+                    self._unwoken = False
                     self._answered.notify_all()
                 continue
             with self._cond:
                 for member in batch:
-                    member.logits = logits[member.row]
                     member.steps_done += 1
+                    if member.run is None:
+                        member.logits = logits[member.row]
+                for member, token in zip(greedy, picks, strict=True):
+                    was_open = member.open
+                    if hand_over(member, token):
+                        self._pending.append(member)
+                    elif was_open:  # its run ended: it asks no more, its thread reads on
+                        self._open, self._finished = self._open - 1, self._finished + 1
+                if len(greedy) < len(batch):  # an answer that picks its own tokens waits
+                    self._answered.notify_all()
+                else:
+                    self._unwoken = True
+
+    def _locked_step(self, batch: list[Member]) -> tuple[list[Member], torch.Tensor | None]:
+        """Under the model lock, top ``batch`` up and launch its step: logits, ``None`` if empty.
+
+        If a prefill waits for the lock (it goes first), the last picks go out before the
+        worker waits, and the stack is not captured at once: the prefill brings a joiner.
+        """
+        waited = not self.model_lock.acquire(blocking=False)
+        if waited:
+            self._wake()
+            self.model_lock.acquire()
+        try:
+            with torch.inference_mode():
+                self._await_joiners(len(batch))
+                batch, settled = self._take(batch)  # and whoever asked meanwhile
+                return batch, self._stack.step(batch, settled and not waited) if batch else None
+        finally:
+            self.model_lock.release()
+
+    def _wake(self) -> None:
+        """Wake the greedy answers handed tokens at the last step (no-op if none were)."""
+        with self._cond:
+            if self._unwoken:
+                self._unwoken = False
                 self._answered.notify_all()
 
     @property
@@ -318,6 +314,8 @@ class DecodeBatcher:
         """The answers of the next step, or ``None`` once nothing is in flight for ``IDLE_S``."""
         with self._cond:
             while not self._pending or self._stopping:
+                self._unwoken = False  # no step to launch first: wake the greedy answers now
+                self._answered.notify_all()
                 if self._stopping:
                     for member in self._pending:
                         member.error = RuntimeError("batched decoding: the interpreter is exiting")
@@ -330,24 +328,46 @@ class DecodeBatcher:
                 if not self._cond.wait(IDLE_S) and idle and self._open == 0 and not self._pending:
                     self._worker = None
                     return None
-            # Wait briefly for the rows of the last step, so the batch (and cache) stays put.
-            deadline = time.monotonic() + self.gather_s
-            while len(self._pending) < self.max_batch:
-                missing = [m for m in self._stack.rows if m.open and m not in self._pending]
-                left = deadline - time.monotonic()
-                if not missing or left <= 0:
-                    break
-                self._cond.wait(left)
-            return self._take([])
+            # Wait briefly for the rows of the last step, so the batch (and cache) stays put;
+            # a new stack waits as briefly for every answer in flight.
+            self._wait_while(lambda: len(self._pending) < self.max_batch and self._expecting())
+            return self._take([])[0]
 
-    def _take(self, batch: list[Member]) -> list[Member]:
-        """``batch`` topped up from the waiting steps: rows of the last step first, to ``max_batch``."""
+    def _wait_while(self, waiting: Callable[[], bool]) -> None:
+        """Wait on ``_cond`` while ``waiting()`` holds, up to ``gather_s`` (under ``_cond``)."""
+        deadline = time.monotonic() + self.gather_s
+        while waiting() and (left := deadline - time.monotonic()) > 0:
+            self._cond.wait(left)
+
+    def _await_joiners(self, taken: int) -> None:
+        """Before a new stack's first step (``taken`` answers so far), wait for all in flight.
+
+        Under the model lock: an answer queued for it to step alone before the worker finds
+        others batching when it gets it, and joins; one queued after the worker cannot.
+        """
+        with self._cond:
+            self._wait_while(
+                lambda: not self._stack.rows and taken + len(self._pending) < self._asking()
+            )
+
+    def _expecting(self) -> bool:
+        """Whether an open row of the last step (new stack: an answer in flight) has yet to ask."""
+        if self._stack.rows:
+            return any(m.open and m not in self._pending for m in self._stack.rows)
+        return len(self._pending) < self._asking()
+
+    def _asking(self) -> int:
+        """Answers in flight that may still ask for a step (under ``_cond``)."""
+        return self._in_flight - self._finished
+
+    def _take(self, batch: list[Member]) -> tuple[list[Member], bool]:
+        """``batch`` topped up (last step's rows first) and whether it holds all in flight."""
         with self._cond:
             order = {id(m): i for i, m in enumerate(self._stack.rows)}
             ranked = sorted(self._pending, key=lambda m: order.get(id(m), len(order)))
             batch = batch + ranked[: self.max_batch - len(batch)]
             self._pending = [m for m in self._pending if m not in batch]
-            return batch
+            return batch, len(batch) == self._asking()
 
 
 _BATCHERS: weakref.WeakSet[DecodeBatcher] = weakref.WeakSet()
@@ -361,7 +381,7 @@ def _stop_all() -> None:
 
 def batcher_for(
     model: PreTrainedModel,
-    lock: AbstractContextManager[Any],
+    lock: ModelLock | FairLock,
     enabled: bool,
     max_batch: int,
     *,

@@ -8,8 +8,9 @@ strings, EOS and detokenizing live here, once; what runs one token through the m
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +77,21 @@ class GenerationOptions:
             raise ValueError("stop strings must be non-empty")
 
 
+@dataclass(frozen=True, slots=True)
+class GreedyRun:
+    """What a decoder that picks greedy tokens itself must know (``Decoder.run_ahead``).
+
+    Attributes:
+        tokens: Most tokens to pick; the stream ends sooner at an EOS id.
+        eos: The ids that end the answer (the stream yields the EOS, then ends).
+        eos_masked: How many of the first picks may not be EOS (``min_new_tokens``).
+    """
+
+    tokens: int
+    eos: frozenset[int]
+    eos_masked: int = 0
+
+
 class Decoder:
     """Runs one answer token through the model on the decode cache: the plain default.
 
@@ -113,6 +129,19 @@ class Decoder:
         n_kv_heads, n, head_dim]`` per layer. The plain step extends ``cache`` in place, so
         here there is nothing to do; a decoder that writes elsewhere points it back.
         """
+
+    def run_ahead(
+        self, model: PreTrainedModel, cache: DynamicCache, token: int, position: int, run: GreedyRun
+    ) -> Iterator[int] | None:
+        """The greedy tokens after ``token``, picked by the decoder itself, or ``None``.
+
+        ``generate_deltas`` asks before each greedy step. A decoder that picks tokens where
+        it runs them (the decode batcher: one argmax for every answer in the batch, the next
+        step launched before the answers' threads read theirs) returns them as a stream,
+        ``token`` fed at ``position`` first; the plain decoder returns ``None``, and the
+        caller steps and picks one token at a time.
+        """
+        return None
 
     def graph_twin(self, max_new_tokens: int) -> Decoder | None:
         """A decoder running these same steps on a static cache as a CUDA graph, or None.
@@ -181,17 +210,55 @@ def generate_deltas(
         Pieces of text whose concatenation is the answer.
     """
     eos = eos_token_ids(model, tokenizer)
-    step_once = (decoder or Decoder()).step
     generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
     ids: list[int] = [] if generated_ids is None else generated_ids
     holdback = max((len(s) for s in options.stop), default=1) - 1
     emitted = 0
-    logits = first_logits
-    position = next_position
     text = ""
+    tokens = _picked_tokens(
+        model, cache, first_logits, next_position, options, eos, generator, decoder or Decoder()
+    )
+    with contextlib.closing(tokens):
+        for token in tokens:
+            if token in eos:
+                break
+            ids.append(token)
+            text = str(tokenizer.decode(ids, skip_special_tokens=True))
+            cut = _cut_at_stop(text, options.stop)
+            if cut is not None:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            # Hold back what could still become a stop string or a multi-byte character.
+            safe = len(text) - holdback
+            while safe > emitted and text[safe - 1] == "\ufffd":
+                safe -= 1
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def _picked_tokens(
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    logits: torch.Tensor,
+    position: int,
+    options: GenerationOptions,
+    eos: set[int],
+    generator: torch.Generator | None,
+    decoder: Decoder,
+) -> Generator[int, None, None]:
+    """The answer's tokens, an EOS last if one is picked.
+
+    Each step here runs only when the next token is asked for. Greedy answers go over to
+    ``decoder.run_ahead`` where it offers a stream, which may run ahead of the reader (the
+    decode batch's worker does, until the answer ends or is closed).
+    """
     # EOS ids to mask while min_new_tokens holds them back (built only then: a copy to the device).
     eos_index = (
-        torch.tensor(sorted(eos), dtype=torch.long, device=first_logits.device)
+        torch.tensor(sorted(eos), dtype=torch.long, device=logits.device)
         if options.min_new_tokens and eos
         else None
     )
@@ -199,25 +266,16 @@ def generate_deltas(
         if eos_index is not None and step < options.min_new_tokens:
             logits = logits.index_fill(0, eos_index, -math.inf)
         token = _pick(logits, options, generator)
-        if token in eos:
-            break
-        ids.append(token)
-        text = str(tokenizer.decode(ids, skip_special_tokens=True))
-        cut = _cut_at_stop(text, options.stop)
-        if cut is not None:
-            if cut > emitted:
-                yield text[emitted:cut]
+        yield token
+        left = options.max_new_tokens - step - 1
+        if token in eos or not left:
             return
-        # Hold back what could still become a stop string or a multi-byte character.
-        safe = len(text) - holdback
-        while safe > emitted and text[safe - 1] == "\ufffd":
-            safe -= 1
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-        if step + 1 == options.max_new_tokens:
-            break
-        logits = step_once(model, cache, token, position)
+        if options.temperature == 0:
+            held = max(0, options.min_new_tokens - step - 1) if eos else 0  # none to hold back
+            run = GreedyRun(left, frozenset(eos), held)
+            stream = decoder.run_ahead(model, cache, token, position, run)
+            if stream is not None:
+                yield from stream
+                return
+        logits = decoder.step(model, cache, token, position)
         position += 1
-    if len(text) > emitted:
-        yield text[emitted:]

@@ -19,7 +19,8 @@ from samkv_integrations.argument_checks import (
     check_sequence,
     check_token_ids,
 )
-from samkv_integrations.batching import DecodeBatcher, batcher_for, runs_plain_step
+from samkv_integrations.batch_decoders import runs_plain_step
+from samkv_integrations.batching import DecodeBatcher, batcher_for
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import PrefixKV, encode_prefix
 from samkv_integrations.fair_lock import FairLock

@@ -79,8 +79,10 @@ class ModelLock:
         self._depth = 0
         self._switched = False
 
-    def __enter__(self) -> bool:
-        self.lock.acquire()
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock (``False`` if ``blocking`` is off and another holds or awaits it)."""
+        if not self.lock.acquire(blocking):
+            return False
         try:
             if self._depth == 0 and self.skip_cudnn_attention:
                 _CUDNN_ATTENTION_OFF.enter()
@@ -91,7 +93,8 @@ class ModelLock:
         self._depth += 1
         return True
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
+        """Release one level (cuDNN attention comes back with the outermost)."""
         try:
             if self._depth == 1 and self._switched:
                 self._switched = False
@@ -99,6 +102,12 @@ class ModelLock:
         finally:
             self._depth -= 1
             self.lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class LockedDecoder(Decoder):

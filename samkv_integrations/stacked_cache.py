@@ -10,28 +10,35 @@ Between rebuilds every tensor of the step keeps its shape and address (the input
 the slot, ``visible``), so on CUDA the step is captured once per stack as a CUDA graph and
 replayed, as ``static_decode.StaticDecoder`` does for one answer: an eager step of an 8B
 model is launch-bound, and the Python of hundreds of launches also holds the GIL that the
-answers' threads need. A stack is captured only once it has lived ``CAPTURE_AFTER`` steps,
-since answers joining one after another rebuild it at every step.
+answers' threads need. A stack is captured once it has lived ``CAPTURE_AFTER`` steps,
+since answers joining one after another rebuild it at every step, or at once when every
+answer in flight is in it (no join is coming).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
-from transformers import PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
 
+from samkv_integrations.decode import GreedyRun
+from samkv_integrations.encode import layer_tensors
 from samkv_integrations.grouped_decode import grouped_decode_scope
 from samkv_integrations.static_decode import SlotLayer, capture_step, slot_step
 
-__all__ = ["Member", "StackedCache"]
+__all__ = ["Member", "StackedCache", "take_kv", "to_device_async"]
 
 logger = logging.getLogger(__name__)
 
 _EMPTY = torch.zeros(0)
 
+#: Ended rows times steps left above which a captured stack drops its ended rows (``_drop_ended``).
+RIDE_ALONG_ROW_STEPS = 2048
 #: Eager steps a stack runs before its step is captured: a capture costs about three steps
 #: (two warm-up runs and the capture), and a join or a rebuild throws it away.
 CAPTURE_AFTER = 4
@@ -52,7 +59,58 @@ class Member:
     error: BaseException | None = None
     #: Row in the stacked cache (-1: not in it).
     row: int = -1
+    #: A greedy answer's run, whose tokens the worker picks (``None``: its thread picks).
+    run: GreedyRun | None = None
+    #: ``steps_done`` when the run started, and when it will have picked all its tokens.
+    run_start: int = 0
+    run_until: int = 0
+    #: Tokens the worker picked that the answer has not read yet.
+    picked: collections.deque[int] = field(default_factory=collections.deque)
+    #: The run ended (an EOS or its last token picked): the answer asks for no more steps.
+    finished: bool = False
+    #: Its answer closed its decoder (``DecodeBatcher.leave``).
+    closed: bool = False
     _joined: bool = field(default=False, repr=False)
+
+
+def to_device_async(
+    values: list[Any], device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, copied without waiting for the device's queue.
+
+    A copy from pageable host memory to CUDA synchronizes with the stream, so a step that
+    made one returned only once its kernels had run and the answers' threads could not use
+    that time. The pinned copy is ordered on the stream and its buffer kept until it has run.
+    """
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def take_kv(model: PreTrainedModel, cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """An answer's KV for the stack: check ``cache`` fits ``model``, take its tensors, empty it."""
+    tensors = layer_tensors(cache)
+    device = next(model.parameters()).device
+    expected = len(DynamicCache(config=model.config).layers)
+    if len(tensors) != expected:
+        raise ValueError(f"batched decoding: cache has {len(tensors)} layers, model {expected}")
+    for i, (keys, values) in enumerate(tensors):
+        if keys.shape[0] != 1 or keys.shape[:3] != values.shape[:3] or keys.shape[2] < 1:
+            raise ValueError(
+                f"batched decoding: cache layer {i} holds keys {tuple(keys.shape)} and "
+                f"values {tuple(values.shape)}; expected [1, heads, n >= 1, dim] each"
+            )
+        if keys.device != device or keys.dtype != model.dtype:
+            raise ValueError(
+                f"batched decoding: cache layer {i} is {keys.dtype} on {keys.device}; "
+                f"the model is {model.dtype} on {device}"
+            )
+    # The batch holds the only copy from here: free the request's tensors as rows move.
+    for layer, (keys, values) in zip(cache.layers, tensors, strict=True):
+        emptied = cast(DynamicLayer, layer)  # layer_tensors checked it holds tensors
+        emptied.keys, emptied.values = keys[:, :, :0].clone(), values[:, :, :0].clone()
+    return tensors
 
 
 class StackedCache:
@@ -86,20 +144,22 @@ class StackedCache:
         self._graph = self._logits = None
         self._next_slot = self._capacity = self._stack_steps = 0
 
-    def step(self, batch: list[Member]) -> torch.Tensor:
+    def step(self, batch: list[Member], settled: bool = False) -> torch.Tensor:
         """One step for ``batch``: ``[rows, vocab]`` logits, row ``member.row`` each.
 
         Rows of the stack whose answer did not ask in time (or has ended) ride along with
         a placeholder token: its KV lands in this step's slot, which stays hidden from that
         row for good (``_visible``), so a late answer costs no rebuild. The stack is rebuilt
-        only when an answer joins, the slots run out, or most rows have ended.
+        only when an answer joins, the slots run out, or most rows have ended (once captured,
+        only if that pays: ``_drop_ended``). ``settled``: no answer is about to join, so the
+        step is captured now rather than after ``CAPTURE_AFTER`` steps.
         """
         stacked = set(map(id, self.rows))
         ended = sum(not m.open for m in self.rows)
         if (
             any(id(m) not in stacked for m in batch)
             or self._next_slot >= self._capacity
-            or 2 * ended > len(self.rows)
+            or (2 * ended > len(self.rows) and self._drop_ended(ended))
         ):
             self._rebuild(batch)
         device = self._visible.device
@@ -108,11 +168,11 @@ class StackedCache:
         for member in batch:
             if member.request is not None:
                 requests[member.row], present[member.row] = member.request, True
-        table = torch.tensor(requests, device=device)  # [rows, 2]: token, position
+        table = to_device_async(requests, device)  # [rows, 2]: token, position
         self._tokens.copy_(table[:, :1])
         self._positions.copy_(table[:, 1:])
         self._slot.fill_(self._next_slot)
-        if self.graphs and self._graph is None and self._stack_steps >= CAPTURE_AFTER:
+        if self.graphs and self._graph is None and (settled or self._stack_steps >= CAPTURE_AFTER):
             self._capture()
         if self._graph is not None and self._logits is not None:
             self._graph.replay()
@@ -120,11 +180,21 @@ class StackedCache:
         else:
             logits = self._forward()
         # From now on the slot shows each row its own KV only if the row asked for this step.
-        self._visible[:, self._next_slot] = torch.tensor(present, device=device)
+        self._visible[:, self._next_slot] = to_device_async(present, device)
         self._next_slot += 1
         self._stack_steps += 1
         self.steps += 1
         return logits
+
+    def _drop_ended(self, ended: int) -> bool:
+        """Whether dropping ``ended`` rows pays for a rebuild: always, until the step is captured.
+
+        Replayed, a step with ended rows riding along costs a read of their KV each (about
+        0.1 ms per row for 2.6k slots of the 8B shape on an H200), where a rebuild costs a new
+        capture (the first step of a 16-row stack, build and capture, took 283 ms there).
+        """
+        steps_left = max((m.max_steps - m.steps_done for m in self.rows if m.open), default=0)
+        return self._graph is None or ended * steps_left >= RIDE_ALONG_ROW_STEPS
 
     def _forward(self) -> torch.Tensor:
         """One step from the input buffers: the function that is captured, or run eagerly.

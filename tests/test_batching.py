@@ -18,7 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from samkv_integrations import KVCacheStore, SamKVEngine
-from samkv_integrations.batching import BatchedDecoder, DecodeBatcher, runs_plain_step
+from samkv_integrations.batch_decoders import BatchedDecoder, runs_plain_step
+from samkv_integrations.batching import DecodeBatcher
 from samkv_integrations.decode import Decoder, GenerationOptions
 from samkv_integrations.encode import layer_tensors
 from samkv_integrations.fair_lock import FairLock
@@ -165,6 +166,17 @@ def test_joining_and_leaving_mid_answer_disturbs_no_one(
     assert [a.token_ids for a in others] == expected[1:]
 
 
+def _count_rows(batcher: DecodeBatcher, sizes: list[int]) -> None:
+    """Record each batched step's answers in ``sizes`` (``del batcher._stack.step`` undoes it)."""
+    forward = batcher._stack.step
+
+    def step(batch: list[Member], settled: bool = False) -> torch.Tensor:
+        sizes.append(len(batch))
+        return forward(batch, settled)
+
+    batcher._stack.step = step  # type: ignore[method-assign]
+
+
 def _lone_answer_joins(alone: SamKVEngine, batched: SamKVEngine, refs: list[CacheRef]) -> None:
     """A lone answer starts on the one-at-a-time path, then shares the others' steps."""
     assert batched.batcher is not None
@@ -172,8 +184,7 @@ def _lone_answer_joins(alone: SamKVEngine, batched: SamKVEngine, refs: list[Cach
     others = [("Where is Lyon?", [2], "full", {"max_new_tokens": 40}), REQUESTS[2]]
     expected = [_ask(alone, refs, r).token_ids for r in (lone, *others)]
     sizes: list[int] = []
-    forward = batched.batcher._stack.step
-    batched.batcher._stack.step = lambda batch: sizes.append(len(batch)) or forward(batch)  # type: ignore[method-assign]
+    _count_rows(batched.batcher, sizes)
     try:
         question, docs, method, options = lone
         stream = batched.stream(question, [refs[i] for i in docs], method=method, **options)
@@ -296,8 +307,7 @@ def test_max_batch_caps_each_step(
     capped = SamKVEngine(talkative_llama, store, max_batch=2)
     assert capped.batcher is not None
     sizes: list[int] = []
-    forward = capped.batcher._stack.step
-    capped.batcher._stack.step = lambda batch: sizes.append(len(batch)) or forward(batch)  # type: ignore[method-assign]
+    _count_rows(capped.batcher, sizes)
     requests = REQUESTS[:4]
     got = _in_threads([lambda r=r: _ask(capped, refs, r) for r in requests], capped._lock.lock)
     assert [a.token_ids for a in got] == [_ask(alone, refs, r).token_ids for r in requests]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from samkv_integrations.batching import runs_plain_step
+from samkv_integrations.batch_decoders import runs_plain_step
 from samkv_integrations.bench.arguments import add_arguments
 from samkv_integrations.bench.report import (
     environment,
