@@ -105,9 +105,7 @@ class DecodeBatcher:
         self._in_flight = 0  # answers decoding, batched or alone
         self._finished = 0  # of those, greedy runs the worker ended, their threads still reading
         self._worker: threading.Thread | None = None
-        # Greedy answers were handed tokens that they have not been woken for: the worker
-        # wakes them once the next step is launched, so that their Python runs beside it.
-        self._unwoken = False
+        self._unwoken = False  # greedy picks handed out, their threads woken after the next launch
         self._stack = StackedCache(model, graphs=graphs)  # touched only by the worker thread
         self._stopping = False
         _BATCHERS.add(self)
@@ -130,21 +128,21 @@ class DecodeBatcher:
         with self._cond:
             solo = alone is not None and self._in_flight == 0
             self._in_flight += 1
+        decoder: BatchedDecoder | LoneDecoder = (  # plain constructors: nothing to undo
+            LoneDecoder(self, alone, options.max_new_tokens)
+            if solo and alone is not None
+            else BatchedDecoder(self, options.max_new_tokens)
+        )
         try:
-            decoder: BatchedDecoder | LoneDecoder = (
-                LoneDecoder(self, alone, options.max_new_tokens)
-                if solo and alone is not None
-                else BatchedDecoder(self, options.max_new_tokens)
+            yield from generate_deltas(
+                self.model, tokenizer, cache, logits, position, options, ids, decoder
             )
-            try:
-                yield from generate_deltas(
-                    self.model, tokenizer, cache, logits, position, options, ids, decoder
-                )
-            finally:
-                decoder.close()
         finally:
-            with self._cond:
-                self._in_flight -= 1
+            try:
+                decoder.close()
+            finally:
+                with self._cond:
+                    self._in_flight -= 1
 
     def step(self, member: Member, cache: DynamicCache, token: int, position: int) -> torch.Tensor:
         """Queue ``member``'s step and wait for its ``[vocab]`` logits (called by its thread)."""
@@ -232,7 +230,7 @@ class DecodeBatcher:
                 return
             stacked = list(self._stack.rows)
             try:
-                batch, logits = self._locked_step(batch)
+                logits = self._locked_step(batch)
                 if logits is None:  # every answer taken had left meanwhile
                     continue
                 self._wake()  # the tokens of the last step, now that this one runs
@@ -266,8 +264,8 @@ class DecodeBatcher:
                 else:
                     self._unwoken = True
 
-    def _locked_step(self, batch: list[Member]) -> tuple[list[Member], torch.Tensor | None]:
-        """Under the model lock, top ``batch`` up and launch its step: logits, ``None`` if empty.
+    def _locked_step(self, batch: list[Member]) -> torch.Tensor | None:
+        """Under the model lock, top ``batch`` up in place and launch its step: logits, or ``None``.
 
         If a prefill waits for the lock (it goes first), the last picks go out before the
         worker waits, and the stack is not captured at once: the prefill brings a joiner.
@@ -277,10 +275,16 @@ class DecodeBatcher:
             self._wake()
             self.model_lock.acquire()
         try:
+            with self._cond:  # a new stack waits for every answer in flight: one queued for the
+                # lock to step alone before the worker finds others batching then, and joins
+                self._wait_while(
+                    lambda: (
+                        not self._stack.rows and len(batch) + len(self._pending) < self._asking()
+                    )
+                )
+                settled = self._take(batch)  # whoever asked meanwhile: the caller sees them too
             with torch.inference_mode():
-                self._await_joiners(len(batch))
-                batch, settled = self._take(batch)  # and whoever asked meanwhile
-                return batch, self._stack.step(batch, settled and not waited) if batch else None
+                return self._stack.step(batch, settled and not waited) if batch else None
         finally:
             self.model_lock.release()
 
@@ -314,8 +318,7 @@ class DecodeBatcher:
         """The answers of the next step, or ``None`` once nothing is in flight for ``IDLE_S``."""
         with self._cond:
             while not self._pending or self._stopping:
-                self._unwoken = False  # no step to launch first: wake the greedy answers now
-                self._answered.notify_all()
+                self._wake()  # no step to launch first: hand the picks out now
                 if self._stopping:
                     for member in self._pending:
                         member.error = RuntimeError("batched decoding: the interpreter is exiting")
@@ -329,26 +332,19 @@ class DecodeBatcher:
                     self._worker = None
                     return None
             # Wait briefly for the rows of the last step, so the batch (and cache) stays put;
-            # a new stack waits as briefly for every answer in flight.
+            # a new stack waits as briefly for every answer in flight. Picks go out first.
+            if self._expecting():
+                self._wake()
             self._wait_while(lambda: len(self._pending) < self.max_batch and self._expecting())
-            return self._take([])[0]
+            batch: list[Member] = []
+            self._take(batch)
+            return batch
 
     def _wait_while(self, waiting: Callable[[], bool]) -> None:
         """Wait on ``_cond`` while ``waiting()`` holds, up to ``gather_s`` (under ``_cond``)."""
         deadline = time.monotonic() + self.gather_s
         while waiting() and (left := deadline - time.monotonic()) > 0:
             self._cond.wait(left)
-
-    def _await_joiners(self, taken: int) -> None:
-        """Before a new stack's first step (``taken`` answers so far), wait for all in flight.
-
-        Under the model lock: an answer queued for it to step alone before the worker finds
-        others batching when it gets it, and joins; one queued after the worker cannot.
-        """
-        with self._cond:
-            self._wait_while(
-                lambda: not self._stack.rows and taken + len(self._pending) < self._asking()
-            )
 
     def _expecting(self) -> bool:
         """Whether an open row of the last step (new stack: an answer in flight) has yet to ask."""
@@ -360,14 +356,15 @@ class DecodeBatcher:
         """Answers in flight that may still ask for a step (under ``_cond``)."""
         return self._in_flight - self._finished
 
-    def _take(self, batch: list[Member]) -> tuple[list[Member], bool]:
-        """``batch`` topped up (last step's rows first) and whether it holds all in flight."""
+    def _take(self, batch: list[Member]) -> bool:
+        """Top ``batch`` up in place (last step's rows first); whether it holds all in flight."""
         with self._cond:
             order = {id(m): i for i, m in enumerate(self._stack.rows)}
-            ranked = sorted(self._pending, key=lambda m: order.get(id(m), len(order)))
-            batch = batch + ranked[: self.max_batch - len(batch)]
-            self._pending = [m for m in self._pending if m not in batch]
-            return batch, len(batch) == self._asking()
+            live = [m for m in self._pending if not m.closed]  # closed even by GC, meanwhile
+            ranked = sorted(live, key=lambda m: order.get(id(m), len(order)))
+            batch.extend(ranked[: self.max_batch - len(batch)])
+            self._pending = [m for m in self._pending if m not in batch and not m.closed]
+            return len(batch) == self._asking()
 
 
 _BATCHERS: weakref.WeakSet[DecodeBatcher] = weakref.WeakSet()

@@ -80,7 +80,10 @@ class ModelLock:
         self._switched = False
 
     def acquire(self, blocking: bool = True) -> bool:
-        """Take the lock (``False`` if ``blocking`` is off and another holds or awaits it)."""
+        """Take the lock; ``False`` if ``blocking`` is off and it is taken.
+
+        A ``FairLock`` counts as taken while other threads wait for it, too.
+        """
         if not self.lock.acquire(blocking):
             return False
         try:

@@ -6,7 +6,7 @@ import gc
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -51,7 +51,7 @@ def _together(engine: SamKVEngine, refs: list[CacheRef], **options: Any) -> list
         results[i] = engine.answer(QUESTIONS[i], refs, **options).token_ids
 
     lock.acquire()
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(QUESTIONS))]
+    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(QUESTIONS))]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 30
@@ -134,7 +134,8 @@ def test_a_stream_dropped_mid_answer_leaves_the_batch_clean(
     deltas = iter(stream)
     next(deltas)
     helper = threading.Thread(
-        target=lambda: other.append(batched.answer(QUESTIONS[1], refs, max_new_tokens=30))
+        target=lambda: other.append(batched.answer(QUESTIONS[1], refs, max_new_tokens=30)),
+        daemon=True,  # a hung answer fails the test, not the whole run
     )
     helper.start()
     deadline = time.monotonic() + 30
@@ -227,7 +228,7 @@ def _decoding(
 def _at_once(calls: list[Any]) -> list[Any]:
     results: list[Any] = [None] * len(calls)
     threads = [
-        threading.Thread(target=lambda i=i: results.__setitem__(i, calls[i]()))
+        threading.Thread(target=lambda i=i: results.__setitem__(i, calls[i]()), daemon=True)
         for i in range(len(calls))
     ]
     for thread in threads:
@@ -238,13 +239,15 @@ def _at_once(calls: list[Any]) -> list[Any]:
 
 
 def test_a_failed_step_spares_an_answer_that_had_finished(talkative_llama: LoadedModel) -> None:
-    # The short answer's run ends at the worker's second step; the third step (the long
-    # answer's alone, its row still stacked) fails: only the long answer gets the error.
+    # The long answer's first step alone after stepping with the short one (whose run has
+    # ended, its row still stacked) fails: only the long answer gets the error.
     batcher = _batcher(talkative_llama.model, gather_s=1.0)
     plain = batcher._stack.step
+    sizes: list[int] = []
 
     def failing(batch: list[Member], settled: bool = False) -> torch.Tensor:
-        if batcher._stack.steps == 2:
+        sizes.append(len(batch))
+        if sizes[-2:] == [2, 1]:
             raise RuntimeError("a step failed")
         return plain(batch, settled)
 
@@ -290,21 +293,22 @@ def test_an_answer_leaving_while_others_are_late_runs_no_empty_step(
     waits, worker_waits = batcher._wait_while, threading.Event()
 
     def watched(waiting: Callable[[], bool]) -> None:
-        if len(batcher._pending) == 1 and len(batcher._stack.rows) == 2:
-            worker_waits.set()  # for the sampled row, with the greedy one's step queued
+        if blocked.is_set() and len(batcher._pending) == 1 and len(batcher._stack.rows) == 2:
+            worker_waits.set()  # for the blocked sampled row, with the greedy one's step queued
         waits(waiting)
 
     batcher._wait_while = watched  # type: ignore[method-assign]
     model, tokenizer = talkative_llama.model, talkative_llama.tokenizer
     sampled_cache, sampled_logits = _prefilled(model, [5, 9, 13, 2])
     greedy_cache, greedy_logits = _prefilled(model, [7, 7, 1])
-    go_on, left = threading.Event(), threading.Event()
+    go_on, left, blocked = threading.Event(), threading.Event(), threading.Event()
 
     def late_sampled() -> list[int]:
         ids: list[int] = []
         options = GenerationOptions(max_new_tokens=8, temperature=1.0, seed=3)
         for _ in batcher.deltas(tokenizer, sampled_cache, sampled_logits, 4, options, ids):
             if len(ids) >= 3 and not go_on.is_set():
+                blocked.set()
                 go_on.wait(timeout=20)
         return ids
 
@@ -347,12 +351,45 @@ def test_picked_tokens_go_out_while_a_prefill_holds_the_lock(talkative_llama: Lo
             held.set()
             outcome.append(delivered.wait(timeout=20))
 
-    holder = threading.Thread(target=prefill_holding_the_lock)
+    holder = threading.Thread(target=prefill_holding_the_lock, daemon=True)
     holder.start()
     assert held.wait(timeout=20)
+    assert batcher.steps < 59  # the run is not over: the worker will want the lock
     while len(ids) < 1 + batcher.steps:  # every token the worker picked before it waited
         next(deltas)
     delivered.set()
     holder.join(timeout=30)
     list(deltas)
     assert outcome == [True] and len(ids) == 60
+
+
+def test_an_answer_that_asked_while_the_worker_waited_for_the_lock_gets_a_failed_steps_error(
+    talkative_llama: LoadedModel,
+) -> None:
+    # The worker holds the first answer's step while a prefill holds the lock; the second
+    # answer asks meanwhile and is taken into that step, which fails: both hear of it.
+    batcher = _batcher(talkative_llama.model)
+
+    def failing(batch: list[Member], settled: bool = False) -> torch.Tensor:
+        raise RuntimeError("a step failed")
+
+    batcher._stack.step = failing  # type: ignore[method-assign]
+    first = _decoding(batcher, talkative_llama, [5, 9, 13], max_new_tokens=5)
+    second = _decoding(batcher, talkative_llama, [7, 7, 1, 4], max_new_tokens=5)
+    fair = cast(FairLock, batcher.model_lock.lock)
+    results: list[Any] = [None, None]
+    threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, r()), daemon=True)
+               for i, r in enumerate((first, second))]  # fmt: skip
+    with batcher.model_lock:
+        threads[0].start()
+        deadline = time.monotonic() + 20
+        while not fair._queue and time.monotonic() < deadline:  # the worker waits for the lock
+            time.sleep(0.001)
+        threads[1].start()
+        while not batcher._pending and time.monotonic() < deadline:
+            time.sleep(0.001)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert all(isinstance(r, RuntimeError) and "a step failed" in str(r) for r in results)
+    assert batcher._open == batcher._in_flight == 0 and not batcher._pending
