@@ -1,9 +1,9 @@
 """The decoders an answer steps with while the decode batcher serves it (``batching``).
 
 ``BatchedDecoder`` hands every step to the batch; ``LoneDecoder`` steps alone until others
-batch, then joins them. Both leave token picking, stop strings and detokenizing to
-``decode.generate_deltas``, and let the batch's worker pick a greedy answer's tokens
-(``Decoder.run_ahead``).
+batch, then joins them. Both leave stop strings and detokenizing to
+``decode.generate_deltas``, and token picking too for sampled answers; the batch's worker
+picks greedy answers' tokens (``Decoder.run_ahead``).
 
 Only decoders that run the plain step join (``runs_plain_step``); a method's own decoder
 (``+decode=retro``) keeps the one-at-a-time path. An answer with nobody to batch with takes
