@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,6 +28,7 @@ from samkv_integrations.models.shapes import random_model
 from samkv_integrations.records import CacheRef
 from samkv_integrations.stacked_cache import Member, StackedCache
 from samkv_integrations.static_decode import StaticDecoder
+from tests.threaded import count_rows, in_threads
 
 DOCS = [
     "Alpha is the first letter.",
@@ -85,38 +85,6 @@ def _decode_states(
     return states
 
 
-def _in_threads(
-    calls: list[Callable[[], Any]], lock: FairLock | None = None, waiters: int | None = None
-) -> list[Any]:
-    """Run ``calls`` in threads at once; results (or raised errors) in call order.
-
-    With ``lock`` (the engine's), the threads are started while the test holds it and
-    released once ``waiters`` of them (default: all) wait for it, so their prefills run
-    back to back and their first decode steps meet in one batch.
-    """
-    results: list[Any] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        try:
-            results[i] = calls[i]()
-        except Exception as e:
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    if lock is not None:
-        lock.acquire()
-    for thread in threads:
-        thread.start()
-    if lock is not None:
-        deadline = time.monotonic() + 10
-        while len(lock._queue) < (waiters or len(calls)) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        lock.release()
-    for thread in threads:
-        thread.join(timeout=60)
-    return results
-
-
 def test_concurrent_answers_equal_the_answers_alone(
     engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
 ) -> None:
@@ -125,7 +93,7 @@ def test_concurrent_answers_equal_the_answers_alone(
     assert batched.batcher is not None and isinstance(batched._lock.lock, FairLock)
     steps_before = batched.batcher.steps
     counts_before = batched.batcher.counts()
-    got = _in_threads([lambda r=r: _ask(batched, refs, r) for r in REQUESTS], batched._lock.lock)
+    got = in_threads([lambda r=r: _ask(batched, refs, r) for r in REQUESTS], batched._lock.lock)
     for request, want, answer in zip(REQUESTS, expected, got, strict=True):
         assert not isinstance(answer, Exception), f"{request}: {answer!r}"
         assert answer.token_ids == want.token_ids, request
@@ -155,7 +123,7 @@ def test_joining_and_leaving_mid_answer_disturbs_no_one(
     others: list[Any] = []
     joiner = threading.Thread(
         target=lambda: others.extend(
-            _in_threads([lambda r=r: _ask(batched, refs, r) for r in (short, late)])
+            in_threads([lambda r=r: _ask(batched, refs, r) for r in (short, late)])
         )
     )
     joiner.start()
@@ -166,17 +134,6 @@ def test_joining_and_leaving_mid_answer_disturbs_no_one(
     assert [a.token_ids for a in others] == expected[1:]
 
 
-def _count_rows(batcher: DecodeBatcher, sizes: list[int]) -> None:
-    """Record each batched step's answers in ``sizes`` (``del batcher._stack.step`` undoes it)."""
-    forward = batcher._stack.step
-
-    def step(batch: list[Member], settled: bool = False) -> torch.Tensor:
-        sizes.append(len(batch))
-        return forward(batch, settled)
-
-    batcher._stack.step = step  # type: ignore[method-assign]
-
-
 def _lone_answer_joins(alone: SamKVEngine, batched: SamKVEngine, refs: list[CacheRef]) -> None:
     """A lone answer starts on the one-at-a-time path, then shares the others' steps."""
     assert batched.batcher is not None
@@ -184,7 +141,7 @@ def _lone_answer_joins(alone: SamKVEngine, batched: SamKVEngine, refs: list[Cach
     others = [("Where is Lyon?", [2], "full", {"max_new_tokens": 40}), REQUESTS[2]]
     expected = [_ask(alone, refs, r).token_ids for r in (lone, *others)]
     sizes: list[int] = []
-    _count_rows(batched.batcher, sizes)
+    count_rows(batched.batcher, sizes)
     try:
         question, docs, method, options = lone
         stream = batched.stream(question, [refs[i] for i in docs], method=method, **options)
@@ -195,7 +152,7 @@ def _lone_answer_joins(alone: SamKVEngine, batched: SamKVEngine, refs: list[Cach
         got: list[Any] = []
         joiner = threading.Thread(
             target=lambda: got.extend(
-                _in_threads([lambda r=r: _ask(batched, refs, r) for r in others])
+                in_threads([lambda r=r: _ask(batched, refs, r) for r in others])
             )
         )
         joiner.start()
@@ -241,7 +198,7 @@ def test_stop_strings_and_lengths_apply_per_answer(
     cut = (REQUESTS[0][0], REQUESTS[0][1], "samkv", {"max_new_tokens": 14, "stop": [stop]})
     shorter = (*REQUESTS[0][:3], {"max_new_tokens": 3})
     longer = (*REQUESTS[0][:3], {"max_new_tokens": 24})
-    got = _in_threads(
+    got = in_threads(
         [lambda r=r: _ask(batched, refs, r) for r in (cut, shorter, longer)], batched._lock.lock
     )
     assert got[0].text == free[: free.index(stop)]
@@ -272,7 +229,7 @@ def test_a_bad_request_fails_alone(
         return list(batcher.deltas(batched.model.tokenizer, cache, logits, 7, options, []))
 
     calls = [lambda r=r: _ask(batched, refs, r) for r in (*good, too_long)] + [foreign_cache]
-    got = _in_threads(calls, batched._lock.lock, waiters=3)
+    got = in_threads(calls, batched._lock.lock, waiters=3)
     assert [a.token_ids for a in got[:2]] == expected
     assert isinstance(got[2], ValueError) and "max_new_tokens" in str(got[2])
     assert isinstance(got[3], ValueError) and "float64" in str(got[3])
@@ -307,9 +264,9 @@ def test_max_batch_caps_each_step(
     capped = SamKVEngine(talkative_llama, store, max_batch=2)
     assert capped.batcher is not None
     sizes: list[int] = []
-    _count_rows(capped.batcher, sizes)
+    count_rows(capped.batcher, sizes)
     requests = REQUESTS[:4]
-    got = _in_threads([lambda r=r: _ask(capped, refs, r) for r in requests], capped._lock.lock)
+    got = in_threads([lambda r=r: _ask(capped, refs, r) for r in requests], capped._lock.lock)
     assert [a.token_ids for a in got] == [_ask(alone, refs, r).token_ids for r in requests]
     assert max(sizes) == 2
 
@@ -371,7 +328,7 @@ def test_each_batched_step_gives_the_logits_of_the_step_alone(
         for s, ids in zip(states, tokens, strict=True)
     ]
     steps_before = batcher.steps
-    got = _in_threads(calls)
+    got = in_threads(calls)
     for want, have in zip(expected, got, strict=True):
         assert not isinstance(have, Exception), have
         for a, b in zip(want, have, strict=True):

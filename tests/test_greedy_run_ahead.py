@@ -23,6 +23,7 @@ from samkv_integrations.models import LoadedModel
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import CacheRef
 from samkv_integrations.stacked_cache import Member, StackedCache
+from tests.threaded import count_rows, in_threads
 
 DOCS = ["Alpha is the first letter.", "Lyon sits where the Rhone meets the Saone."]
 QUESTIONS = ["Which letter is first?", "Where is Lyon?", "Name a river."]
@@ -42,25 +43,10 @@ def refs(engines: tuple[SamKVEngine, SamKVEngine]) -> list[CacheRef]:
     return engines[0].index(DOCS, progress=False)
 
 
-def _together(engine: SamKVEngine, refs: list[CacheRef], **options: Any) -> list[list[int]]:
+def _together(engine: SamKVEngine, refs: list[CacheRef], **options: Any) -> list[Any]:
     """Every question's tokens, all asked at once (the engine's lock held until all wait)."""
-    results: list[Any] = [None] * len(QUESTIONS)
-    lock = engine._lock.lock
-
-    def ask(i: int) -> None:
-        results[i] = engine.answer(QUESTIONS[i], refs, **options).token_ids
-
-    lock.acquire()
-    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(QUESTIONS))]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 30
-    while len(lock._queue) < len(QUESTIONS) and time.monotonic() < deadline:
-        time.sleep(0.001)
-    lock.release()
-    for thread in threads:
-        thread.join(timeout=120)
-    return results
+    calls = [lambda q=q: engine.answer(q, refs, **options).token_ids for q in QUESTIONS]
+    return in_threads(calls, engine._lock.lock)
 
 
 def _spy_picks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -225,19 +211,6 @@ def _decoding(
     return run
 
 
-def _at_once(calls: list[Any]) -> list[Any]:
-    results: list[Any] = [None] * len(calls)
-    threads = [
-        threading.Thread(target=lambda i=i: results.__setitem__(i, calls[i]()), daemon=True)
-        for i in range(len(calls))
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return results
-
-
 def test_a_failed_step_spares_an_answer_that_had_finished(talkative_llama: LoadedModel) -> None:
     # The long answer's first step alone after stepping with the short one (whose run has
     # ended, its row still stacked) fails: only the long answer gets the error.
@@ -253,7 +226,7 @@ def test_a_failed_step_spares_an_answer_that_had_finished(talkative_llama: Loade
 
     batcher._stack.step = failing  # type: ignore[method-assign]
     expected = _decoding(None, talkative_llama, [5, 9, 13], max_new_tokens=3, min_new_tokens=3)()
-    short, long = _at_once([
+    short, long = in_threads([
         _decoding(batcher, talkative_llama, [5, 9, 13], max_new_tokens=3, min_new_tokens=3),
         _decoding(batcher, talkative_llama, [7, 7, 1, 4], max_new_tokens=10),
     ])  # fmt: skip
@@ -273,7 +246,7 @@ def test_min_new_tokens_without_eos_ids_holds_nothing_back(
     ]
     expected = [_decoding(None, talkative_llama, ids, **options)() for ids, options in asks]
     calls = [_decoding(batcher, talkative_llama, ids, **options) for ids, options in asks]
-    assert _at_once(calls) == expected
+    assert in_threads(calls) == expected
 
 
 def test_an_answer_leaving_while_others_are_late_runs_no_empty_step(
@@ -283,13 +256,7 @@ def test_an_answer_leaving_while_others_are_late_runs_no_empty_step(
     # greedy one's next step queued; the greedy one leaves then: nobody is left to step.
     batcher = _batcher(talkative_llama.model, gather_s=0.5)
     sizes: list[int] = []
-    plain = batcher._stack.step
-
-    def counted(batch: list[Member], settled: bool = False) -> torch.Tensor:
-        sizes.append(len(batch))
-        return plain(batch, settled)
-
-    batcher._stack.step = counted  # type: ignore[method-assign]
+    count_rows(batcher, sizes)
     waits, worker_waits = batcher._wait_while, threading.Event()
 
     def watched(waiting: Callable[[], bool]) -> None:
@@ -328,7 +295,7 @@ def test_an_answer_leaving_while_others_are_late_runs_no_empty_step(
         time.sleep(1.0)  # past the worker's wait
         go_on.set()
 
-    sampled, *_ = _at_once([late_sampled, leaving_greedy, release_sampled])
+    sampled, *_ = in_threads([late_sampled, leaving_greedy, release_sampled])
     assert len(sampled) == 8
     assert sizes and min(sizes) >= 1
     assert batcher._open == batcher._in_flight == 0 and not batcher._pending
