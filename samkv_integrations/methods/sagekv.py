@@ -32,9 +32,9 @@ class SageKVMethod(BaseMethod):
     the query heads of each KV group and over the window, giving ``[n_layers, n_kv_heads,
     n_context]``; each KV head of each layer keeps its own top ``k = floor(budget ·
     n_context)`` document tokens (``n_context``: the document tokens of the layout),
-    gathered per head, so every layer's cache stays ``[1, n_kv_heads, prefix + k + question, head_dim]``. Decoding then
-    runs on the reduced cache. Recomputing the window's queries costs one forward of
-    ``window`` tokens over the cache (``eviction.window_attention``).
+    gathered per head, so every layer's cache stays ``[1, n_kv_heads, prefix + k + question,
+    head_dim]``. Decoding then runs on the reduced cache. Recomputing the window's queries
+    costs one forward of ``window`` tokens over the cache (``eviction.window_attention``).
 
     Choices the paper leaves open, or that this layout decides:
 
