@@ -76,7 +76,7 @@ class Timing:
     #: sum is the prefill's own time, and ``prefilled_s - prefill_s`` when it started.
     phases: dict[str, float] | None = None
     prefill_s: float | None = None
-    #: Seconds from the request's start until its prefill ended (under the model lock).
+    #: Seconds from the request's start until its prefill ended (its device work done).
     prefilled_s: float | None = None
 
 

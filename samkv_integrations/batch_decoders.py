@@ -13,6 +13,7 @@ then joins them (``LoneDecoder``), so a single user loses nothing to batching.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -21,11 +22,22 @@ from transformers import DynamicCache, PreTrainedModel
 
 from samkv_integrations.decode import Decoder, GreedyRun
 from samkv_integrations.stacked_cache import Member
+from samkv_integrations.static_decode import static_unsupported
 
 if TYPE_CHECKING:
     from samkv_integrations.batching import DecodeBatcher
 
-__all__ = ["BatchedDecoder", "LoneDecoder", "runs_plain_step"]
+__all__ = ["BatchedDecoder", "LoneDecoder", "decode_batchable", "runs_plain_step"]
+
+logger = logging.getLogger(__name__)
+
+
+def decode_batchable(model: PreTrainedModel) -> bool:
+    """Whether the answers of ``model`` can decode in a batch (its cache layers stack)."""
+    reason = static_unsupported(model)
+    if reason is not None:
+        logger.info("decoding answers one at a time: %s", reason)
+    return reason is None
 
 
 def runs_plain_step(decoder: Decoder) -> bool:

@@ -1,11 +1,9 @@
 """Decode steps of concurrent answers, run together: one forward per step for all of them.
 
-Batch-1 decoding is launch-bound (issue 16): a step costs about the same for one answer as
-for sixteen. Each answer arrives, once prefilled, with its own compact cache (its length,
-global positions with gaps). Its ``generate_deltas`` runs in its own thread (stop strings,
-EOS and detokenizing stay in ``decode``) with a ``BatchedDecoder``, and one worker thread
-runs the waiting steps as one forward on the answers' stacked KV
-(``stacked_cache.StackedCache``):
+A step costs about the same for one answer as for sixteen (issue 16). Each answer arrives,
+once prefilled, with its own compact cache (its length, positions with gaps); its
+``generate_deltas`` runs in its own thread with a ``BatchedDecoder``, and one worker thread
+runs the waiting steps as one forward on the answers' stacked KV (``StackedCache``):
 
 - A greedy answer hands the worker its run (``Decoder.run_ahead``): after each step the
   worker picks every greedy answer's next token at once (one argmax, one copy to the host)
@@ -15,18 +13,16 @@ runs the waiting steps as one forward on the answers' stacked KV
 
 Answers join and leave between steps; one slow to ask (after ``gather_s``) sits a step out
 in its row, hidden from itself, so a stack is rebuilt only as ``StackedCache.step`` says.
-H200 measurements: ``benchmarks/results/issue16-{load,session10}/`` and the README.
 
 Prefills are not batched: each is long and of its own shape, serialized under the engine's
 model lock, which the worker holds for each step too; a waiting prefill goes first.
 
-transformers' continuous batching (``generate_batch``, ``ContinuousBatchingManager``, paged
-caches) is not used: it takes prompts as token ids and prefills them into its own paged
-cache, with positions that follow the cache. Our answers bring caches the methods built
-(kept tokens only, positions with gaps), for which its scheduler has no entry point.
+transformers' continuous batching (``generate_batch``, paged caches) is not used: it
+prefills token ids into its own cache with positions that follow it, and has no entry point
+for caches the methods built (kept tokens only, positions with gaps).
 
-Which answers join and how: ``batch_decoders``. A new stack waits briefly for every answer
-in flight, so that one waiting to step alone (``LoneDecoder``) is in it from the start.
+Which answers join and how: ``batch_decoders``. A new stack waits for every answer in flight
+or announced (``announce``), so that none joins it right after it is built.
 """
 
 from __future__ import annotations
@@ -50,12 +46,15 @@ from samkv_integrations.model_lock import ModelLock
 from samkv_integrations.stacked_cache import Member, StackedCache, take_kv
 from samkv_integrations.static_decode import static_unsupported
 
-__all__ = ["DecodeBatcher", "batcher_for"]
+__all__ = ["DecodeBatcher"]
 
 logger = logging.getLogger(__name__)
 
 #: How long a step waits for the answers of the previous step to ask for their next token.
 GATHER_S = 0.01
+#: How long a new stack waits for an announced answer (``announce``) to ask for its first step,
+#: rather than be rebuilt when it joins: a step launched meanwhile would follow its prefill anyway.
+ARRIVING_S = 1.0
 #: How long the worker thread waits, with no answer in flight, before it ends.
 IDLE_S = 1.0
 
@@ -103,6 +102,7 @@ class DecodeBatcher:
         self._pending: list[Member] = []
         self._open = 0
         self._in_flight = 0  # answers decoding, batched or alone
+        self._arriving = 0  # answers announced, not yet decoding
         self._finished = 0  # of those, greedy runs the worker ended, their threads still reading
         self._worker: threading.Thread | None = None
         self._unwoken = False  # greedy picks handed out, their threads woken after the next launch
@@ -119,15 +119,20 @@ class DecodeBatcher:
         options: GenerationOptions,
         ids: list[int],
         alone: Decoder | None = None,
+        *,
+        announced: bool = False,
     ) -> Iterator[str]:
         """``generate_deltas`` (same arguments) in the batch, or with ``alone`` until others come.
 
-        An answer that starts while no other decodes steps with ``alone`` (``LoneDecoder``); it
-        counts as in flight, so later ones batch, and it joins them once they do.
+        An answer that starts while no other decodes or comes steps with ``alone``
+        (``LoneDecoder``); it counts as in flight, so later ones batch, and it joins them once
+        they do. ``announced``: ``announce`` was called for it.
         """
         with self._cond:
-            solo = alone is not None and self._in_flight == 0
+            self._arriving -= announced
+            solo = alone is not None and self._in_flight == self._arriving == 0
             self._in_flight += 1
+            self._cond.notify_all()  # a worker waiting for it now waits as for any other
         decoder: BatchedDecoder | LoneDecoder = (  # plain constructors: nothing to undo
             LoneDecoder(self, alone, options.max_new_tokens)
             if solo and alone is not None
@@ -143,6 +148,18 @@ class DecodeBatcher:
             finally:
                 with self._cond:
                     self._in_flight -= 1
+                    self._cond.notify_all()
+
+    def announce(self) -> None:
+        """Count an answer whose prefill just ended (lock held) as coming (``ARRIVING_S``)."""
+        with self._cond:
+            self._arriving += 1
+
+    def withdraw(self) -> None:
+        """An announced answer failed before decoding: it is not coming."""
+        with self._cond:
+            self._arriving -= 1
+            self._cond.notify_all()
 
     def step(self, member: Member, cache: DynamicCache, token: int, position: int) -> torch.Tensor:
         """Queue ``member``'s step and wait for its ``[vocab]`` logits (called by its thread)."""
@@ -267,24 +284,24 @@ class DecodeBatcher:
     def _locked_step(self, batch: list[Member]) -> torch.Tensor | None:
         """Under the model lock, top ``batch`` up in place and launch its step: logits, or ``None``.
 
-        If a prefill waits for the lock (it goes first), the last picks go out before the
-        worker waits, and the stack is not captured at once: the prefill brings a joiner.
+        If a prefill holds the lock, the last picks go out before the worker waits for it. The
+        stack is captured at once only if no one else waits for it (a prefill brings a joiner).
         """
-        waited = not self.model_lock.acquire(blocking=False)
-        if waited:
+        if not self.model_lock.acquire(blocking=False):
             self._wake()
             self.model_lock.acquire()
         try:
-            with self._cond:  # a new stack waits for every answer in flight: one queued for the
-                # lock to step alone before the worker finds others batching then, and joins
+            with self._cond:  # a new stack waits for every answer in flight or coming
                 self._wait_while(
                     lambda: (
                         not self._stack.rows and len(batch) + len(self._pending) < self._asking()
-                    )
+                    ),
+                    while_arriving=True,
                 )
                 settled = self._take(batch)  # whoever asked meanwhile: the caller sees them too
+            settled = settled and not self.model_lock.waiting()
             with torch.inference_mode():
-                return self._stack.step(batch, settled and not waited) if batch else None
+                return self._stack.step(batch, settled) if batch else None
         finally:
             self.model_lock.release()
 
@@ -302,8 +319,7 @@ class DecodeBatcher:
 
     def counts(self) -> dict[str, int]:
         """Forwards run, stack rebuilds and CUDA graph captures so far (for load tests)."""
-        stack = self._stack
-        return {"steps": stack.steps, "rebuilds": stack.rebuilds, "captures": stack.captures}
+        return {name: getattr(self._stack, name) for name in ("steps", "rebuilds", "captures")}
 
     def stop(self) -> None:
         """End the worker (at exit: a daemon worker left waiting can abort the process)."""
@@ -340,11 +356,19 @@ class DecodeBatcher:
             self._take(batch)
             return batch
 
-    def _wait_while(self, waiting: Callable[[], bool]) -> None:
-        """Wait on ``_cond`` while ``waiting()`` holds, up to ``gather_s`` (under ``_cond``)."""
-        deadline = time.monotonic() + self.gather_s
-        while waiting() and (left := deadline - time.monotonic()) > 0:
-            self._cond.wait(left)
+    def _wait_while(self, waiting: Callable[[], bool], while_arriving: bool = False) -> None:
+        """Wait while ``waiting()``: ``gather_s``, or ``ARRIVING_S`` while answers are arriving."""
+        start = time.monotonic()
+        deadline, arriving = start + self.gather_s, False
+        while waiting():
+            now = time.monotonic()
+            if while_arriving and self._arriving:
+                deadline, arriving = start + ARRIVING_S, True
+            elif arriving:  # the last one came: from now on it is waited for as any other
+                deadline, arriving = min(deadline, now + self.gather_s), False
+            if deadline <= now:
+                return
+            self._cond.wait(deadline - now)
 
     def _expecting(self) -> bool:
         """Whether an open row of the last step (new stack: an answer in flight) has yet to ask."""
@@ -353,8 +377,8 @@ class DecodeBatcher:
         return len(self._pending) < self._asking()
 
     def _asking(self) -> int:
-        """Answers in flight that may still ask for a step (under ``_cond``)."""
-        return self._in_flight - self._finished
+        """Answers in flight or coming that may still ask for a step (under ``_cond``)."""
+        return self._in_flight - self._finished + self._arriving
 
     def _take(self, batch: list[Member]) -> bool:
         """Top ``batch`` up in place (last step's rows first); whether it holds all in flight."""
@@ -374,24 +398,3 @@ _BATCHERS: weakref.WeakSet[DecodeBatcher] = weakref.WeakSet()
 def _stop_all() -> None:
     for batcher in list(_BATCHERS):
         batcher.stop()
-
-
-def batcher_for(
-    model: PreTrainedModel,
-    lock: ModelLock | FairLock,
-    enabled: bool,
-    max_batch: int,
-    *,
-    graphs: bool = False,
-) -> DecodeBatcher | None:
-    """The engine's batcher: ``None`` when off, or when the model's cache cannot be stacked.
-
-    ``graphs``: the engine's resolved ``decode_graphs`` (on only for a CUDA model).
-    """
-    if not enabled:
-        return None
-    reason = static_unsupported(model)
-    if reason is not None:
-        logger.info("decoding answers one at a time: %s", reason)
-        return None
-    return DecodeBatcher(model, lock, max_batch=max_batch, graphs=graphs)

@@ -19,14 +19,13 @@ from samkv_integrations.argument_checks import (
     check_sequence,
     check_token_ids,
 )
-from samkv_integrations.batch_decoders import runs_plain_step
-from samkv_integrations.batching import DecodeBatcher, batcher_for
+from samkv_integrations.batch_decoders import decode_batchable, runs_plain_step
+from samkv_integrations.batching import DecodeBatcher
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import PrefixKV, encode_prefix
 from samkv_integrations.fair_lock import FairLock
 from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer, chat_ids
 from samkv_integrations.indexing import Indexer
-from samkv_integrations.layer_arrival import LayerArrival
 from samkv_integrations.methods import (
     DEFAULT_METHOD,
     BaseMethod,
@@ -37,7 +36,7 @@ from samkv_integrations.methods import (
 from samkv_integrations.model_lock import LockedDecoder, ModelLock
 from samkv_integrations.models import LoadedModel, load_model, samkv_home
 from samkv_integrations.models.compat import with_cache
-from samkv_integrations.records import CacheRef, DocumentKV, MethodStats
+from samkv_integrations.records import CacheRef, MethodStats
 from samkv_integrations.resolve import KnownIds, OnForeignCache, RefLoader
 from samkv_integrations.static_decode import DecodeGraphs, decode_graphs_for, with_graphs
 from samkv_integrations.store import KVCacheStore, cache_key
@@ -82,16 +81,17 @@ class SamKVEngine:
         self._prefix: PrefixKV | None = None
         self._fingerprint: str | None = None
         self._known_ids = KnownIds(KNOWN_IDS)
-        # Prefills run one at a time (interleaved, no TTFT would mean anything); answers in
-        # flight decode together (``batcher``, public for its ``counts()``; ``None`` when off),
-        # taking turns with prefills on a FIFO lock, which keeps cuDNN attention off on CUDA.
+        # Prefills run one at a time; answers in flight decode together (``batcher``; ``None``
+        # when off), taking turns with prefills on a FIFO lock that keeps cuDNN attention off.
         self._lock = ModelLock(
             FairLock() if batch_decoding else threading.RLock(),
             skip_cudnn_attention=model.device.type == "cuda",
         )
-        self.batcher: DecodeBatcher | None = batcher_for(
-            model.model, self._lock, batch_decoding, max_batch, graphs=bool(self.decode_graphs)
-        )
+        self.batcher: DecodeBatcher | None = None  # public for its ``counts()``
+        if batch_decoding and decode_batchable(model.model):
+            self.batcher = DecodeBatcher(
+                model.model, self._lock, max_batch=max_batch, graphs=bool(self.decode_graphs)
+            )
 
     @classmethod
     def from_pretrained(
@@ -311,7 +311,9 @@ class SamKVEngine:
         with self._lock, torch.inference_mode():
             watch = Stopwatch(model.device)
             with watch.phase("load"):
-                docs, arrival, recomputed = self._load(refs, method.reads_cache, on_foreign_cache)
+                loader = RefLoader(self.model, self.store, self.fingerprint, self.prefix,
+                                   self.document_ids, self._known_ids)  # fmt: skip
+                docs, arrival, recomputed = loader.load(refs, method.reads_cache, on_foreign_cache)
             inputs = MethodInput(
                 model, self.prefix, docs, question_ids, arrival, prefill_question=True
             )
@@ -325,19 +327,30 @@ class SamKVEngine:
                 with watch.phase("question"), method.question_scope(inputs, context):
                     first_logits = self._prefill(question_ids, context.cache, context.next_position)
             state = method.run_after_question(
-                DecodeState.after_prefill(inputs, context, first_logits, dict(watch.seconds))
+                DecodeState.after_prefill(inputs, context, first_logits, {})
             )
-            answer.describe(
-                method.name,
-                state,
-                context_tokens=sum(doc.n_tokens for doc in docs),
-                recomputed_documents=recomputed,
-            )
+            n_context = sum(doc.n_tokens for doc in docs)
             del inputs, context, docs  # decoding needs the documents' KV no more
+            decoder = method.decoder(state)
+            batcher = self.batcher if self.batcher and runs_plain_step(decoder) else None
+            if batcher is not None:  # counted before the lock goes: a new stack waits for it
+                batcher.announce()
+        # Off the lock: these wait for the device, while the next prefill's host work runs.
+        try:
+            state.seconds = watch.seconds_with(state.seconds)  # after-question phases add up
+            answer.describe(
+                method.name, state, context_tokens=n_context, recomputed_documents=recomputed
+            )
             if observe is not None:
                 observe(state)
-        cache, logits, position = state.cache, state.first_logits, state.next_position
-        yield from self._decode(cache, logits, position, options, answer, method.decoder(state))
+            cache, logits, position = state.cache, state.first_logits, state.next_position
+            announced = batcher is not None
+            deltas = self._decode(cache, logits, position, options, answer, decoder, announced)
+        except BaseException:
+            if batcher is not None:
+                batcher.withdraw()
+            raise
+        yield from deltas
 
     def _decode(
         self,
@@ -347,8 +360,9 @@ class SamKVEngine:
         options: GenerationOptions,
         answer: Answer,
         decoder: Decoder,
+        announced: bool = False,
     ) -> Iterator[str]:
-        """Decode from ``cache``: in the batch of answers in flight if it takes ``decoder``."""
+        """Decode from ``cache``: in the batch if it takes ``decoder`` (``announced``: see there)."""
         model, tokenizer, ids = self.model.model, self.model.tokenizer, answer.token_ids
 
         # Only the steps take the lock (never held across a yield: a stream may be advanced
@@ -356,7 +370,9 @@ class SamKVEngine:
         one = with_graphs(decoder, self.decode_graphs, options.max_new_tokens)
         alone = LockedDecoder(one, self._lock)
         if self.batcher is not None and runs_plain_step(decoder):
-            return self.batcher.deltas(tokenizer, cache, logits, position, options, ids, alone)
+            return self.batcher.deltas(
+                tokenizer, cache, logits, position, options, ids, alone, announced=announced
+            )
         return generate_deltas(model, tokenizer, cache, logits, position, options, ids, alone)
 
     def _prefill(self, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
@@ -382,13 +398,3 @@ class SamKVEngine:
                 f"prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} "
                 f"exceeds the model's context of {self.model.max_context} tokens"
             )
-
-    def _load(
-        self, refs: list[CacheRef], reads_cache: bool, on_foreign_cache: OnForeignCache
-    ) -> tuple[list[DocumentKV], LayerArrival, int]:
-        """Each ref's KV on the model's device, its ``LayerArrival``, and how many were encoded."""
-        known = self._known_ids
-        loader = RefLoader(
-            self.model, self.store, self.fingerprint, self.prefix, self.document_ids, known
-        )
-        return loader.load(refs, reads_cache, on_foreign_cache)

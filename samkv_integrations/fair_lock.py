@@ -55,6 +55,11 @@ class FairLock:
                 self._owner = None
                 self._cond.notify_all()
 
+    def waiting(self) -> int:
+        """Threads waiting for the lock now."""
+        with self._cond:
+            return len(self._queue)
+
     def __enter__(self) -> bool:
         return self.acquire()
 

@@ -106,6 +106,10 @@ class ModelLock:
             self._depth -= 1
             self.lock.release()
 
+    def waiting(self) -> int:
+        """Threads waiting for the lock now (an ``RLock`` does not say: 0)."""
+        return self.lock.waiting() if isinstance(self.lock, FairLock) else 0
+
     def __enter__(self) -> bool:
         return self.acquire()
 

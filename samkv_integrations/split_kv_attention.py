@@ -36,6 +36,8 @@ BLOCK_KEYS = 64
 #: Blocks to aim for across the whole call: about two per multiprocessor on an H100 (132);
 #: a fixed count rather than the device's, so that ``torch.compile`` sees a constant.
 TARGET_BLOCKS = 256
+#: Splits the merge reads at a time (any split count takes the same compiled kernel).
+MERGE_BLOCK = 32
 
 #: Whether Triton is installed (PyTorch's CUDA wheels carry it); read once at import so that
 #: a compiled decode step finds a constant, not a lookup to trace.
@@ -124,11 +126,6 @@ def split_kv_attention(
     )  # fmt: skip
     split_kv_kernels.merge[(pairs, group)](
         partial, lse, out, splits, group, head_dim,
-        BLOCK_SPLITS=triton_next_power_of_2(splits), HEAD_DIM=head_dim,
+        BLOCK_SPLITS=MERGE_BLOCK, HEAD_DIM=head_dim,
     )  # fmt: skip
     return out
-
-
-def triton_next_power_of_2(n: int) -> int:
-    """The smallest power of two at least ``n`` (``triton.next_power_of_2`` without Triton)."""
-    return 1 << max(0, n - 1).bit_length()

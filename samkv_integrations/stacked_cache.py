@@ -39,8 +39,8 @@ _EMPTY = torch.zeros(0)
 
 #: Ended rows times steps left above which a captured stack drops its ended rows (``_drop_ended``).
 RIDE_ALONG_ROW_STEPS = 2048
-#: Eager steps a stack runs before its step is captured: a capture costs about three steps
-#: (two warm-up runs and the capture), and a join or a rebuild throws it away.
+#: Eager steps a stack runs before its step is captured: a capture costs about two steps
+#: (a warm-up run and the capture), and a join or a rebuild throws it away.
 CAPTURE_AFTER = 4
 
 

@@ -55,5 +55,12 @@ class Stopwatch:
         self._pending.clear()
         return self._seconds
 
+    def seconds_with(self, more: dict[str, float]) -> dict[str, float]:
+        """``seconds`` (waiting as it does) with ``more``'s phases added, after its own."""
+        merged = dict(self.seconds)
+        for name, seconds in more.items():
+            merged[name] = merged.get(name, 0.0) + seconds
+        return merged
+
     def _add(self, name: str, seconds: float) -> None:
         self._seconds[name] = self._seconds.get(name, 0.0) + seconds

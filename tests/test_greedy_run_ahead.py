@@ -189,12 +189,17 @@ def _prefilled(model: Any, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
 
 
 def _decoding(
-    batcher: DecodeBatcher | None, loaded: LoadedModel, ids: list[int], **options: Any
+    batcher: DecodeBatcher | None,
+    loaded: LoadedModel,
+    ids: list[int],
+    announced: bool = False,
+    **options: Any,
 ) -> Callable[[], list[int] | BaseException]:
     """One answer, prefilled now, to decode when called: its ids (or its error).
 
-    In ``batcher``, or one at a time without one. Prefilled up front, so that answers
-    started together reach the batch together.
+    In ``batcher`` (``announced``: as ``DecodeBatcher.announce`` said it would come), or one
+    at a time without one. Prefilled up front, so that answers started together reach the
+    batch together.
     """
     cache, logits = _prefilled(loaded.model, ids)
 
@@ -203,7 +208,12 @@ def _decoding(
         opts = GenerationOptions(**options)
         args = (loaded.tokenizer, cache, logits, len(ids), opts, got)
         try:
-            list(generate_deltas(loaded.model, *args) if batcher is None else batcher.deltas(*args))
+            deltas = (
+                generate_deltas(loaded.model, *args)
+                if batcher is None
+                else batcher.deltas(*args, announced=announced)
+            )
+            list(deltas)
         except RuntimeError as e:
             return e
         return got
@@ -259,10 +269,10 @@ def test_an_answer_leaving_while_others_are_late_runs_no_empty_step(
     count_rows(batcher, sizes)
     waits, worker_waits = batcher._wait_while, threading.Event()
 
-    def watched(waiting: Callable[[], bool]) -> None:
+    def watched(waiting: Callable[[], bool], while_arriving: bool = False) -> None:
         if blocked.is_set() and len(batcher._pending) == 1 and len(batcher._stack.rows) == 2:
             worker_waits.set()  # for the blocked sampled row, with the greedy one's step queued
-        waits(waiting)
+        waits(waiting, while_arriving)
 
     batcher._wait_while = watched  # type: ignore[method-assign]
     model, tokenizer = talkative_llama.model, talkative_llama.tokenizer
@@ -328,6 +338,150 @@ def test_picked_tokens_go_out_while_a_prefill_holds_the_lock(talkative_llama: Lo
     holder.join(timeout=30)
     list(deltas)
     assert outcome == [True] and len(ids) == 60
+
+
+def _spy_steps(batcher: DecodeBatcher) -> list[tuple[int, bool]]:
+    """Record each batched step's answers and whether it was settled (captured at once on CUDA)."""
+    steps: list[tuple[int, bool]] = []
+    plain = batcher._stack.step
+
+    def spy(batch: list[Member], settled: bool = False) -> torch.Tensor:
+        steps.append((len(batch), settled))
+        return plain(batch, settled)
+
+    batcher._stack.step = spy  # type: ignore[method-assign]
+    return steps
+
+
+@pytest.mark.parametrize("queued_behind", [False, True])
+def test_a_stack_formed_after_waiting_for_the_lock_is_captured_at_once_unless_a_prefill_waits(
+    talkative_llama: LoadedModel, queued_behind: bool
+) -> None:
+    # Two answers ask while a prefill holds the lock. Once the worker holds it, its stack
+    # holds every answer in flight, so its first step is settled (captured at once on CUDA),
+    # unless another thread waits for the lock behind the worker: that prefill brings a joiner.
+    batcher = _batcher(talkative_llama.model)
+    steps = _spy_steps(batcher)
+    answers = [
+        _decoding(batcher, talkative_llama, ids, max_new_tokens=3)
+        for ids in ([5, 9, 13], [7, 7, 1, 4])
+    ]
+    fair = cast(FairLock, batcher.model_lock.lock)
+
+    def prefill_behind() -> None:
+        with batcher.model_lock:
+            pass
+
+    results: list[Any] = [None, None]
+    threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, r()), daemon=True)
+               for i, r in enumerate(answers)]  # fmt: skip
+    deadline = time.monotonic() + 20
+    with batcher.model_lock:
+        for thread in threads:
+            thread.start()
+        while not (batcher._in_flight == 2 and fair._queue) and time.monotonic() < deadline:
+            time.sleep(0.001)  # both answers in flight, the worker waiting for the lock
+        if queued_behind:
+            threading.Thread(target=prefill_behind, daemon=True).start()
+            while len(fair._queue) < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert all(isinstance(r, list) and len(r) == 3 for r in results)
+    assert steps[0] == (2, not queued_behind)
+
+
+def test_a_new_stack_waits_for_an_announced_answer(
+    talkative_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second answer's prefill has ended (announced under the model lock), but it asks
+    # for its first step only after the first answer, and long after ``gather_s``: the new
+    # stack waits for it, so both step together from a settled first step, rather than the
+    # stack being rebuilt (and captured again, on CUDA) when it joins.
+    monkeypatch.setattr(batching, "ARRIVING_S", 60.0)
+    batcher = _batcher(talkative_llama.model, gather_s=0.5)
+    steps = _spy_steps(batcher)
+    first = _decoding(batcher, talkative_llama, [5, 9, 13], max_new_tokens=4)
+    second = _decoding(batcher, talkative_llama, [7, 7, 1, 4], announced=True, max_new_tokens=4)
+    batcher.announce()
+
+    def late_second() -> list[int] | BaseException:
+        time.sleep(4 * batcher.gather_s)
+        return second()
+
+    results = in_threads([first, late_second])
+    assert all(isinstance(r, list) and len(r) == 4 for r in results)
+    assert steps[0] == (2, True)
+    assert batcher._arriving == 0
+
+
+def test_an_announced_answer_that_paused_after_arriving_is_waited_for_as_any_other(
+    talkative_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker starts a new stack's wait while the second answer is announced; that answer
+    # then reaches ``deltas`` but its reader pauses before its first step. From then on it is
+    # waited for as any answer in flight (``gather_s``): the worker steps without it rather
+    # than hold the model lock, and the prefills behind it, for ``ARRIVING_S``.
+    monkeypatch.setattr(batching, "ARRIVING_S", 60.0)
+    batcher = _batcher(talkative_llama.model)
+    steps = _spy_steps(batcher)
+    waits, arriving_wait = batcher._wait_while, threading.Event()
+
+    def watched(waiting: Callable[[], bool], while_arriving: bool = False) -> None:
+        if while_arriving and batcher._arriving:
+            arriving_wait.set()
+        waits(waiting, while_arriving)
+
+    batcher._wait_while = watched  # type: ignore[method-assign]
+    first = _decoding(batcher, talkative_llama, [5, 9, 13], max_new_tokens=4)
+    cache, logits = _prefilled(talkative_llama.model, [7, 7, 1, 4])
+    options = GenerationOptions(max_new_tokens=4)
+    batcher.announce()
+    stepped_without_it: list[bool] = []
+
+    def paused_second() -> list[int]:
+        assert arriving_wait.wait(timeout=20)
+        ids: list[int] = []
+        deltas = batcher.deltas(
+            talkative_llama.tokenizer, cache, logits, 4, options, ids, announced=True
+        )
+        next(deltas)  # its first token: it asks for its first step at the next read
+        deadline = time.monotonic() + 20
+        while not steps and time.monotonic() < deadline:
+            time.sleep(0.001)
+        stepped_without_it.append(bool(steps))
+        list(deltas)
+        return ids
+
+    results = in_threads([first, paused_second])
+    assert all(isinstance(r, list) and len(r) == 4 for r in results)
+    assert stepped_without_it == [True] and steps[0][0] == 1
+
+
+def test_a_withdrawn_answer_is_not_waited_for(talkative_llama: LoadedModel) -> None:
+    batcher = _batcher(talkative_llama.model)
+    steps = _spy_steps(batcher)
+    batcher.announce()
+    batcher.withdraw()  # its request failed after its prefill
+    ids = _decoding(batcher, talkative_llama, [5, 9, 13], max_new_tokens=3)()
+    assert isinstance(ids, list) and len(ids) == 3
+    assert steps[0] == (1, True)  # no answer is still counted as coming
+
+
+def test_a_failing_observer_withdraws_its_answer_from_the_batch(
+    engines: tuple[SamKVEngine, SamKVEngine], refs: list[CacheRef]
+) -> None:
+    batched = engines[1]
+    assert batched.batcher is not None
+
+    def failing(_state: Any) -> None:
+        raise RuntimeError("observer failed")
+
+    with pytest.raises(RuntimeError, match="observer failed"):
+        batched.answer(QUESTIONS[0], refs, max_new_tokens=3, observe=failing)
+    assert batched.batcher._arriving == 0
+    assert batched.answer(QUESTIONS[1], refs, max_new_tokens=3).token_ids
+    assert batched.batcher._arriving == batched.batcher._in_flight == 0
 
 
 def test_an_answer_that_asked_while_the_worker_waited_for_the_lock_gets_a_failed_steps_error(

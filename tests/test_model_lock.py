@@ -115,7 +115,7 @@ def test_a_lone_answers_first_text_does_not_wait_for_the_lock(
 
     blocker = threading.Thread(target=hold_the_lock)
 
-    def queue_a_prefill(_state: DecodeState) -> None:  # called under the lock, at prefill end
+    def queue_a_prefill(_state: DecodeState) -> None:  # called at the prefill's end
         blocker.start()
 
     stream = iter(

@@ -37,17 +37,6 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).norm() / want.norm())
 
 
-def test_next_power_of_two() -> None:
-    assert [split_kv.triton_next_power_of_2(n) for n in (1, 2, 3, 16, 17, 64)] == [
-        1,
-        2,
-        4,
-        16,
-        32,
-        64,
-    ]
-
-
 def test_cpu_tensors_are_not_taken() -> None:
     query = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16)
     key = torch.randn(1, 2, 100, 64, dtype=torch.bfloat16)
@@ -80,6 +69,7 @@ def test_only_the_sizes_and_dtypes_the_kernels_handle_are_taken() -> None:
         (2, 1, 16, 300, 64),  # the largest group taken
         (16, 8, 4, 2731, 128),  # a batched step
         (1, 2, 1, 20000, 64),  # a long cache, one query per KV head
+        (1, 1, 4, 5000, 64),  # 79 splits: the merge reads them in three blocks
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -105,6 +95,34 @@ def test_matches_float64_attention_with_hidden_slots(
         assert got.shape == query.shape and got.dtype == dtype
         assert torch.isfinite(got).all()
         assert _relative_error(got, _reference(query, key, value, rows, scale)) < 1e-2
+
+
+def _compiled_variants() -> list[int]:
+    """How many specializations Triton holds compiled of each kernel (``partial``, ``merge``)."""
+    kernels = (split_kv.split_kv_kernels.partial, split_kv.split_kv_kernels.merge)
+    caches = [getattr(kernel, "device_caches", None) for kernel in kernels]
+    if any(cache is None for cache in caches):
+        pytest.skip("this Triton keeps its compiled kernels elsewhere")
+    return [sum(len(entry[0]) for entry in cache.values()) for cache in caches]  # type: ignore[union-attr]
+
+
+@needs_triton
+def test_new_batch_sizes_and_cache_lengths_compile_nothing() -> None:
+    """A compile stalls the step that meets it: a serving batch changes size and length often."""
+    generator = torch.Generator(device="cuda").manual_seed(4)
+
+    def attend(batch: int, slots: int) -> None:
+        query = torch.randn(batch, 8, 4, 128, device="cuda", generator=generator).bfloat16()
+        key = torch.randn(batch, 8, slots, 128, device="cuda", generator=generator).bfloat16()
+        mask = torch.zeros(batch, slots, device="cuda", dtype=torch.bfloat16)
+        split_kv.split_kv_attention(query, key, key, mask, 128**-0.5)
+
+    attend(1, 2600)
+    compiled = _compiled_variants()
+    # Batch sizes give 32, 8, 2 and 1 splits; lengths odd, even and divisible by 16.
+    for batch, slots in [(1, 2704), (4, 2701), (16, 2731), (32, 2048), (3, 1)]:
+        attend(batch, slots)
+    assert _compiled_variants() == compiled
 
 
 @needs_triton
