@@ -362,8 +362,8 @@ class DecodeBatcher:
         deadline, arriving = start + self.gather_s, False
         while waiting():
             now = time.monotonic()
-            if while_arriving and self._arriving:
-                deadline, arriving = start + ARRIVING_S, True
+            if while_arriving and self._arriving > 0:
+                deadline, arriving = start + max(ARRIVING_S, self.gather_s), True
             elif arriving:  # the last one came: from now on it is waited for as any other
                 deadline, arriving = min(deadline, now + self.gather_s), False
             if deadline <= now:

@@ -125,6 +125,20 @@ def _head_dim(model: PreTrainedModel) -> int:
 
 
 @torch.inference_mode()
+def prefill(
+    model: PreTrainedModel, ids: list[int], cache: DynamicCache, start: int
+) -> torch.Tensor:
+    """Prefill ``ids`` at global positions ``start ..`` into ``cache``; ``[vocab]`` next logits."""
+    out = model(
+        input_ids=torch.tensor([ids], device=model.device),
+        position_ids=(torch.arange(len(ids), device=model.device) + start)[None],
+        **with_cache(model, cache),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[0, -1]
+
+
 def encode_prefix(model: PreTrainedModel, token_ids: list[int]) -> PrefixKV:
     """Prefill the shared prefix once."""
     ids = torch.tensor([token_ids], device=model.device)

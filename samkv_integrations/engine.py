@@ -22,7 +22,7 @@ from samkv_integrations.argument_checks import (
 from samkv_integrations.batch_decoders import decode_batchable, runs_plain_step
 from samkv_integrations.batching import DecodeBatcher
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
-from samkv_integrations.encode import PrefixKV, encode_prefix
+from samkv_integrations.encode import PrefixKV, encode_prefix, prefill
 from samkv_integrations.fair_lock import FairLock
 from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer, chat_ids
 from samkv_integrations.indexing import Indexer
@@ -35,7 +35,6 @@ from samkv_integrations.methods import (
 )
 from samkv_integrations.model_lock import LockedDecoder, ModelLock
 from samkv_integrations.models import LoadedModel, load_model, samkv_home
-from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import CacheRef, MethodStats
 from samkv_integrations.resolve import KnownIds, OnForeignCache, RefLoader
 from samkv_integrations.static_decode import DecodeGraphs, decode_graphs_for, with_graphs
@@ -292,10 +291,17 @@ class SamKVEngine:
             watch = Stopwatch(model.device)
             cache = DynamicCache(config=model.config)
             with watch.phase("question"):
-                first_logits = self._prefill(prompt_ids, cache, 0)
+                logits = prefill(model, prompt_ids, cache, 0)
             answer.stats = MethodStats("prompt", 0, [], seconds=dict(watch.seconds))
-            answer.first_token_logprobs = torch.log_softmax(first_logits.float(), -1).cpu()
-        yield from self._decode(cache, first_logits, len(prompt_ids), options, answer, Decoder())
+            answer.first_token_logprobs = torch.log_softmax(logits.float(), -1).cpu()
+            batcher = self._announce(decoder := Decoder())
+        try:
+            deltas = self._decode(cache, logits, len(prompt_ids), options, answer, decoder, batcher)
+        except BaseException:
+            if batcher is not None:
+                batcher.withdraw()
+            raise
+        yield from deltas
 
     def _run(
         self,
@@ -325,16 +331,16 @@ class SamKVEngine:
             first_logits = context.question_logits  # set if the method's forward ran it
             if first_logits is None:
                 with watch.phase("question"), method.question_scope(inputs, context):
-                    first_logits = self._prefill(question_ids, context.cache, context.next_position)
+                    first_logits = prefill(
+                        model, question_ids, context.cache, context.next_position
+                    )
             state = method.run_after_question(
                 DecodeState.after_prefill(inputs, context, first_logits, {})
             )
             n_context = sum(doc.n_tokens for doc in docs)
             del inputs, context, docs  # decoding needs the documents' KV no more
             decoder = method.decoder(state)
-            batcher = self.batcher if self.batcher and runs_plain_step(decoder) else None
-            if batcher is not None:  # counted before the lock goes: a new stack waits for it
-                batcher.announce()
+            batcher = self._announce(decoder)
         # Off the lock: these wait for the device, while the next prefill's host work runs.
         try:
             state.seconds = watch.seconds_with(state.seconds)  # after-question phases add up
@@ -344,8 +350,7 @@ class SamKVEngine:
             if observe is not None:
                 observe(state)
             cache, logits, position = state.cache, state.first_logits, state.next_position
-            announced = batcher is not None
-            deltas = self._decode(cache, logits, position, options, answer, decoder, announced)
+            deltas = self._decode(cache, logits, position, options, answer, decoder, batcher)
         except BaseException:
             if batcher is not None:
                 batcher.withdraw()
@@ -360,32 +365,27 @@ class SamKVEngine:
         options: GenerationOptions,
         answer: Answer,
         decoder: Decoder,
-        announced: bool = False,
+        announced: DecodeBatcher | None,
     ) -> Iterator[str]:
-        """Decode from ``cache``: in the batch if it takes ``decoder`` (``announced``: see there)."""
+        """Decode from ``cache``: in the batch (``announced`` to it, see ``_announce``) or alone."""
         model, tokenizer, ids = self.model.model, self.model.tokenizer, answer.token_ids
 
         # Only the steps take the lock (never held across a yield: a stream may be advanced
         # from another thread each time, as Starlette's thread pool does).
         one = with_graphs(decoder, self.decode_graphs, options.max_new_tokens)
         alone = LockedDecoder(one, self._lock)
-        if self.batcher is not None and runs_plain_step(decoder):
-            return self.batcher.deltas(
-                tokenizer, cache, logits, position, options, ids, alone, announced=announced
+        if announced is not None:
+            return announced.deltas(
+                tokenizer, cache, logits, position, options, ids, alone, announced=True
             )
         return generate_deltas(model, tokenizer, cache, logits, position, options, ids, alone)
 
-    def _prefill(self, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
-        """Prefill ``ids`` at global positions ``start ..`` into ``cache``; ``[vocab]`` next logits."""
-        model = self.model.model
-        out = model(
-            input_ids=torch.tensor([ids], device=model.device),
-            position_ids=(torch.arange(len(ids), device=model.device) + start)[None],
-            **with_cache(model, cache),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[0, -1]
+    def _announce(self, decoder: Decoder) -> DecodeBatcher | None:
+        """Under the lock, as a prefill ends: the batcher, told the answer comes, if it takes it."""
+        batcher = self.batcher if self.batcher and runs_plain_step(decoder) else None
+        if batcher is not None:
+            batcher.announce()
+        return batcher
 
     @property
     def _vocab_size(self) -> int:

@@ -360,7 +360,7 @@ def test_a_stack_formed_after_waiting_for_the_lock_is_captured_at_once_unless_a_
     # Two answers ask while a prefill holds the lock. Once the worker holds it, its stack
     # holds every answer in flight, so its first step is settled (captured at once on CUDA),
     # unless another thread waits for the lock behind the worker: that prefill brings a joiner.
-    batcher = _batcher(talkative_llama.model)
+    batcher = _batcher(talkative_llama.model, gather_s=0.5)  # both answers ask in time
     steps = _spy_steps(batcher)
     answers = [
         _decoding(batcher, talkative_llama, ids, max_new_tokens=3)
@@ -482,6 +482,26 @@ def test_a_failing_observer_withdraws_its_answer_from_the_batch(
     assert batched.batcher._arriving == 0
     assert batched.answer(QUESTIONS[1], refs, max_new_tokens=3).token_ids
     assert batched.batcher._arriving == batched.batcher._in_flight == 0
+
+
+def test_a_plain_prompts_answer_is_announced_to_the_batch(
+    engines: tuple[SamKVEngine, SamKVEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batched = engines[1]
+    batcher = batched.batcher
+    assert batcher is not None
+    announced: list[int] = []
+    plain = batcher.announce
+
+    def counted() -> None:
+        announced.append(batcher._arriving)
+        plain()
+
+    monkeypatch.setattr(batcher, "announce", counted)
+    stream = batched.stream_prompt([5, 9, 13, 2], max_new_tokens=3)
+    assert "".join(stream) == stream.answer.text and len(stream.answer.token_ids) == 3
+    assert announced == [0]
+    assert batcher._arriving == batcher._in_flight == 0
 
 
 def test_an_answer_that_asked_while_the_worker_waited_for_the_lock_gets_a_failed_steps_error(
