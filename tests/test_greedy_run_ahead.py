@@ -236,9 +236,11 @@ def test_a_failed_step_spares_an_answer_that_had_finished(talkative_llama: Loade
 
     batcher._stack.step = failing  # type: ignore[method-assign]
     expected = _decoding(None, talkative_llama, [5, 9, 13], max_new_tokens=3, min_new_tokens=3)()
+    for _ in range(2):  # both step together from the first step, however late a thread starts
+        batcher.announce()
     short, long = in_threads([
-        _decoding(batcher, talkative_llama, [5, 9, 13], max_new_tokens=3, min_new_tokens=3),
-        _decoding(batcher, talkative_llama, [7, 7, 1, 4], max_new_tokens=10),
+        _decoding(batcher, talkative_llama, [5, 9, 13], True, max_new_tokens=3, min_new_tokens=3),
+        _decoding(batcher, talkative_llama, [7, 7, 1, 4], True, max_new_tokens=10),
     ])  # fmt: skip
     assert short == expected
     assert isinstance(long, RuntimeError) and "a step failed" in str(long)
