@@ -124,7 +124,6 @@ def _head_dim(model: PreTrainedModel) -> int:
     )
 
 
-@torch.inference_mode()
 def prefill(
     model: PreTrainedModel, ids: list[int], cache: DynamicCache, start: int
 ) -> torch.Tensor:
@@ -139,6 +138,7 @@ def prefill(
     return out.logits[0, -1]
 
 
+@torch.inference_mode()
 def encode_prefix(model: PreTrainedModel, token_ids: list[int]) -> PrefixKV:
     """Prefill the shared prefix once."""
     ids = torch.tensor([token_ids], device=model.device)

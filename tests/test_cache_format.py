@@ -257,6 +257,12 @@ def test_registered_methods_declare_known_extras_and_every_extra_is_used() -> No
     assert declared == tuple(sorted(EXTRAS))
 
 
+def test_the_prefix_is_encoded_under_inference_mode(tiny_llama: LoadedModel) -> None:
+    """Called from anywhere, the shared prefix's KV carries no autograd state."""
+    prefix = encode_prefix(tiny_llama.model, [1, 2, 3])
+    assert all(t.is_inference() for t in [*prefix.keys, *prefix.values])
+
+
 def test_encode_computes_the_extras_asked_for(tiny_llama: LoadedModel) -> None:
     model = tiny_llama.model
     prefix = encode_prefix(model, [1, 2, 3])
