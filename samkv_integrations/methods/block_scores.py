@@ -29,6 +29,7 @@ from samkv_integrations.methods.recompute import RecomputeCache
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import shift_keys
+from samkv_integrations.tail_attention import tail_attention
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ def question_queries(
         (``q_proj`` outputs, as stored per document) at each of ``layers``.
     """
     positions = torch.arange(start, start + len(token_ids), device=model.device)
-    with capture_queries(model, stop_after=max(layers)) as captured:
+    # Every entry of ``context`` precedes the question: causal from the cache's end, no mask.
+    with tail_attention(model), capture_queries(model, stop_after=max(layers)) as captured:
         model.get_decoder()(
             input_ids=torch.tensor([token_ids], device=model.device),
             position_ids=positions[None],

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
 import pytest
 import torch
 
+from samkv_integrations import tail_attention as tail
 from samkv_integrations.methods import MethodInput, SamKVMethod, block_scores
 from samkv_integrations.methods.aligned import aligned_cache, gather_aligned
 from samkv_integrations.methods.block_scores import question_queries, selection_layer_indices
@@ -20,6 +22,7 @@ from samkv_integrations.methods.recompute import assemble_cache
 from samkv_integrations.methods.specs import parse_spec
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.rope import shift_keys
+from samkv_integrations.tail_attention import tail_causal_attention
 
 from .contract import Case, MethodContract
 
@@ -148,6 +151,32 @@ class TestSamKVAttention(MethodContract):
         assert sum(map(len, everything.kept_indices)) <= math.floor(0.3 * case.context_tokens)
         with pytest.raises(ValueError, match="question_context must be one of"):
             SamKVMethod(question_context="everything")
+
+    @pytest.mark.parametrize("question_context", ["all", "anchors"])
+    def test_the_question_pass_attends_as_the_models_own_attention(
+        self, case: Case, monkeypatch: pytest.MonkeyPatch, question_context: str
+    ) -> None:
+        queries: list[torch.Tensor] = []
+        attended: list[int] = []
+
+        def spy(*args):  # type: ignore[no-untyped-def]
+            queries.append(question_queries(*args))
+            return queries[-1]
+
+        def attend(layer: int, *args):  # type: ignore[no-untyped-def]
+            attended.append(layer)
+            return tail_causal_attention(layer, *args)
+
+        monkeypatch.setattr(block_scores, "question_queries", spy)
+        monkeypatch.setattr(tail, "tail_causal_attention", attend)
+        method = SamKVMethod(budget=0.3, question_context=question_context)
+        method(case.inputs)
+        deepest = max(selection_layer_indices(case.inputs.documents[0].keys.shape[0], None))
+        assert attended == list(range(deepest))  # the pass stops at the deepest one's q_proj
+        monkeypatch.setattr(block_scores, "tail_attention", lambda _model: contextlib.nullcontext())
+        method(case.inputs)  # the model's own SDPA under transformers' mask
+        assert len(attended) == deepest
+        torch.testing.assert_close(queries[0], queries[1])
 
     def test_three_defaults_follow_the_scoring(self) -> None:
         def chosen(method: SamKVMethod) -> tuple[object, ...]:
