@@ -39,7 +39,10 @@ ATTENTION_KEY = "samkv_tail_attention"
 @functools.cache
 def _flash_device(index: int) -> bool:
     """Whether CUDA device ``index`` runs PyTorch's FlashAttention (an NVIDIA Ampere or newer)."""
-    built = torch.version.hip is None and torch.backends.cuda.is_flash_attention_available()
+    # torch 2.4 cannot say whether it was built with FlashAttention (2.5 added the check):
+    # there SDPA with a mask runs instead.
+    built_with = getattr(torch.backends.cuda, "is_flash_attention_available", None)
+    built = torch.version.hip is None and built_with is not None and built_with()
     return built and torch.cuda.get_device_capability(index) >= (8, 0)
 
 
@@ -59,9 +62,7 @@ def _flash_runs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> 
         and head_dim <= 256
         and query.shape[1] % key.shape[1] == 0
         and torch.backends.cuda.flash_sdp_enabled()
-        and _flash_device(
-            torch.cuda.current_device() if query.device.index is None else query.device.index
-        )
+        and _flash_device(query.get_device())
     )
 
 

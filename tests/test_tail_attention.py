@@ -91,6 +91,18 @@ def test_a_model_that_is_not_all_full_sdpa_attention_keeps_its_own(
         setattr(config, field, before)
 
 
+def test_a_torch_that_cannot_say_it_has_flash_attention_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # torch 2.4 has no is_flash_attention_available: the masked SDPA runs, nothing raises.
+    monkeypatch.delattr(torch.backends.cuda, "is_flash_attention_available")
+    tail._flash_device.cache_clear()
+    try:
+        assert tail._flash_device(0) is False
+    finally:
+        tail._flash_device.cache_clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention needs a CUDA device")
 @pytest.mark.parametrize(("q_len", "head_dim"), [(1, 16), (7, 16), (64, 128), (101, 128)])
 def test_flash_attention_is_causal_from_the_end_on_cuda(
