@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from samkv_integrations import split_kv_attention as split_kv
 from samkv_integrations.attention_scope import swapped_attention
 
-__all__ = ["grouped_decode_attention", "grouped_decode_scope"]
+__all__ = ["grouped_decode_attention", "grouped_decode_scope", "repeated_heads_attention"]
 
 #: The key the attention is registered under (with the model's id: two engines in one
 #: process decode at once, and a scope removes its key on the way out), only while a step runs.
@@ -60,7 +60,22 @@ def grouped_decode_attention(
             grouped, key, value, attn_mask=attention_mask, scale=scaling
         )
         return out.reshape(batch, 1, n_heads, head_dim)
-    group = n_heads // n_kv_heads
+    return repeated_heads_attention(query, key, value, attention_mask, scaling)
+
+
+def repeated_heads_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """SDPA with every KV head repeated per query head, as transformers' SDPA attention runs.
+
+    ``[batch, n_heads, q_len, head_dim]`` queries over ``[batch, n_kv_heads, n, head_dim]``;
+    returns ``[batch, q_len, n_heads, head_dim]``.
+    """
+    group = query.shape[1] // key.shape[1]
     if group > 1:
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)

@@ -6,7 +6,8 @@ to the lower right. transformers materializes that as a ``[q, n + q]`` mask, and
 takes its memory-efficient kernel with every KV head repeated. SamKV's question pass is
 such a forward (the question over the prefix and every reused token, up to the deepest
 selection layer): on the Llama-3.1-8B shape at 8×2048, 101 tokens over 16.5k keys, that
-kernel took 760 µs a layer, where FlashAttention took 120 µs (README, "The question pass on FlashAttention").
+kernel took 760 µs a layer, where FlashAttention took 120 µs (README, "Tried, not kept:
+FlashAttention for SamKV's question pass", and "The question pass on FlashAttention").
 FlashAttention's own causal flag is lower-right aligned and reads grouped KV heads as they
 are; ``tail_attention`` calls it directly for every layer while the block runs. (Going
 through ``torch.nn.attention.bias.causal_lower_right`` reaches the same kernel, but its
@@ -23,10 +24,10 @@ import contextlib
 import functools
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
 from transformers import PreTrainedModel
 
 from samkv_integrations.attention_scope import swapped_attention
+from samkv_integrations.grouped_decode import repeated_heads_attention
 
 __all__ = ["tail_attention", "tail_causal_attention"]
 
@@ -74,11 +75,12 @@ def tail_causal_attention(
     attention_mask: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """``[batch, n_heads, q, head_dim]`` queries, the last ``q`` of ``[batch, n_kv_heads, n, head_dim]``.
+    """Attention of ``[batch, n_heads, q, head_dim]`` queries, the cache's last ``q`` entries.
 
-    Query ``i`` attends to keys ``0 .. n - q + i``. A 4-D ``attention_mask`` given by the
-    caller is used as it is instead. Returns ``[batch, q, n_heads, head_dim]`` (a
-    ``LayerAttention``, ``attention_scope``).
+    Keys and values are ``[batch, n_kv_heads, n, head_dim]``; query ``i`` attends to keys
+    ``0 .. n - q + i``. A 4-D ``attention_mask`` given by the caller is used as it is
+    instead. Returns ``[batch, q, n_heads, head_dim]`` (a ``LayerAttention``,
+    ``attention_scope``).
 
     Raises:
         ValueError: More queries than keys (the queries' own entries are not in the cache).
@@ -96,11 +98,7 @@ def tail_causal_attention(
     if attention_mask is None:
         ones = torch.ones(q_len, n_keys, dtype=torch.bool, device=query.device)
         attention_mask = ones.tril(n_keys - q_len)
-    group = query.shape[1] // key.shape[1]
-    if group > 1:
-        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.transpose(1, 2).contiguous()
+    return repeated_heads_attention(query, key, value, attention_mask, scaling)
 
 
 def tail_attention(model: PreTrainedModel) -> contextlib.AbstractContextManager[None]:
