@@ -13,6 +13,7 @@ then joins them (``LoneDecoder``), so a single user loses nothing to batching.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -27,7 +28,13 @@ from samkv_integrations.static_decode import static_unsupported
 if TYPE_CHECKING:
     from samkv_integrations.batching import DecodeBatcher
 
-__all__ = ["BatchedDecoder", "LoneDecoder", "decode_batchable", "runs_plain_step"]
+__all__ = [
+    "BatchedDecoder",
+    "LoneDecoder",
+    "decode_batchable",
+    "runs_plain_step",
+    "withdrawn_on_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,17 @@ def decode_batchable(model: PreTrainedModel) -> bool:
     if reason is not None:
         logger.info("decoding answers one at a time: %s", reason)
     return reason is None
+
+
+@contextlib.contextmanager
+def withdrawn_on_error(batcher: DecodeBatcher | None) -> Iterator[None]:
+    """Withdraw the answer ``announce``d to ``batcher`` if the block fails before it decodes."""
+    try:
+        yield
+    except BaseException:
+        if batcher is not None:
+            batcher.withdraw()
+        raise
 
 
 def runs_plain_step(decoder: Decoder) -> bool:

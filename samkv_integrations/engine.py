@@ -19,7 +19,7 @@ from samkv_integrations.argument_checks import (
     check_sequence,
     check_token_ids,
 )
-from samkv_integrations.batch_decoders import decode_batchable, runs_plain_step
+from samkv_integrations.batch_decoders import decode_batchable, runs_plain_step, withdrawn_on_error
 from samkv_integrations.batching import DecodeBatcher
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
 from samkv_integrations.encode import PrefixKV, encode_prefix, prefill
@@ -295,12 +295,8 @@ class SamKVEngine:
             answer.stats = MethodStats("prompt", 0, [], seconds=dict(watch.seconds))
             answer.first_token_logprobs = torch.log_softmax(logits.float(), -1).cpu()
             batcher = self._announce(decoder := Decoder())
-        try:
+        with withdrawn_on_error(batcher):
             deltas = self._decode(cache, logits, len(prompt_ids), options, answer, decoder, batcher)
-        except BaseException:
-            if batcher is not None:
-                batcher.withdraw()
-            raise
         yield from deltas
 
     def _run(
@@ -342,7 +338,7 @@ class SamKVEngine:
             decoder = method.decoder(state)
             batcher = self._announce(decoder)
         # Off the lock: these wait for the device, while the next prefill's host work runs.
-        try:
+        with withdrawn_on_error(batcher):
             state.seconds = watch.seconds_with(state.seconds)  # after-question phases add up
             answer.describe(
                 method.name, state, context_tokens=n_context, recomputed_documents=recomputed
@@ -351,10 +347,6 @@ class SamKVEngine:
                 observe(state)
             cache, logits, position = state.cache, state.first_logits, state.next_position
             deltas = self._decode(cache, logits, position, options, answer, decoder, batcher)
-        except BaseException:
-            if batcher is not None:
-                batcher.withdraw()
-            raise
         yield from deltas
 
     def _decode(
