@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV
+from samkv_integrations.host_values import on_device
 from samkv_integrations.layer_arrival import LayerArrival
 from samkv_integrations.methods.recompute import RecomputeCache, RecomputeLayer
 from samkv_integrations.records import DocumentKV
@@ -52,8 +53,8 @@ def token_shifts(
 ) -> torch.Tensor:
     """``[sum counts]`` shifts from cached to global positions (``counts`` tokens per document)."""
     shifts = [start - d.prefix_len for start, d in zip(doc_starts, documents, strict=True)]
-    return torch.tensor(shifts, device=model.device).repeat_interleave(
-        torch.tensor(counts, device=model.device), output_size=sum(counts)
+    return on_device(shifts, model.device, torch.long).repeat_interleave(
+        on_device(counts, model.device, torch.long), output_size=sum(counts)
     )
 
 

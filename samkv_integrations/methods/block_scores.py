@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from samkv_integrations.encode import capture_queries
+from samkv_integrations.host_values import on_device
 from samkv_integrations.methods.aligned import aligned_cache
 from samkv_integrations.methods.base import MethodInput
 from samkv_integrations.methods.lexical import lexical_block_scores
@@ -66,10 +67,10 @@ def block_layout(
         [*range(n_init), *range(n - n_local, n)] if b else list(range(n))
         for n, b in zip(lengths, n_blocks, strict=True)
     ]
-    n = torch.tensor(lengths, dtype=torch.long, device=device)
+    n = on_device(lengths, device, torch.long)
     doc = torch.arange(len(n), device=device).repeat_interleave(n, output_size=sum(lengths))
     local = torch.arange(len(doc), device=device) - (n.cumsum(0) - n)[doc]
-    anchor = (torch.tensor(n_blocks, device=device)[doc] == 0) | (local < n_init)
+    anchor = (on_device(n_blocks, device, torch.long)[doc] == 0) | (local < n_init)
     anchor |= local >= n[doc] - n_local
     block = (local - n_init).div(block_size, rounding_mode="floor").clamp(min=0)
     return anchors, n_blocks, doc, block, anchor
@@ -96,7 +97,7 @@ def question_queries(
     # Every entry of ``context`` precedes the question: causal from the cache's end, no mask.
     with tail_attention(model), capture_queries(model, stop_after=max(layers)) as captured:
         model.get_decoder()(
-            input_ids=torch.tensor([token_ids], device=model.device),
+            input_ids=on_device([token_ids], model.device, torch.long),
             position_ids=positions[None],
             **with_cache(model.get_decoder(), context),
             use_cache=True,
@@ -253,7 +254,7 @@ def select_blocks(
     layers = selection_layer_indices(n_layers, selection_layers)
     local = None  # question_context="all": every reused token
     if question_context == "anchors":
-        local = [torch.tensor(a, dtype=torch.long, device=model.device) for a in anchors]
+        local = [on_device(a, model.device, torch.long) for a in anchors]
     start = inputs.context_end
     with torch.profiler.record_function("samkv.question_pass"):  # labels for bench --profile
         # Layer 0 alone: the deeper layers are built inside the pass, as it reaches them.
@@ -264,11 +265,14 @@ def select_blocks(
             )  # fmt: skip
         queries = question_queries(model, seen, inputs.question_ids, start, layers)
     inputs.arrival.wait(max(layers) + 1)  # the pass stopped before the last layer's cache
-    own = torch.stack([d.query_means[layers].float() for d in docs])
+    at_layers = on_device(layers, model.device, torch.long)
+    own = torch.stack([d.query_means.index_select(0, at_layers).float() for d in docs])
     width = max(n_blocks) + 1
-    sizes = torch.tensor(n_blocks, device=slot.device)
+    sizes = on_device(n_blocks, slot.device, torch.long)
     valid = torch.arange(width - 1, device=slot.device) < sizes[:, None]
-    block_tokens = torch.bincount(slot, minlength=len(docs) * width).view(len(docs), width)[:, 1:]
+    # Counted by index_add_, not bincount, which on CUDA reads the largest slot back to the host.
+    block_tokens = slot.new_zeros(len(docs) * width).index_add_(0, slot, torch.ones_like(slot))
+    block_tokens = block_tokens.view(len(docs), width)[:, 1:]
     if scoring == "attention":
         personal = personal_queries(queries.mean(1), own) if personal_weight else None
         adjacent = [start - d.n_tokens for d in docs]

@@ -44,6 +44,7 @@ import torch
 from transformers import PreTrainedModel
 
 from samkv_integrations.encode import PrefixKV
+from samkv_integrations.host_values import on_device
 from samkv_integrations.methods.aligned import token_shifts
 from samkv_integrations.records import DocumentKV
 from samkv_integrations.rope import rotary_module, rotate, rotate_half, rotation
@@ -136,13 +137,13 @@ def question_block_mass(
     device = queries.device
     n_question = queries.shape[1]
     positions = torch.arange(start, start + n_question, device=device)
-    lengths = torch.tensor([d.n_tokens for d in documents], device=device)
-    doc = torch.arange(len(documents), device=device).repeat_interleave(lengths)
+    counts = [d.n_tokens for d in documents]
+    doc = torch.arange(len(documents), device=device).repeat_interleave(
+        on_device(counts, device, torch.long), output_size=sum(counts)
+    )
     token = torch.arange(len(doc), device=device)
     # One rotation per layer for all documents (a shift per token), not one per document.
-    cos, sin = rotation(
-        model, token_shifts(model, documents, doc_starts, [d.n_tokens for d in documents])
-    )
+    cos, sin = rotation(model, token_shifts(model, documents, doc_starts, counts))
     masses = []
     for s, layer in enumerate(layers):
         reused = torch.cat([d.keys[layer] for d in documents], dim=1).float()

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from samkv_integrations.encode import PrefixKV
+from samkv_integrations.host_values import on_device
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.rope import rotary_module
 
@@ -322,10 +323,10 @@ def recompute_behind_prefix(
         [k[:1, :, :0] for k in prefix.keys], [v[:1, :, :0] for v in prefix.values]
     )
     device = positions.device
-    ids = [torch.tensor(prefix.token_ids, dtype=torch.long, device=device), token_ids.long()]
+    ids = [on_device(prefix.token_ids, device, torch.long), token_ids.long()]
     position_ids = [torch.arange(prefix.length, device=device), positions]
     if m:  # not checked against positions: that would sync
-        ids.append(torch.tensor(list(question_ids), dtype=torch.long, device=device))
+        ids.append(on_device(list(question_ids), device, torch.long))
         position_ids.append(torch.arange(question_start, question_start + m, device=device))
     blending = (
         cache.blend_appended(reused, theta, trailing=m)
