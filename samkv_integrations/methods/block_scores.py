@@ -244,7 +244,8 @@ def select_blocks(
 
     Returns:
         Kept blocks ``[D, max_blocks]``, and facts for ``details``: ``adaptive_ratio``
-        (per document ``P_i``) under the paper's scoring, else ``block_mass_kept``.
+        (per document ``P_i``) under the paper's scoring, else ``block_mass_kept`` (a 0-d
+        tensor on the device, read with the kept tokens' sizes by ``kept_tokens``).
     """
     model, docs = inputs.model, inputs.documents
     room = max(math.floor(budget * len(slot)), min_kept) - sum(len(a) for a in anchors)
@@ -291,8 +292,9 @@ def select_blocks(
                 _share(block_mass, valid), _share(lexical, valid), lexical_weight
             )
         kept = keep_by_mass(block_mass, valid, block_tokens, room, tau or 1.0)
-        share = block_mass[kept].sum() / block_mass[valid].sum().clamp(min=1e-30)
-        return kept, {"block_mass_kept": float(share)}
+        # where, not boolean indexing, which reads the count back; the caller reads the share.
+        share = block_mass.where(kept, 0).sum() / block_mass.where(valid, 0).sum().clamp(min=1e-30)
+        return kept, {"block_mass_kept": share}
     generic = personalize(queries.mean(1), own, n_kv_heads)
     means, _ = segment_key_means(model, docs, layers, slot, len(docs) * width)
     scores = torch.einsum("dshe,shdbe->dsb", generic, means.unflatten(2, (len(docs), width)))

@@ -10,8 +10,9 @@ import torch
 from samkv_integrations.methods.aligned import gather_aligned
 from samkv_integrations.methods.base import BaseMethod, ContextCache, MethodInput
 from samkv_integrations.methods.block_scores import block_layout, select_blocks
+from samkv_integrations.methods.kept_tokens import kept_tokens
 from samkv_integrations.methods.option_checks import check_choices, check_fractions, check_ints
-from samkv_integrations.methods.recompute import recompute_behind_prefix, split_by_document
+from samkv_integrations.methods.recompute import recompute_behind_prefix
 from samkv_integrations.timing import Stopwatch
 
 _CHOICES = {
@@ -166,35 +167,25 @@ class SamKVMethod(BaseMethod):
                     lexical_weight=self.lexical_weight, min_kept=self.min_kept,
                 )  # fmt: skip
                 keep |= blocks[doc, block.clamp(max=max(n_blocks) - 1)]
-            kept = keep.nonzero().squeeze(1)
-            kept_local = split_by_document(kept, lengths)
+            kept = kept_tokens(keep, doc, lengths, facts)
         inputs.arrival.wait()  # recompute reads every layer
         with watch.phase("recompute"):
             ids = torch.tensor([t for d in docs for t in d.token_ids], device=device)
-            positions, starts = kept + inputs.prefix.length, inputs.doc_starts
-            fusion = self.update == "fusion" and len(kept)
-            theta = self._fusion_weights(kept_local) if fusion else None
-            reused = None if theta is None else gather_aligned(model, docs, starts, kept_local)
+            positions, starts = kept.indices + inputs.prefix.length, inputs.doc_starts
+            theta = None  # fusion: only a token kept after a drop knows less than its reused KV
+            if self.update == "fusion" and kept.after_drop is not None:
+                theta = torch.where(kept.after_drop, self.fusion_theta, 1.0)
+            reused = None if theta is None else gather_aligned(model, docs, starts, kept.local)
             cache, question_logits = recompute_behind_prefix(  # the question in the same forward
-                model, inputs.prefix, ids[kept], positions, reused, theta,
+                model, inputs.prefix, ids[kept.indices], positions, reused, theta,
                 inputs.question_ids if inputs.prefill_question else [], inputs.context_end,
             )  # fmt: skip
         return ContextCache(
             cache=cache,
             positions=torch.cat([torch.arange(inputs.prefix.length, device=device), positions]),
             next_position=inputs.context_end,
-            kept_indices=kept_local,
-            recomputed_tokens=int(kept.numel()),
-            details={"anchor_indices": anchors, **facts},
+            kept_indices=kept.local,
+            recomputed_tokens=int(kept.indices.numel()),
+            details={"anchor_indices": anchors, **kept.facts},
             question_logits=question_logits,
         )
-
-    def _fusion_weights(self, kept_local: list[torch.Tensor]) -> torch.Tensor | None:
-        """``[n_kept]`` weights of the fresh KV: ``fusion_theta`` after a dropped token, else 1.
-
-        Only then does the reused entry know more than the fresh one; ``None``: no such token.
-        """
-        after_drop = torch.cat([k > torch.arange(len(k), device=k.device) for k in kept_local])
-        if not after_drop.any():
-            return None
-        return torch.where(after_drop, self.fusion_theta, 1.0)
