@@ -10,7 +10,8 @@ from samkv_integrations.methods.block_scores import block_layout
 
 
 @pytest.mark.parametrize(
-    ("values", "dtype"), [([3, 1, 2], torch.long), ([[5, 6]], None), ([0.5, 1.5], torch.float32)]
+    ("values", "dtype"),
+    [([3, 1, 2], torch.long), ([[5, 6]], None), ([1, 2], torch.float32), ([], torch.long)],
 )
 def test_on_device_holds_what_torch_tensor_holds(values: list[object], dtype: torch.dtype) -> None:
     got = on_device(values, "cpu", dtype)  # type: ignore[arg-type]

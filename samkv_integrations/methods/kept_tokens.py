@@ -29,7 +29,7 @@ class KeptTokens:
         after_drop: ``[k]`` whether each kept token comes after a dropped token of its own
             document (its reused KV saw context the recompute will not); ``None`` when none
             does.
-        facts: The selection's facts, each 0-d tensor among them read as a float.
+        facts: The selection's facts, with each 0-d tensor among them read as a float.
     """
 
     indices: torch.Tensor
@@ -41,10 +41,12 @@ class KeptTokens:
 def kept_tokens(
     keep: torch.Tensor, doc: torch.Tensor, lengths: list[int], facts: dict[str, object]
 ) -> KeptTokens:
-    """Split ``[n_context]`` bool ``keep`` by document (``doc``: each token's document).
+    """Split ``[n_context]`` bool ``keep`` by document.
 
-    ``facts`` may hold 0-d tensors (computed on the device during selection); they come back
-    as floats in the same read as the sizes.
+    ``doc`` ``[n_context]`` gives each token's document and must agree with ``lengths``
+    (both come from ``block_scores.block_layout``). ``facts`` may hold 0-d tensors
+    (computed on the device during selection); they come back as floats in the same read
+    as the sizes. Other facts, tensors of more elements among them, are left as they are.
     """
     device = keep.device
     kept_mask = keep.long()
@@ -55,21 +57,20 @@ def kept_tokens(
     # kept tokens of its document.
     rank = kept_mask.cumsum(0) - 1 - (counts.cumsum(0) - counts)[doc]
     follows_drop = keep & (local > rank)
-    scalars = [name for name, value in facts.items() if isinstance(value, torch.Tensor)]
-    packed = torch.cat(
-        [
-            counts.double(),
-            follows_drop.any().double()[None],
-            *(torch.as_tensor(facts[name], device=device).double().reshape(1) for name in scalars),
-        ]
-    ).tolist()  # the one read that waits for the selection
-    sizes = [int(n) for n in packed[: len(lengths)]]
-    read = dict(zip(scalars, packed[len(lengths) + 1 :], strict=True))
+    scalars = {
+        name: value.to(device, torch.float64).reshape(1)
+        for name, value in facts.items()
+        if isinstance(value, torch.Tensor) and value.dim() == 0
+    }
+    packed = torch.cat([counts.double(), follows_drop.any().double()[None], *scalars.values()])
+    read_back = packed.tolist()  # the one read that waits for the selection
+    sizes = [int(n) for n in read_back[: len(lengths)]]
+    read = dict(zip(scalars, read_back[len(lengths) + 1 :], strict=True))
     # A stable sort puts the kept tokens first, in index order, with no second read.
     indices = torch.argsort((~keep).to(torch.uint8), stable=True)[: sum(sizes)]
     return KeptTokens(
         indices=indices,
         local=list(local[indices].split(sizes)),
-        after_drop=follows_drop[indices] if packed[len(lengths)] else None,
+        after_drop=follows_drop[indices] if read_back[len(lengths)] else None,
         facts={**facts, **read},
     )

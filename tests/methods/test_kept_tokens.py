@@ -50,9 +50,10 @@ def test_only_the_tokens_after_a_drop_are_marked() -> None:
 
 def test_tensor_facts_come_back_as_floats_and_others_as_they_are() -> None:
     lengths = [2]
-    facts: dict[str, object] = {"share": torch.tensor(0.25), "ratios": [0.5]}
+    ratios = torch.tensor([0.5, 0.75])
+    facts: dict[str, object] = {"share": torch.tensor(0.25), "listed": [0.5], "ratios": ratios}
     kept = kept_tokens(torch.tensor([True, False]), _doc_of_token(lengths), lengths, facts)
-    assert kept.facts == {"share": 0.25, "ratios": [0.5]}
+    assert kept.facts == {"share": 0.25, "listed": [0.5], "ratios": ratios}
     assert isinstance(kept.facts["share"], float)
 
 

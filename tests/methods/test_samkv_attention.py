@@ -110,7 +110,9 @@ class TestSamKVAttention(MethodContract):
         kept_tau = sum(len(k) for k in concentrated.kept_indices)
         assert kept_tau == n_anchors + 16  # the one attended block holds half the mass
         assert kept_tau < kept_budget <= math.floor(0.6 * sum(d.n_tokens for d in inputs.documents))
-        assert concentrated.details["block_mass_kept"] >= 0.5  # type: ignore[operator]
+        share = concentrated.details["block_mass_kept"]
+        assert isinstance(share, float)  # read back from the device, not left as a tensor
+        assert 0.5 <= share < 1  # the blocks dropped held the rest
 
     @pytest.mark.parametrize("budget", [0.2, 0.5])
     def test_tau_never_exceeds_the_budget(self, case: Case, budget: float) -> None:
