@@ -181,7 +181,7 @@ def in_threads(calls: list[Any]) -> list[Timing]:
 
 
 def summary(timings: list[Timing], wall_s: float) -> dict[str, Any]:
-    """Throughput over the round, TTFT percentiles and the median per-request decode rate."""
+    """Throughput, TTFT percentiles, the median per-request decode rate, the prefill interval."""
     done = [t for t in timings if t.error is None and t.ttft_s is not None]
     ttfts = [t.ttft_s for t in done if t.ttft_s is not None]
     rates = [
@@ -190,6 +190,9 @@ def summary(timings: list[Timing], wall_s: float) -> dict[str, Any]:
         if t.tokens > 1 and t.total_s is not None and t.ttft_s is not None and t.total_s > t.ttft_s
     ]
     tokens = sum(t.tokens for t in done)
+    # Prefills run one after another (the engine's lock): the spacing of their ends is what
+    # each one adds to the round, whatever overlaps it on the host.
+    ends = sorted(t.prefilled_s for t in done if t.prefilled_s is not None)
     return {
         "requests": len(timings),
         "completed": len(done),
@@ -200,6 +203,7 @@ def summary(timings: list[Timing], wall_s: float) -> dict[str, Any]:
         "ttft_p50_s": float(np.percentile(ttfts, 50)) if ttfts else None,
         "ttft_p99_s": float(np.percentile(ttfts, 99)) if ttfts else None,
         "request_tokens_per_s_p50": float(np.median(rates)) if rates else None,
+        "prefill_interval_s": (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else None,
         "timings": [asdict(t) for t in timings],
     }
 

@@ -52,6 +52,12 @@ def test_load_test_reports_every_round(tmp_path: Path) -> None:
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] <= r["wall_s"]
         assert r["request_tokens_per_s_p50"] > 0
         assert len(r["timings"]) == n
+    for (interface, _, n), r in rounds.items():
+        # Only the Python API sees when a prefill ends; one prefill has no interval.
+        interval = r["prefill_interval_s"]
+        assert (interval is None) == (n == 1 or interface == "server")
+        ends = sorted(t["prefilled_s"] for t in r["timings"] if t["prefilled_s"] is not None)
+        assert interval is None or interval == pytest.approx(ends[-1] - ends[0])
     for (interface, _, _), r in rounds.items():
         # Whether two answers overlap depends on thread timing; the counts must add up.
         counts = r.get("batched_decode")
