@@ -2,39 +2,12 @@
 
 import cProfile
 import pstats
-import sys
 import time
 
-sys.path.insert(0, "benchmarks")
-import load_test as lt
 import torch
+from engine_8b import engine_8b, lt
 
-from samkv_integrations.engine import SamKVEngine
-from samkv_integrations.store import KVCacheStore
-
-args = lt.parse_args(
-    [
-        "--shape",
-        "llama-3.1-8b",
-        "--workload",
-        "8x2048",
-        "--interfaces",
-        "api",
-        "--max-new-tokens",
-        "1",
-        "--min-new-tokens",
-        "1",
-        "--pin-memory",
-        "--methods",
-        "samkv",
-        "--out",
-        "/tmp/x.json",
-    ]
-)
-loaded = lt.ascii_model(args)
-store = KVCacheStore(f"memory://hp-{time.time_ns()}", memory_bytes=24 * 2**30, pin_memory=True)
-serial = SamKVEngine(loaded, store, batch_decoding=False, decode_graphs=False)
-refs = serial.index(lt.documents(serial, 8, 2048, 0), progress=False)
+args, serial, refs = engine_8b(batched=False, max_new_tokens=1)
 for i in range(3):
     lt.ask_api(serial, refs, "samkv", -1 - i, args)
 torch.cuda.synchronize()

@@ -2,39 +2,13 @@
 
 import collections
 import os
-import sys
-import time
 import traceback
 import warnings
 
-sys.path.insert(0, "benchmarks")
-import load_test as lt
 import torch
+from engine_8b import engine_8b, lt
 
-from samkv_integrations.engine import SamKVEngine
-from samkv_integrations.store import KVCacheStore
-
-args = lt.parse_args(
-    [
-        "--shape",
-        "llama-3.1-8b",
-        "--workload",
-        "8x2048",
-        "--interfaces",
-        "api",
-        "--max-new-tokens",
-        "3",
-        "--pin-memory",
-        "--methods",
-        "samkv",
-        "--out",
-        "/tmp/x.json",
-    ]
-)
-loaded = lt.ascii_model(args)
-store = KVCacheStore(f"memory://syncs-{time.time_ns()}", memory_bytes=24 * 2**30, pin_memory=True)
-serial = SamKVEngine(loaded, store, batch_decoding=False, decode_graphs=False)
-refs = serial.index(lt.documents(serial, 8, 2048, 0), progress=False)
+args, serial, refs = engine_8b(batched=False, max_new_tokens=3)
 lt.ask_api(serial, refs, "samkv", -1, args)
 lt.ask_api(serial, refs, "samkv", -2, args)
 sites = collections.Counter()
