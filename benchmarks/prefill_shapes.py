@@ -2,7 +2,7 @@
 
 PyTorch prefers cuDNN's fused attention on Hopper GPUs; cuDNN builds an execution graph for
 every new attention shape and keeps it in a thread-local cache, so a prefill of a new
-question length, or the first one in a new thread, pays for the graphs (README, Performance,
+question length, or the first one in a new thread, pays for the graphs (docs/performance.md,
 "cuDNN attention"). The engine turns that backend off while it runs the model
 (``model_lock``). This diagnostic indexes ``D + 2`` random documents of ``T`` tokens and
 times the method's prefill (its phases, summed) in four cases: the same question again,

@@ -6,8 +6,9 @@ to the lower right. transformers materializes that as a ``[q, n + q]`` mask, and
 takes its memory-efficient kernel with every KV head repeated. SamKV's question pass is
 such a forward (the question over the prefix and every reused token, up to the deepest
 selection layer): on the Llama-3.1-8B shape at 8×2048, 101 tokens over 16.5k keys, that
-kernel took 760 µs a layer, where FlashAttention took 120 µs (README, "Tried, not kept:
-FlashAttention for SamKV's question pass", and "The question pass on FlashAttention").
+kernel took 760 µs a layer, where FlashAttention took 120 µs (docs/performance.md, "Tried,
+not kept: FlashAttention for SamKV's question pass", and "The question pass on
+FlashAttention").
 FlashAttention's own causal flag is lower-right aligned and reads grouped KV heads as they
 are; ``tail_attention`` calls it directly for every layer while the block runs. (Going
 through ``torch.nn.attention.bias.causal_lower_right`` reaches the same kernel, but its

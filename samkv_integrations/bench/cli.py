@@ -75,7 +75,7 @@ def measure_answer(
     cuda = device.type == "cuda"
     # No garbage of earlier measurements in the baseline. The allocator's cached blocks stay,
     # as in a serving engine: emptying them put cudaMalloc/cudaFree calls into every TTFT
-    # (22 ms of host time in one profiled answer on the 8B shape, README).
+    # (22 ms of host time in one profiled answer on the 8B shape, docs/performance.md).
     gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

@@ -32,8 +32,9 @@ logits (``λ > 0`` adds ``D`` one-token queries per layer), the selection layers
 re-rotated once (``S · n_kv_heads · N · head_dim``), and scratch of one layer's keys and
 logits in float32, computed a chunk of query tokens at a time; reading every reused token
 first adds a question pass over the whole context, up to the deepest selection layer (27 ms
-of TTFT on the 8B shape at 8×2048, README). Measured on the GPU and not the default:
-``λ = 0.3``; not measured there: ``head_pool="max"``, ``tau``, per-token personalization.
+of TTFT on the 8B shape at 8×2048, docs/performance.md). Measured on the GPU and not the
+default: ``λ = 0.3``; not measured there: ``head_pool="max"``, ``tau``, per-token
+personalization.
 """
 
 from __future__ import annotations
