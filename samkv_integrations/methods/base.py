@@ -107,6 +107,9 @@ class ContextCache:
             prefilled the question itself (``MethodInput.prefill_question``); the cache then
             also holds the question's entries, after those ``positions`` describes. None
             otherwise.
+        question_queries: ``[n_layers, w, n_q_heads * head_dim]`` ``q_proj`` outputs of the
+            question's last ``w`` tokens, recorded by a ``build`` that ran the question for
+            an after-question stage that scores with them (``eviction``); None otherwise.
     """
 
     cache: DynamicCache
@@ -118,6 +121,7 @@ class ContextCache:
     details: dict[str, object] = field(default_factory=dict)
     pool: KVPool | None = None
     question_logits: torch.Tensor | None = None
+    question_queries: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -138,6 +142,8 @@ class DecodeState:
         seconds: Seconds per phase so far (``load``, the method's, then ``question``).
         details: Method-specific facts for display (e.g. SamKV's anchor indices).
         pool: The dropped document tokens' KV, paged (``ContextCache.pool``), or None.
+        question_queries: The question's last tokens' queries as ``build`` recorded them
+            (``ContextCache.question_queries``), or None.
     """
 
     model: PreTrainedModel
@@ -152,6 +158,7 @@ class DecodeState:
     seconds: dict[str, float] = field(default_factory=dict)
     details: dict[str, object] = field(default_factory=dict)
     pool: KVPool | None = None
+    question_queries: torch.Tensor | None = None
 
     @classmethod
     def after_prefill(
@@ -177,6 +184,7 @@ class DecodeState:
             seconds={**context.seconds, **seconds},
             details=context.details,
             pool=context.pool,
+            question_queries=context.question_queries,
         )
 
     @property

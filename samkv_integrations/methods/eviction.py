@@ -1,12 +1,14 @@
 """One-shot eviction after the question: score cache entries by the question's attention.
 
-SAGE-KV (``sagekv.py``) keeps, per layer and KV head, the context entries that the last
-question tokens attend to most. The engine prefills the question, so its queries are not
-at hand once ``after_question`` runs; ``window_attention`` recomputes them by running the
-last ``w`` question tokens through every layer again, behind the decode cache as it is
-(``FrozenCache``: attention reads the cache, nothing is written to it). Cost: one forward
-of ``w`` tokens over the ``L``-entry cache, as much as decoding ``w`` tokens, plus the
-score matmul of the same size; memory ``n_q_heads · w · L`` floats for one layer at a time.
+SAGE-KV (``sagekv.py``), and SamKV with ``resident``, keep per layer and KV head the
+context entries that the last question tokens attend to most. Where the question ran in
+``build``'s forward, ``build`` records those tokens' queries on the way (``record_window``: the ``q_proj`` outputs of the
+last ``w`` rows, ``[n_layers, w, n_q_heads · head_dim]``), and scoring costs one score
+matmul per layer. Otherwise ``window_attention`` recomputes them by running the last ``w``
+question tokens through every layer again, behind the decode cache as it is
+(``FrozenCache``: attention reads the cache, nothing is written to it): one forward of ``w``
+tokens over the ``L``-entry cache, as much as decoding ``w`` tokens, plus the same matmul.
+Memory: ``n_q_heads · w · L`` floats for one layer at a time.
 
 Queries are formed as the model's attention forms them: ``q_proj`` of the layer's
 normalised input, the per-head ``q_norm`` where the model has one (Qwen3), RoPE at the
@@ -16,17 +18,30 @@ keys, so they are the model's own attention probabilities, in float32.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import cast
 
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from samkv_integrations.encode import layer_tensors
-from samkv_integrations.methods.base import cache_from_layers
-from samkv_integrations.methods.recompute import check_model, embed, position_mask
+from samkv_integrations.encode import capture_queries, layer_tensors
+from samkv_integrations.methods.base import DecodeState, cache_from_layers
+from samkv_integrations.methods.recompute import (
+    check_model,
+    embed,
+    position_mask,
+    split_by_document,
+)
 from samkv_integrations.models.compat import with_cache
 from samkv_integrations.rope import rotary_module, rotate_half
+from samkv_integrations.timing import Stopwatch
+
+logger = logging.getLogger(__name__)
 
 
 class FrozenLayer(DynamicLayer):
@@ -61,7 +76,7 @@ class FrozenCache(Cache):
 
 def pooled_attention(
     attention: torch.nn.Module,
-    normed: torch.Tensor,
+    projected: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     keys: torch.Tensor,
     allowed: torch.Tensor,
@@ -69,8 +84,8 @@ def pooled_attention(
     """Attention probabilities of ``n`` queries over a layer's keys, summed per KV group.
 
     Args:
-        attention: The layer's attention module (``q_proj``, optional ``q_norm``).
-        normed: ``[1, n, hidden]`` the layer's normalised input for the query tokens.
+        attention: The layer's attention module (optional ``q_norm``, ``scaling``).
+        projected: ``[1, n, n_q_heads * head_dim]`` the query tokens' ``q_proj`` output.
         position_embeddings: RoPE ``(cos, sin)``, each ``[1, n, head_dim]``.
         keys: ``[n_kv_heads, L, head_dim]`` the cached keys (post-RoPE).
         allowed: ``[n, L]`` which entries each query may attend to.
@@ -79,9 +94,8 @@ def pooled_attention(
         ``[n_kv_heads, L]`` float32: the softmax summed over the query heads of each KV
         group and over the ``n`` queries.
     """
-    n, head_dim = normed.shape[1], keys.shape[-1]
-    q_proj = cast(torch.nn.Module, attention.q_proj)
-    query = q_proj(normed).view(1, n, -1, head_dim)
+    n, head_dim = projected.shape[1], keys.shape[-1]
+    query = projected.view(1, n, -1, head_dim)
     q_norm = getattr(attention, "q_norm", None)
     if q_norm is not None:
         query = q_norm(query)
@@ -123,8 +137,10 @@ def window_attention(
     scores = []
     for i, layer in enumerate(layers):
         keys = frozen.frozen_layers[i].keys[0]
-        normed = layer.input_layernorm(hidden)
-        scores.append(pooled_attention(layer.self_attn, normed, position_embeddings, keys, allowed))
+        projected = cast(torch.nn.Module, layer.self_attn.q_proj)(layer.input_layernorm(hidden))
+        scores.append(
+            pooled_attention(layer.self_attn, projected, position_embeddings, keys, allowed)
+        )
         if i + 1 < len(layers):  # the last layer's output feeds nothing we read
             hidden = layer(
                 hidden,
@@ -134,6 +150,46 @@ def window_attention(
                 use_cache=True,
                 position_embeddings=position_embeddings,
             )
+    return torch.stack(scores)
+
+
+@contextmanager
+def record_window(model: PreTrainedModel, window: int) -> Iterator[list[torch.Tensor | None]]:
+    """Record the last ``window`` rows of each layer's ``q_proj`` output in the forward inside.
+
+    Yields one slot per layer, ``[window, n_q_heads * head_dim]`` once the forward ran (copies:
+    the forward's whole query projections are not kept alive); ``window=0`` records nothing.
+    """
+    if not window:
+        yield []
+        return
+    with capture_queries(model, keep=lambda out: out[0, -window:].clone()) as captured:
+        yield captured
+
+
+@torch.inference_mode()
+def recorded_window_attention(
+    model: PreTrainedModel, cache: DynamicCache, positions: torch.Tensor, queries: torch.Tensor
+) -> torch.Tensor:
+    """``window_attention`` from the window's recorded queries, with no forward.
+
+    Args:
+        model: The model whose forward recorded ``queries`` (``record_window``).
+        cache: ``[1, n_kv_heads, L, head_dim]`` per layer, ending with the ``w`` tokens.
+        positions: ``[L]`` global position of each entry.
+        queries: ``[n_layers, w, n_q_heads * head_dim]`` the ``w`` tokens' ``q_proj`` outputs.
+
+    Returns:
+        ``[n_layers, n_kv_heads, L]`` float32, as ``window_attention`` returns.
+    """
+    query_positions = positions[-queries.shape[1] :]
+    position_embeddings = rotary_module(model)(queries, position_ids=query_positions[None])
+    allowed = positions[None, :] <= query_positions[:, None]
+    layers = model.get_decoder().layers
+    scores = [
+        pooled_attention(layer.self_attn, projected[None], position_embeddings, keys[0], allowed)
+        for layer, projected, (keys, _) in zip(layers, queries, layer_tensors(cache), strict=True)
+    ]
     return torch.stack(scores)
 
 
@@ -179,3 +235,96 @@ def evict(
             span = source[:, start:end].gather(1, take)
             tensors.append(torch.cat([source[:, :start], span, source[:, end:]], dim=1))
     return cache_from_layers(model, keys, values)
+
+
+@torch.inference_mode()
+def evict_after_question(
+    state: DecodeState,
+    watch: Stopwatch,
+    budget: float,
+    *,
+    window: int,
+    n_sink: int,
+    per_head: bool,
+    min_kept: int = 0,
+) -> DecodeState:
+    """Keep ``k = max(floor(budget · n_context), min_kept)`` document entries per KV head.
+
+    SAGE-KV's one-shot selection (``sagekv.py`` names the choices): the last ``window``
+    question tokens' attention scores the document entries of the
+    ``[1, n_kv_heads, L, head_dim]`` layers, and each KV head keeps its own top ``k``
+    (``per_head``) or all keep the top ``k`` of the score summed over layers and heads.
+    ``n_context`` counts the layout's document tokens, kept or not, so ``budget`` is a
+    share of the context whatever an earlier stage kept. Works on any state whose cache is
+    in global order (the document entries, kept or not, lie between the prefix and the
+    question); the prefix, ``n_sink`` leading layout tokens and the question stay. The
+    queries are ``state.question_queries`` where ``build`` recorded ``window`` of them
+    (``record_window``), else recomputed (``window_attention``). Where ``k`` covers every
+    document entry the cache holds, nothing is scored or copied.
+
+    Returns:
+        The state with the reduced cache; ``positions`` and ``kept_indices`` name the
+        representative set of ``k`` tokens (the top ``k`` of the summed score), and
+        ``details`` gains ``kept_per_head``, ``union_fraction`` and ``head_agreement``.
+    """
+    if not state.doc_starts:
+        return dataclasses.replace(state, question_queries=None)
+    check_model(state.model)
+    start, end = state.doc_starts[0], state.context_end
+    positions = state.positions
+    first = int(torch.searchsorted(positions, start))
+    last = int(torch.searchsorted(positions, end))
+    context = positions[first:last]
+    n_context = end - start
+    forced = context < n_sink
+    wanted = max(math.floor(budget * n_context), min_kept)
+    k = max(min(len(context), wanted), int(forced.sum()))
+    if k == 0:
+        logger.info("eviction: budget=%s keeps no document token", budget)
+    if k == len(context):  # every head keeps every entry: the cache stays as it is
+        facts = {"kept_per_head": k, "union_fraction": k / n_context, "head_agreement": 1.0}
+        details = {**state.details, **facts}
+        return dataclasses.replace(state, details=details, question_queries=None)
+    window = min(window, len(state.question_ids))
+    with watch.phase("select"):
+        recorded = state.question_queries
+        if recorded is not None and recorded.shape[1] == window:
+            scores = recorded_window_attention(state.model, state.cache, positions, recorded)
+        else:
+            tail = state.question_ids[-window:]
+            scores = window_attention(state.model, state.cache, positions, tail)
+        scores = scores[..., first:last]
+        shared = top_per_head(scores.sum(dim=(0, 1)), k, forced)
+        index = (
+            top_per_head(scores, k, forced) if per_head else shared.expand(*scores.shape[:2], -1)
+        )
+    with watch.phase("evict"):
+        cache = evict(state.model, state.cache, first, last, index)
+    kept = context[shared]
+    lengths = torch.tensor([*state.doc_starts, end]).diff().tolist()
+    details = {**state.details, **_agreement(index, shared, len(context), n_context)}
+    return dataclasses.replace(
+        state,
+        cache=cache,
+        positions=torch.cat([positions[:first], kept, positions[last:]]),
+        kept_indices=split_by_document(kept - start, lengths),
+        details=details,
+        question_queries=None,  # scored: decoding needs them no more
+    )
+
+
+def _agreement(
+    index: torch.Tensor, shared: torch.Tensor, n_entries: int, n_context: int
+) -> dict[str, object]:
+    """How well ``[k]`` ``shared`` stands for ``[n_layers, n_kv_heads, k]`` ``index``."""
+    k = int(shared.numel())
+    union = torch.zeros(n_entries, dtype=torch.bool, device=index.device)
+    union[index.flatten()] = True
+    in_shared = torch.zeros_like(union)
+    in_shared[shared] = True
+    agreement = float(in_shared[index].float().mean()) if k else 1.0
+    return {
+        "kept_per_head": k,
+        "union_fraction": int(union.sum()) / n_context if n_context else 0.0,
+        "head_agreement": agreement,
+    }

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from samkv_integrations.methods.base import BaseMethod, ContextCache, DecodeState, MethodInput
-from samkv_integrations.methods.eviction import evict, top_per_head, window_attention
+from samkv_integrations.methods.eviction import evict_after_question, record_window
 from samkv_integrations.methods.full import FullMethod
 from samkv_integrations.methods.option_checks import check_fractions, check_ints
-from samkv_integrations.methods.recompute import split_by_document
 from samkv_integrations.timing import Stopwatch
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,8 +28,10 @@ class SageKVMethod(BaseMethod):
     n_context]``; each KV head of each layer keeps its own top ``k = floor(budget ·
     n_context)`` document tokens (``n_context``: the document tokens of the layout),
     gathered per head, so every layer's cache stays ``[1, n_kv_heads, prefix + k + question,
-    head_dim]``. Decoding then runs on the reduced cache. Recomputing the window's queries
-    costs one forward of ``window`` tokens over the cache (``eviction.window_attention``).
+    head_dim]``. Decoding then runs on the reduced cache. The window's queries are recorded
+    in ``build``'s forward where the question runs in it (the engine's path, unless a
+    decoding policy prefills the question itself); otherwise recomputing them costs one
+    forward of ``window`` tokens over the cache (``eviction.window_attention``).
 
     Choices the paper leaves open, or that this layout decides:
 
@@ -84,64 +81,24 @@ class SageKVMethod(BaseMethod):
             raise ValueError(f"per_head must be true or false, got {self.per_head!r}")
 
     def build(self, inputs: MethodInput, watch: Stopwatch) -> ContextCache:
-        """Prefill the prefix and documents (``[1, n_context]`` ids) from scratch, as ``full``."""
-        return FullMethod().build(inputs, watch)
+        """Prefill the prefix and documents (``[1, n_context]`` ids) from scratch, as ``full``.
 
-    @torch.inference_mode()
+        Where the question runs in that forward, its last ``window`` tokens' queries are
+        recorded for the selection (``ContextCache.question_queries``).
+        """
+        window = min(self.window, len(inputs.question_ids)) if inputs.prefill_question else 0
+        with record_window(inputs.model, window) as recorded:
+            context = FullMethod().build(inputs, watch)
+        if window:
+            context.question_queries = torch.stack(cast(list[torch.Tensor], recorded))
+        return context
+
     def after_question(self, state: DecodeState, watch: Stopwatch) -> DecodeState:
         """Keep ``k`` document entries per KV head of each ``[1, n_kv_heads, L, head_dim]`` layer.
 
-        Works on any state whose cache is in global order (the document entries, kept or
-        not, lie between the prefix and the question). ``details`` gains ``kept_per_head``,
-        ``union_fraction`` and ``head_agreement``.
+        ``details`` gains ``kept_per_head``, ``union_fraction`` and ``head_agreement``.
         """
-        if not state.doc_starts:
-            return state
-        start, end = state.doc_starts[0], state.context_end
-        positions = state.positions
-        first = int(torch.searchsorted(positions, start))
-        last = int(torch.searchsorted(positions, end))
-        context = positions[first:last]
-        n_context = end - start
-        forced = context < self.n_sink
-        k = max(min(len(context), math.floor(self.budget * n_context)), int(forced.sum()))
-        if k == 0:
-            logger.info("sagekv: budget=%s keeps no document token", self.budget)
-        window = min(self.window, len(state.question_ids))
-        with watch.phase("select"):
-            tail = state.question_ids[-window:]
-            scores = window_attention(state.model, state.cache, positions, tail)[..., first:last]
-            shared = top_per_head(scores.sum(dim=(0, 1)), k, forced)
-            if self.per_head:
-                index = top_per_head(scores, k, forced)
-            else:
-                index = shared.expand(*scores.shape[:2], -1)
-        with watch.phase("evict"):
-            cache = evict(state.model, state.cache, first, last, index)
-        kept = context[shared]
-        lengths = torch.tensor([*state.doc_starts, end]).diff().tolist()
-        details = {**state.details, **self._agreement(index, shared, len(context), n_context)}
-        return dataclasses.replace(
-            state,
-            cache=cache,
-            positions=torch.cat([positions[:first], kept, positions[last:]]),
-            kept_indices=split_by_document(kept - start, lengths),
-            details=details,
-        )
-
-    @staticmethod
-    def _agreement(
-        index: torch.Tensor, shared: torch.Tensor, n_entries: int, n_context: int
-    ) -> dict[str, object]:
-        """How well ``[k]`` ``shared`` stands for ``[n_layers, n_kv_heads, k]`` ``index``."""
-        k = int(shared.numel())
-        union = torch.zeros(n_entries, dtype=torch.bool, device=index.device)
-        union[index.flatten()] = True
-        in_shared = torch.zeros_like(union)
-        in_shared[shared] = True
-        agreement = float(in_shared[index].float().mean()) if k else 1.0
-        return {
-            "kept_per_head": k,
-            "union_fraction": int(union.sum()) / n_context if n_context else 0.0,
-            "head_agreement": agreement,
-        }
+        return evict_after_question(
+            state, watch, self.budget, window=self.window, n_sink=self.n_sink,
+            per_head=self.per_head,
+        )  # fmt: skip
