@@ -1,14 +1,14 @@
 """One-shot eviction after the question: score cache entries by the question's attention.
 
-SAGE-KV (``sagekv.py``), and SamKV with ``resident``, keep per layer and KV head the
-context entries that the last question tokens attend to most. Where the question ran in
-``build``'s forward, ``build`` records those tokens' queries on the way (``record_window``: the ``q_proj`` outputs of the
-last ``w`` rows, ``[n_layers, w, n_q_heads · head_dim]``), and scoring costs one score
-matmul per layer. Otherwise ``window_attention`` recomputes them by running the last ``w``
-question tokens through every layer again, behind the decode cache as it is
-(``FrozenCache``: attention reads the cache, nothing is written to it): one forward of ``w``
-tokens over the ``L``-entry cache, as much as decoding ``w`` tokens, plus the same matmul.
-Memory: ``n_q_heads · w · L`` floats for one layer at a time.
+SAGE-KV (``sagekv.py``), and SamKV with ``resident``, keep per layer and KV head the context
+entries that the last question tokens attend to most. Where the question ran in ``build``'s
+forward, ``build`` records those tokens' queries on the way (``record_window``: the
+``q_proj`` outputs of the last ``w`` rows, ``[n_layers, w, n_q_heads · head_dim]``), and
+scoring costs one score matmul per layer. Otherwise ``window_attention`` recomputes them by
+running the last ``w`` question tokens through every layer again, behind the decode cache as
+it is (``FrozenCache``: attention reads the cache, nothing is written to it): one forward of
+``w`` tokens over the ``L``-entry cache, as much as decoding ``w`` tokens, plus the same
+matmul. Memory: ``n_q_heads · w · L`` floats for one layer at a time.
 
 Queries are formed as the model's attention forms them: ``q_proj`` of the layer's
 normalised input, the per-head ``q_norm`` where the model has one (Qwen3), RoPE at the
