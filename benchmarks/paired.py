@@ -24,17 +24,23 @@ def paired_with(predictions: Path, against: str) -> dict[str, dict[str, Any]]:
     """Method label -> ``compare_with_reference`` of its rows against ``against``'s rows.
 
     Raises:
-        ValueError: ``against`` answered no question in ``predictions``; the message lists
-            the methods that did.
+        ValueError: A line is not a prediction record (its number is named), or ``against``
+            answered no question in ``predictions`` (the message lists the methods that did).
+        OSError: ``predictions`` cannot be read.
     """
     rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for line in predictions.read_text(encoding="utf-8").splitlines():
-        if line.strip():
+    for number, line in enumerate(predictions.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
             rows[row["method"]].append(row)
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{predictions}:{number}: not a prediction record ({error})") from None
     if against not in rows:
+        there = ", ".join(rows) or "no methods"
         raise ValueError(
-            f"--against {against!r}: no such method in {predictions}; it holds {', '.join(rows)}"
+            f"--against {against!r}: no such method in {predictions}; it holds {there}"
         )
     return {
         label: compare_with_reference(method_rows, rows[against])
@@ -58,15 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         table = paired_with(args.predictions, args.against)
-    except ValueError as error:
+    except (OSError, ValueError) as error:
         parser.error(str(error))
+    if not table:
+        parser.error(f"{args.predictions} holds no method but {args.against!r} to pair with it")
+    if args.out is not None and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: its folder does not exist")
     width = max([len(label) for label in table] + [6])
     print(f"{'method':<{width}}  {'n':>4}  {'dcontains [95% CI]':>22}  {'dF1 [95% CI]':>22}")
     for label, pair in table.items():
         contains, f1 = _points(pair["contains_gold"]), _points(pair["f1"])
         print(f"{label:<{width}}  {pair['n']:>4}  {contains:>22}  {f1:>22}")
     if args.out is not None:
-        args.out.write_text(json.dumps({"against": args.against, "methods": table}, indent=1))
+        args.out.write_text(
+            json.dumps({"against": args.against, "methods": table}, indent=1) + "\n"
+        )
     return 0
 
 

@@ -51,3 +51,16 @@ def test_an_unknown_method_names_the_ones_there(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--against 'samkv+budget=0.3': no such method" in done.stderr
     assert "it holds full, samkv" in done.stderr
+
+
+def test_unreadable_input_is_named(tmp_path: Path) -> None:
+    missing = _run("--predictions", str(tmp_path / "none.jsonl"), "--against", "samkv")
+    assert missing.returncode == 2 and "none.jsonl" in missing.stderr
+    broken = tmp_path / "predictions.jsonl"
+    broken.write_text('{"id": "q", "method": "samkv"}\n{"id": "q"}\n', encoding="utf-8")
+    done = _run("--predictions", str(broken), "--against", "samkv")
+    assert done.returncode == 2 and "predictions.jsonl:2: not a prediction record" in done.stderr
+    alone = tmp_path / "alone.jsonl"
+    alone.write_text('{"id": "q", "method": "samkv"}\n', encoding="utf-8")
+    done = _run("--predictions", str(alone), "--against", "samkv")
+    assert done.returncode == 2 and "holds no method but 'samkv'" in done.stderr

@@ -280,9 +280,10 @@ def evict_after_question(
     wanted = max(math.floor(budget * n_context), min_kept)
     k = max(min(len(context), wanted), int(forced.sum()))
     if k == 0:
-        logger.info("eviction: budget=%s keeps no document token", budget)
+        logger.info("eviction: a share of %s keeps no document token", budget)
     if k == len(context):  # every head keeps every entry: the cache stays as it is
-        facts = {"kept_per_head": k, "union_fraction": k / n_context, "head_agreement": 1.0}
+        union = k / n_context if n_context else 0.0
+        facts = {"kept_per_head": k, "union_fraction": union, "head_agreement": 1.0}
         details = {**state.details, **facts}
         return dataclasses.replace(state, details=details, question_queries=None)
     window = min(window, len(state.question_ids))

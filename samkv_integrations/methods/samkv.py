@@ -67,8 +67,8 @@ class SamKVMethod(BaseMethod):
     n_context), min_kept)`` tokens among those ``budget`` kept (all of them if fewer were),
     and decoding runs on those. ``budget`` then sets what is recomputed and ``resident`` what
     the decode cache holds (``kept_fraction``). The queries are recorded in the recompute's
-    forward; where a decoding policy prefills the question itself (``decode=retro``), a
-    second forward recomputes them, without the policy's pool. With
+    forward; where a decoding policy prefills the question itself (``decode=retro|quest``
+    with ``retro_question=pool``), a second forward recomputes them, without the pool. With
     ``budget=0.2, resident=0.15`` (H200, n=300; README, "A head-level stage after the
     question"): Qwen2.5-Coder-1.5B NQ −10.3 points of contains against the default's −16.3,
     HotpotQA long −2.7 against −0.7, 0.5B NQ −10.7 against −10.3; TTFT on the 8B shape at

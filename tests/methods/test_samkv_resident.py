@@ -110,6 +110,19 @@ class TestSamKVResident(MethodContract):
         with pytest.raises(ValueError, match="layer_types"):
             method.after_question(state, Stopwatch(inputs.model.device))
 
+    def test_an_eviction_that_keeps_everything_copies_nothing(self, case: Case) -> None:
+        inputs = dataclasses.replace(case.inputs, prefill_question=True)
+        method = SamKVMethod(budget=0.3, resident=0.3)
+        context = method.build(inputs, Stopwatch(inputs.model.device))
+        assert context.question_logits is not None and context.question_queries is not None
+        state = DecodeState.after_prefill(inputs, context, context.question_logits, {})
+        after = method.after_question(state, Stopwatch(inputs.model.device))
+        assert after.cache is state.cache and after.positions is state.positions
+        assert after.question_queries is None
+        kept = sum(len(k) for k in state.kept_indices)
+        assert after.details["kept_per_head"] == kept
+        assert after.details["union_fraction"] == kept / case.context_tokens
+
     def test_the_engine_path_runs_no_second_forward(
         self, case: Case, monkeypatch: pytest.MonkeyPatch
     ) -> None:
