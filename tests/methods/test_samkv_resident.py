@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.methods import (
     BaseMethod,
     DecodeState,
@@ -19,10 +18,9 @@ from samkv_integrations.methods import (
 )
 from samkv_integrations.methods.eviction import recorded_window_attention, window_attention
 from samkv_integrations.methods.specs import parse_spec
-from samkv_integrations.models import LoadedModel
 from samkv_integrations.timing import Stopwatch
 
-from .contract import DOCUMENTS, QUESTION, Case, MethodContract
+from .contract import Case, MethodContract
 
 
 class TestSamKVResident(MethodContract):
@@ -99,29 +97,37 @@ class TestSamKVResident(MethodContract):
         self, case: Case, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         # The recorded path runs no layer, so the check must not ride on the second forward.
-        inputs = dataclasses.replace(case.inputs, prefill_question=True)
         method = SamKVMethod(budget=0.4, resident=0.2)
-        context = method.build(inputs, Stopwatch(inputs.model.device))
-        assert context.question_logits is not None and context.question_queries is not None
-        state = DecodeState.after_prefill(inputs, context, context.question_logits, {})
-        config = inputs.model.config
+        state = _question_prefilled(method, case.inputs)
+        config = case.inputs.model.config
         sliding = ["sliding_attention"] * config.num_hidden_layers
         monkeypatch.setattr(config, "layer_types", sliding, raising=False)
         with pytest.raises(ValueError, match="layer_types"):
-            method.after_question(state, Stopwatch(inputs.model.device))
+            method.after_question(state, Stopwatch(state.model.device))
 
     def test_an_eviction_that_keeps_everything_copies_nothing(self, case: Case) -> None:
-        inputs = dataclasses.replace(case.inputs, prefill_question=True)
         method = SamKVMethod(budget=0.3, resident=0.3)
-        context = method.build(inputs, Stopwatch(inputs.model.device))
-        assert context.question_logits is not None and context.question_queries is not None
-        state = DecodeState.after_prefill(inputs, context, context.question_logits, {})
-        after = method.after_question(state, Stopwatch(inputs.model.device))
+        state = _question_prefilled(method, case.inputs)
+        after = method.after_question(state, Stopwatch(state.model.device))
         assert after.cache is state.cache and after.positions is state.positions
         assert after.question_queries is None
         kept = sum(len(k) for k in state.kept_indices)
         assert after.details["kept_per_head"] == kept
         assert after.details["union_fraction"] == kept / case.context_tokens
+
+    @pytest.mark.parametrize("stage", [SamKVMethod(budget=0.4, resident=0.2), SageKVMethod()])
+    def test_the_recorded_window_scores_as_the_rerun_does(
+        self, case: Case, stage: BaseMethod
+    ) -> None:
+        state = _question_prefilled(stage, case.inputs)
+        question = case.inputs.question_ids
+        window = min(16, len(question))
+        queries = state.question_queries
+        assert queries is not None
+        assert queries.shape[:2] == (state.model.config.num_hidden_layers, window)
+        recorded = recorded_window_attention(state.model, state.cache, state.positions, queries)
+        rerun = window_attention(state.model, state.cache, state.positions, question[-window:])
+        torch.testing.assert_close(recorded, rerun, atol=1e-5, rtol=1e-4)
 
     def test_the_engine_path_runs_no_second_forward(
         self, case: Case, monkeypatch: pytest.MonkeyPatch
@@ -157,22 +163,9 @@ def test_bad_resident_names_the_field(options: dict[str, object], message: str) 
         SamKVMethod(**options)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("method", [SamKVMethod(budget=0.4, resident=0.2), SageKVMethod()])
-def test_the_recorded_window_scores_as_the_rerun_does(
-    tiny_model: LoadedModel, memory_store: KVCacheStore, method: BaseMethod
-) -> None:
-    engine = SamKVEngine(tiny_model, memory_store)
-    refs = engine.index(DOCUMENTS, progress=False)
-    docs = [engine.store.get(ref.key, fingerprint=engine.fingerprint) for ref in refs]
-    question = engine.framer.question_ids(QUESTION)
-    inputs = MethodInput(tiny_model.model, engine.prefix, docs, question, prefill_question=True)
+def _question_prefilled(method: BaseMethod, inputs: MethodInput) -> DecodeState:
+    """The state after ``method``'s build ran the question too, as the engine has it run."""
+    inputs = dataclasses.replace(inputs, prefill_question=True)
     context = method.build(inputs, Stopwatch(inputs.model.device))
     assert context.question_logits is not None and context.question_queries is not None
-    state = DecodeState.after_prefill(inputs, context, context.question_logits, {})
-    window = min(16, len(question))
-    assert context.question_queries.shape[:2] == (inputs.model.config.num_hidden_layers, window)
-    recorded = recorded_window_attention(
-        inputs.model, state.cache, state.positions, context.question_queries
-    )
-    rerun = window_attention(inputs.model, state.cache, state.positions, question[-window:])
-    torch.testing.assert_close(recorded, rerun, atol=1e-5, rtol=1e-4)
+    return DecodeState.after_prefill(inputs, context, context.question_logits, {})
