@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -42,6 +43,9 @@ from samkv_integrations.rope import rotary_module, rotate_half
 from samkv_integrations.timing import Stopwatch
 
 logger = logging.getLogger(__name__)
+
+#: Question tokens whose attention scores the cache by default: SnapKV's observation window.
+OBSERVATION_WINDOW = 16
 
 
 class FrozenLayer(DynamicLayer):
@@ -153,18 +157,39 @@ def window_attention(
     return torch.stack(scores)
 
 
-@contextmanager
-def record_window(model: PreTrainedModel, window: int) -> Iterator[list[torch.Tensor | None]]:
-    """Record the last ``window`` rows of each layer's ``q_proj`` output in the forward inside.
+def window_rows(window: int, question_ids: Sequence[int]) -> int:
+    """Question tokens whose queries score the cache: the last ``window``, at most all of them."""
+    return min(window, len(question_ids))
 
-    Yields one slot per layer, ``[window, n_q_heads * head_dim]`` once the forward ran (copies:
-    the forward's whole query projections are not kept alive); ``window=0`` records nothing.
+
+@dataclass
+class WindowRecord:
+    """What ``record_window`` kept: one slot per layer, filled by the forward inside it."""
+
+    slots: list[torch.Tensor | None]
+
+    @property
+    def queries(self) -> torch.Tensor | None:
+        """``[n_layers, w, n_q_heads * head_dim]`` once the forward ran; None: none recorded."""
+        return torch.stack(cast(list[torch.Tensor], self.slots)) if self.slots else None
+
+
+@contextmanager
+def record_window(
+    model: PreTrainedModel, window: int, question_ids: Sequence[int]
+) -> Iterator[WindowRecord]:
+    """Record the question's last rows of each layer's ``q_proj`` output in the forward inside.
+
+    ``question_ids`` are the tokens the forward runs last (none: nothing is recorded); the
+    last ``window_rows(window, question_ids)`` rows are kept, as copies, so that the
+    forward's whole query projections are not kept alive.
     """
-    if not window:
-        yield []
+    rows = window_rows(window, question_ids)
+    if not rows:
+        yield WindowRecord([])
         return
-    with capture_queries(model, keep=lambda out: out[0, -window:].clone()) as captured:
-        yield captured
+    with capture_queries(model, keep=lambda out: out[0, -rows:].clone()) as captured:
+        yield WindowRecord(captured)
 
 
 @torch.inference_mode()
@@ -286,7 +311,7 @@ def evict_after_question(
         facts = {"kept_per_head": k, "union_fraction": union, "head_agreement": 1.0}
         details = {**state.details, **facts}
         return dataclasses.replace(state, details=details, question_queries=None)
-    window = min(window, len(state.question_ids))
+    window = window_rows(window, state.question_ids)
     with watch.phase("select"):
         recorded = state.question_queries
         if recorded is not None and recorded.shape[1] == window:

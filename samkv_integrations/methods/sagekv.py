@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
-
-import torch
 
 from samkv_integrations.methods.base import BaseMethod, ContextCache, DecodeState, MethodInput
-from samkv_integrations.methods.eviction import evict_after_question, record_window
+from samkv_integrations.methods.eviction import (
+    OBSERVATION_WINDOW,
+    evict_after_question,
+    record_window,
+)
 from samkv_integrations.methods.full import FullMethod
 from samkv_integrations.methods.option_checks import check_fractions, check_ints
 from samkv_integrations.timing import Stopwatch
@@ -70,7 +71,7 @@ class SageKVMethod(BaseMethod):
     reads_cache = False  # the documents are prefilled from their text, as ``full`` does
 
     budget: float = 0.15
-    window: int = 16
+    window: int = OBSERVATION_WINDOW
     n_sink: int = 4
     per_head: bool = True
 
@@ -86,11 +87,10 @@ class SageKVMethod(BaseMethod):
         Where the question runs in that forward, its last ``window`` tokens' queries are
         recorded for the selection (``ContextCache.question_queries``).
         """
-        window = min(self.window, len(inputs.question_ids)) if inputs.prefill_question else 0
-        with record_window(inputs.model, window) as recorded:
+        question = inputs.question_ids if inputs.prefill_question else []
+        with record_window(inputs.model, self.window, question) as recorded:
             context = FullMethod().build(inputs, watch)
-        if window:
-            context.question_queries = torch.stack(cast(list[torch.Tensor], recorded))
+        context.question_queries = recorded.queries
         return context
 
     def after_question(self, state: DecodeState, watch: Stopwatch) -> DecodeState:

@@ -10,15 +10,15 @@ import torch
 from samkv_integrations.methods.aligned import gather_aligned
 from samkv_integrations.methods.base import BaseMethod, ContextCache, DecodeState, MethodInput
 from samkv_integrations.methods.block_scores import block_layout, select_blocks
-from samkv_integrations.methods.eviction import evict_after_question, record_window
+from samkv_integrations.methods.eviction import (
+    OBSERVATION_WINDOW,
+    evict_after_question,
+    record_window,
+)
 from samkv_integrations.methods.kept_tokens import kept_tokens
 from samkv_integrations.methods.recompute import recompute_behind_prefix
 from samkv_integrations.methods.samkv_options import resolve_options
 from samkv_integrations.timing import Stopwatch
-
-#: Question tokens whose attention picks the resident tokens: SnapKV's observation window,
-#: as ``sagekv``'s default.
-_RESIDENT_WINDOW = 16
 
 
 @dataclass
@@ -160,8 +160,8 @@ class SamKVMethod(BaseMethod):
                 theta = torch.where(kept.after_drop, self.fusion_theta, 1.0)
             reused = None if theta is None else gather_aligned(model, docs, starts, kept.local)
             question = inputs.question_ids if inputs.prefill_question else []
-            window = min(_RESIDENT_WINDOW, len(question)) if self.resident is not None else 0
-            with record_window(model, window) as recorded:  # what ``resident`` scores with
+            window = OBSERVATION_WINDOW if self.resident is not None else 0
+            with record_window(model, window, question) as recorded:  # what ``resident`` scores
                 cache, question_logits = recompute_behind_prefix(  # the question rides along
                     model, inputs.prefix, ids[kept.indices], positions, reused, theta, question,
                     inputs.context_end,
@@ -174,7 +174,7 @@ class SamKVMethod(BaseMethod):
             recomputed_tokens=int(kept.indices.numel()),
             details={"anchor_indices": anchors, **kept.facts},
             question_logits=question_logits,
-            question_queries=torch.stack(cast(list[torch.Tensor], recorded)) if window else None,
+            question_queries=recorded.queries,
         )
 
     def after_question(self, state: DecodeState, watch: Stopwatch) -> DecodeState:
@@ -185,6 +185,6 @@ class SamKVMethod(BaseMethod):
         if self.resident is None:
             return state
         return evict_after_question(
-            state, watch, self.resident, window=_RESIDENT_WINDOW, n_sink=0, per_head=True,
+            state, watch, self.resident, window=OBSERVATION_WINDOW, n_sink=0, per_head=True,
             min_kept=self.min_kept,
         )  # fmt: skip
