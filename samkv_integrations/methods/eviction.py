@@ -13,7 +13,9 @@ matmul. Memory: ``n_q_heads · w · L`` floats for one layer at a time.
 Queries are formed as the model's attention forms them: ``q_proj`` of the layer's
 normalised input, the per-head ``q_norm`` where the model has one (Qwen3), RoPE at the
 tokens' global positions; scores use the module's ``scaling`` and the cached (post-RoPE)
-keys, so they are the model's own attention probabilities, in float32.
+keys, so they are the model's own attention probabilities, in float32. Before the top-k, a
+``kernel`` wider than 1 averages each entry's score with its neighbours in cache order
+(``clustered``, SnapKV's pooling).
 """
 
 from __future__ import annotations
@@ -218,6 +220,31 @@ def recorded_window_attention(
     return torch.stack(scores)
 
 
+def clustered(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """SnapKV's clustering: each entry's score averaged with its ``kernel // 2`` neighbours each side.
+
+    Paper: SnapKV (Li et al., https://arxiv.org/abs/2404.14469) pools the observation
+    window's scores over neighbouring positions before the top-k, so that a kept token
+    brings the tokens around it (a name's other pieces) rather than standing alone. Unlike
+    SnapKV's reference code, which pools over the whole prompt and pads its ends with
+    zeros, this pools the document span alone (the caller's slice) and averages an edge
+    entry over the neighbours that exist. Neighbours are in cache order: where the cache
+    is already compacted (SamKV's kept blocks), they reach across the gaps.
+
+    Args:
+        scores: ``[n_layers, n_kv_heads, n]`` float32 scores of ``n`` entries in cache order.
+        kernel: Odd window width; 1 returns ``scores`` as they are.
+
+    Returns:
+        ``[n_layers, n_kv_heads, n]`` smoothed scores.
+    """
+    if kernel == 1 or scores.shape[-1] == 0:
+        return scores
+    return torch.nn.functional.avg_pool1d(
+        scores, kernel, stride=1, padding=kernel // 2, count_include_pad=False
+    )
+
+
 def top_per_head(scores: torch.Tensor, k: int, forced: torch.Tensor) -> torch.Tensor:
     """The ``k`` best entries of each row, in increasing order; ``forced`` entries first.
 
@@ -272,13 +299,16 @@ def evict_after_question(
     n_sink: int,
     per_head: bool,
     min_kept: int = 0,
+    kernel: int = 1,
 ) -> DecodeState:
     """Keep ``k = max(floor(budget · n_context), min_kept)`` document entries per KV head.
 
     SAGE-KV's one-shot selection (``sagekv.py`` names the choices): the last ``window``
     question tokens' attention scores the document entries of the
     ``[1, n_kv_heads, L, head_dim]`` layers, and each KV head keeps its own top ``k``
-    (``per_head``) or all keep the top ``k`` of the score summed over layers and heads.
+    (``per_head``) or all keep the top ``k`` of the score summed over layers and heads;
+    ``kernel > 1`` first averages each score with its neighbours in cache order
+    (``clustered``, SnapKV's pooling).
     ``n_context`` counts the layout's document tokens, kept or not, so ``budget`` is a
     share of the context whatever an earlier stage kept. Works on any state whose cache is
     in global order (the document entries, kept or not, lie between the prefix and the
@@ -319,7 +349,7 @@ def evict_after_question(
         else:
             tail = state.question_ids[-window:]
             scores = window_attention(state.model, state.cache, positions, tail)
-        scores = scores[..., first:last]
+        scores = clustered(scores[..., first:last], kernel)
         shared = top_per_head(scores.sum(dim=(0, 1)), k, forced)
         index = (
             top_per_head(scores, k, forced) if per_head else shared.expand(*scores.shape[:2], -1)

@@ -19,6 +19,14 @@ def check_ints(method: Any, lows: Mapping[str, int]) -> None:
             raise ValueError(f"{field} must be an int >= {low}, got {value!r}")
 
 
+def check_odd(method: Any, fields: tuple[str, ...]) -> None:
+    """Each field named is an odd int >= 1 (a window centred on its entry)."""
+    for field in fields:
+        value = getattr(method, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+            raise ValueError(f"{field} must be an odd int >= 1, got {value!r}")
+
+
 def check_choices(method: Any, choices: Mapping[str, tuple[Any, ...]]) -> None:
     """Each field named in ``choices`` holds one of its allowed values."""
     for field, allowed in choices.items():

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from samkv_integrations.methods.option_checks import check_choices, check_fractions, check_ints
+from samkv_integrations.methods.option_checks import (
+    check_choices,
+    check_fractions,
+    check_ints,
+    check_odd,
+)
 
 if TYPE_CHECKING:
     from samkv_integrations.methods.samkv import SamKVMethod
@@ -44,10 +49,13 @@ def resolve_options(method: SamKVMethod) -> None:
         if getattr(method, field) in (None, "auto"):  # an unknown scoring fails check_choices
             setattr(method, field, value)
     check_ints(method, {"n_init": 0, "n_local": 0, "block_size": 1, "min_kept": 0})
+    check_odd(method, ("resident_kernel",))
     check_choices(method, _CHOICES)
     check_fractions(method, _FRACTIONS, optional=("tau", "resident"))
     if method.resident is not None and method.resident > method.budget:
         raise ValueError(f"resident ({method.resident}) must be at most budget ({method.budget})")
+    if method.resident is None and method.resident_kernel != 1:
+        raise ValueError("resident_kernel applies with resident only")
     moved = [f for f, off in _ATTENTION_ONLY.items() if getattr(method, f) not in off]
     if method.scoring == "paper" and moved:
         raise ValueError(f"{moved[0]} applies to scoring='attention' only")

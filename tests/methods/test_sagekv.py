@@ -9,19 +9,20 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.methods import DecodeState, FullMethod, SageKVMethod
-from samkv_integrations.methods.eviction import top_per_head, window_attention
+from samkv_integrations.methods.eviction import clustered, top_per_head, window_attention
 from samkv_integrations.models import LoadedModel
 from samkv_integrations.timing import Stopwatch
 
 from .contract import DOCUMENTS, QUESTION, Case, MethodContract
+from .neighbourhood import neighbourhood_mean
 
 
 class TestSageKVMethod(MethodContract):
     __test__ = True
 
     @pytest.fixture(
-        params=[SageKVMethod(), SageKVMethod(per_head=False, window=1)],
-        ids=["per_head", "shared-last_token"],
+        params=[SageKVMethod(), SageKVMethod(per_head=False, window=1, kernel=1)],
+        ids=["per_head", "shared-last_token-unclustered"],
     )
     def method(self, request: pytest.FixtureRequest) -> SageKVMethod:
         return request.param
@@ -97,9 +98,10 @@ class TestSageKVMethod(MethodContract):
 
     def test_selection_keeps_the_tokens_the_question_attends_to_most(self, case: Case) -> None:
         # Plant keys that the question's last-layer queries favour: the last layer's
-        # queries do not depend on its own keys, so the plant leaves them unchanged.
+        # queries do not depend on its own keys, so the plant leaves them unchanged. The
+        # planted tokens stand alone, so clustering would share their score with neighbours.
         inputs, window = case.inputs, 4
-        method = SageKVMethod(budget=0.02, window=window)
+        method = SageKVMethod(budget=0.02, window=window, kernel=1)
         planted = [inputs.doc_starts[1] + 20, inputs.doc_starts[1] + 40, inputs.doc_starts[2] + 5]
         assert math.floor(0.02 * case.context_tokens) >= len(planted)
         _, state = case.decode_state(FullMethod())
@@ -126,6 +128,32 @@ class TestSageKVMethod(MethodContract):
             found = _kept_keys(method, state, keys[0, :, planted].clone())
         assert found.all(), "every head of the last layer must keep the planted tokens"
         assert not untouched.all(), "the planted tokens must not be kept by chance"
+
+    def test_each_head_keeps_the_best_of_its_clustered_scores(self, case: Case) -> None:
+        # The clustered selection is the top k of each score averaged with its neighbours;
+        # on these inputs it differs from the unclustered one, so the average is applied.
+        _, full = case.decode_state(FullMethod())
+        inputs, window = case.inputs, 16
+        start, end = inputs.prefix.length, inputs.context_end
+        question = inputs.question_ids[-min(window, len(inputs.question_ids)) :]
+        scores = window_attention(inputs.model, full.cache, full.positions, question)
+        scores = scores[..., start:end]
+        k = math.floor(0.15 * case.context_tokens)
+        chosen = {}
+        for kernel in (1, 5):
+            _, state = case.decode_state(SageKVMethod(budget=0.15, kernel=kernel))
+            ranked = neighbourhood_mean(scores, kernel)
+            best = ranked.argsort(dim=-1, descending=True, stable=True)[..., :k].sort().values
+            pairs = zip(full.cache.layers, state.cache.layers, best, strict=True)
+            for old, new, index in pairs:
+                span = old.keys[0, :, start:end]
+                expected = span.gather(1, index[:, :, None].expand(-1, -1, span.shape[-1]))
+                assert torch.equal(new.keys[0, :, start : start + k], expected)
+            # The representative set (what ``positions`` names) is clustered the same way.
+            shared = ranked.sum(dim=(0, 1)).argsort(descending=True, stable=True)[:k].sort()
+            assert torch.equal(state.positions[start : start + k], shared.values + start)
+            chosen[kernel] = best
+        assert not torch.equal(chosen[1], chosen[5])
 
     def test_window_longer_than_the_question_is_capped(self, case: Case) -> None:
         capped = case.answer(SageKVMethod(window=10_000))
@@ -160,6 +188,17 @@ def test_budget_one_decodes_as_full(
     assert got.stats.kept_fraction == 1.0 and got.details["union_fraction"] == 1.0
 
 
+def test_clustering_prefers_a_cluster_to_a_lone_peak() -> None:
+    scores = torch.zeros(1, 1, 12)
+    scores[0, 0, 2] = 1.0  # a lone peak
+    scores[0, 0, 6:11] = 0.6  # five neighbours that matter together
+    none = torch.zeros(12, dtype=torch.bool)
+    assert top_per_head(clustered(scores, 1), 1, none).item() == 2
+    assert top_per_head(clustered(scores, 5), 1, none).item() == 8
+    torch.testing.assert_close(clustered(scores, 5), neighbourhood_mean(scores, 5))
+    assert clustered(scores[..., :0], 5).shape == (1, 1, 0)
+
+
 def test_top_per_head_keeps_forced_then_best_and_breaks_ties_early() -> None:
     scores = torch.tensor([[0.0, 5.0, 1.0, 5.0, 3.0], [9.0, 0.0, 0.0, 0.0, 0.0]])
     forced = torch.tensor([False, False, True, False, False])
@@ -176,6 +215,10 @@ def test_top_per_head_keeps_forced_then_best_and_breaks_ties_early() -> None:
         ({"window": 2.5}, "window"),
         ({"n_sink": -1}, "n_sink"),
         ({"per_head": "yes"}, "per_head"),
+        ({"kernel": 0}, "kernel"),
+        ({"kernel": 4}, "kernel"),
+        ({"kernel": 2.5}, "kernel"),
+        ({"kernel": True}, "kernel"),
     ],
 )
 def test_invalid_settings_name_the_field(options: dict[str, object], field: str) -> None:

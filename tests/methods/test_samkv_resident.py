@@ -21,6 +21,7 @@ from samkv_integrations.methods.specs import parse_spec
 from samkv_integrations.timing import Stopwatch
 
 from .contract import Case, MethodContract
+from .neighbourhood import neighbourhood_mean
 
 
 class TestSamKVResident(MethodContract):
@@ -57,9 +58,13 @@ class TestSamKVResident(MethodContract):
             assert torch.equal(new.keys, old.keys) and torch.equal(new.values, old.values)
         assert answer.stats.kept_fraction == plain_answer.stats.kept_fraction
 
-    def test_each_head_keeps_its_best_share_of_the_recomputed_tokens(self, case: Case) -> None:
+    @pytest.mark.parametrize("kernel", [1, 5])
+    def test_each_head_keeps_its_best_share_of_the_recomputed_tokens(
+        self, case: Case, kernel: int
+    ) -> None:
         _, recomputed = case.decode_state(SamKVMethod(budget=0.4))
-        answer, state = case.decode_state(SamKVMethod(budget=0.4, resident=0.2))
+        method = SamKVMethod(budget=0.4, resident=0.2, resident_kernel=kernel)
+        answer, state = case.decode_state(method)
         k = math.floor(0.2 * case.context_tokens)
         n_documents = sum(len(kept) for kept in recomputed.kept_indices)
         assert 0 < k < n_documents
@@ -71,7 +76,8 @@ class TestSamKVResident(MethodContract):
         window = question[-min(16, len(question)) :]
         scores = window_attention(case.inputs.model, recomputed.cache, recomputed.positions, window)
         first = case.inputs.prefix.length
-        scores = scores[..., first : first + n_documents]
+        # resident_kernel: each score averaged with its neighbours in cache order first.
+        scores = neighbourhood_mean(scores[..., first : first + n_documents], kernel)
         for i, (old, new) in enumerate(
             zip(recomputed.cache.layers, state.cache.layers, strict=True)
         ):
@@ -156,6 +162,9 @@ def test_the_spec_string_reaches_the_option() -> None:
         ({"resident": "half"}, "resident must be in"),
         ({"budget": 0.15, "resident": 0.3}, r"resident \(0.3\) must be at most budget \(0.15\)"),
         ({"ranking": "per_document", "resident": 0.1}, "ranking must be 'global' with resident"),
+        ({"resident_kernel": 5}, "resident_kernel applies with resident only"),
+        ({"resident": 0.1, "resident_kernel": 4}, "resident_kernel must be an odd int"),
+        ({"resident": 0.1, "resident_kernel": 0}, "resident_kernel must be an odd int"),
     ],
 )
 def test_bad_resident_names_the_field(options: dict[str, object], message: str) -> None:
