@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -13,8 +14,8 @@ import pytest
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.eval import cli
 from samkv_integrations.eval.harness import EvalConfig, plan_run, run_eval
-from samkv_integrations.methods import METHODS, ReuseMethod
-from samkv_integrations.methods.specs import parse_methods
+from samkv_integrations.methods import METHODS, BaseMethod, ReuseMethod
+from samkv_integrations.methods.specs import MethodSpec, parse_methods
 from samkv_integrations.models import LoadedModel
 
 REQUIRED = (
@@ -270,6 +271,26 @@ def test_force_reruns_and_other_runs_are_refused(tmp_path: Path, data: Path) -> 
         plan_run(config(tmp_path, data, limit=2))
     run_eval(config(tmp_path, data, limit=1, force=True))
     assert "TAMPERED" not in (run_dir / "predictions.jsonl").read_text()
+
+
+def test_a_label_whose_defaults_changed_is_another_run(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run directory records what each label ran; after a default changes, the same
+    # label must not resume (or return) the rows answered under the old meaning.
+    settings = dict(methods="full,sagekv", limit=1)
+    run_eval(config(tmp_path, data, **settings))
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert "kernel=5" in recorded["identity"]["method_settings"][1]
+    build = MethodSpec.build
+
+    def old_default(spec: MethodSpec) -> BaseMethod:
+        method = build(spec)
+        return dataclasses.replace(method, kernel=1) if spec.name == "sagekv" else method
+
+    monkeypatch.setattr(MethodSpec, "build", old_default)
+    with pytest.raises(ValueError, match=r"holds another run .*differs in method_settings"):
+        plan_run(config(tmp_path, data, **settings))
 
 
 def test_interrupted_run_resumes(tmp_path: Path, data: Path) -> None:
