@@ -79,7 +79,8 @@ workers:
 run directory:
   Without --out: <runs-root>/<data stem>-<model>-n<limit|all>-<c<chunk>|para>[-<task>]-
   <run id> (the task only when not qa), where the run id hashes the settings that change
-  results (data sha256, methods, model, device, limit, chunk size, generation, task). A
+  results (data sha256, methods and every option each one ran with, defaults included,
+  model, device, limit, chunk size, generation, task). A
   second identical run is SKIPPED: it prints the stored metrics and exits 0. An
   interrupted run is resumed: questions every method already answered are kept. --force
   starts the directory over. An --out directory that holds a different run is an error
