@@ -14,8 +14,9 @@ needed (the model may know it) nor enough (the context around it may be gone). I
 eval cannot, e.g. on the CPU. The gold document (first packed document holding an answer)
 is recorded per question, so retention can be read by where the answer sits.
 
-Rows go to ``--out`` (JSON Lines, one per question and method) as they are computed; a rerun
-with the same ``--out`` skips the pairs already there. The summary (per method: n, mean kept
+Rows go to ``--out`` (JSON Lines, one per question and method) as they are computed, each
+with the settings its method ran with (defaults resolved); a rerun with the same ``--out``
+skips the pairs already there, and refuses rows of a label whose settings have changed since. The summary (per method: n, mean kept
 fraction, retention with its 95% bootstrap interval, and the paired difference from the
 first method) is printed and written to ``--summary``.
 
@@ -39,6 +40,7 @@ from tqdm import tqdm
 from samkv_integrations import KVCacheStore, SamKVEngine
 from samkv_integrations.eval.data import Question, pack_paragraphs, read_questions
 from samkv_integrations.eval.metrics import mean_interval, paired_bootstrap
+from samkv_integrations.methods.specs import parse_spec
 from samkv_integrations.models import samkv_home
 
 logger = logging.getLogger(__name__)
@@ -144,13 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         parser.error("--methods names no method")
-    questions = read_questions(args.data, args.limit)
-    store = KVCacheStore(args.store or str(samkv_home() / "kvcache"))
-    engine = SamKVEngine.from_pretrained(args.model, store, device=args.device)
+    try:
+        settings = {m: repr(parse_spec(m).build()) for m in methods}
+    except ValueError as error:
+        parser.error(str(error))
     done: list[dict[str, Any]] = []
     if args.out.exists():
         done = [json.loads(line) for line in args.out.read_text(encoding="utf-8").splitlines()]
+    for row in done:  # a default that changed must not mix two meanings under one label
+        ran, now = row.get("method_settings"), settings.get(row["method"])
+        if now is not None and ran != now:
+            parser.error(
+                f"--out {args.out} holds rows of {row['method']} run as {ran}, now {now}; "
+                "choose another --out"
+            )
     seen = {(r["id"], r["method"]) for r in done}
+    questions = read_questions(args.data, args.limit)
+    store = KVCacheStore(args.store or str(samkv_home() / "kvcache"))
+    engine = SamKVEngine.from_pretrained(args.model, store, device=args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a", encoding="utf-8") as out:
         for question in tqdm(questions, desc="questions", unit="q"):
@@ -158,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             if not todo:
                 continue
             for row in retention_rows(engine, question, todo, args.chunk_tokens or None):
+                row["method_settings"] = settings[row["method"]]
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 done.append(row)

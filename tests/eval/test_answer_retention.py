@@ -41,6 +41,11 @@ def test_full_keeps_every_answer_and_a_rerun_resumes(tmp_path: Path, data: Path)
     again = _run(*argv)
     assert again.returncode == 0, again.stderr
     assert len(out.read_text().splitlines()) == 4, "the rows already there are not recomputed"
+    # Rows of a label that ran with other settings (a default changed since) are refused.
+    rows[-1]["method_settings"] = "SamKVMethod(budget=0.5)"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused = _run(*argv)
+    assert refused.returncode != 0 and "run as SamKVMethod(budget=0.5), now" in refused.stderr
 
 
 def test_kept_runs_are_decoded_apart() -> None:
