@@ -15,10 +15,11 @@ eval cannot, e.g. on the CPU. The gold document (first packed document holding a
 is recorded per question, so retention can be read by where the answer sits.
 
 Rows go to ``--out`` (JSON Lines, one per question and method) as they are computed, each
-with the settings its method ran with (defaults resolved); a rerun with the same ``--out``
-skips the pairs already there, and refuses rows of a label whose settings have changed since. The summary (per method: n, mean kept
-fraction, retention with its 95% bootstrap interval, and the paired difference from the
-first method) is printed and written to ``--summary``.
+with the settings its method ran with (``MethodSpec.settings``); a rerun with the same
+``--out`` skips the pairs already there, and refuses rows of a label whose settings have
+changed since. The summary (per method: n, mean kept fraction, retention with its 95%
+bootstrap interval, and the paired difference from the first method) is printed and written
+to ``--summary``.
 
 Run: python benchmarks/answer_retention.py --data nq_dev_300_30doc.jsonl --model
 qwen2.5-coder-0.5b-instruct --methods samkv,samkv+score_positions=adjacent --limit 100
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if not methods:
         parser.error("--methods names no method")
     try:
-        settings = {m: repr(parse_spec(m).build()) for m in methods}
+        settings = {m: parse_spec(m).settings for m in methods}
     except ValueError as error:
         parser.error(str(error))
     done: list[dict[str, Any]] = []

@@ -204,9 +204,7 @@ def plan_run(config: EvalConfig) -> RunPlan:
     identity = {
         "data_sha256": data_sha256,
         "methods": [s.label for s in specs],
-        # What each label ran, defaults resolved: a default that changes between releases
-        # makes another run, never one whose rows mix the old and new meaning of a label.
-        "method_settings": [repr(s.build()) for s in specs],
+        "method_settings": [s.settings for s in specs],
         "model": config.model,
         "device": device,
         "limit": config.limit,

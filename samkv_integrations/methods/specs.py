@@ -64,6 +64,15 @@ class MethodSpec:
         method = METHODS[self.name](**self.options)
         return RetroMethod(method, **self.decoding) if self.decoding else method
 
+    @property
+    def settings(self) -> str:
+        """What this label runs: the built method's every option, defaults resolved.
+
+        Records of a run keep it beside the label, so that a default changed since makes
+        another run rather than mixing the label's old and new meaning.
+        """
+        return repr(self.build())
+
 
 def decoding_options() -> list[str]:
     """The options that belong to the decoding policy rather than to the method."""
