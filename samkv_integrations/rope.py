@@ -4,14 +4,32 @@ Rotary embeddings rotate each key by an angle linear in its position, so a key c
 position ``p`` is moved to ``p + delta`` by one more rotation of angle ``delta``. This holds
 for plain RoPE and for the Llama-3, linear and YaRN scalings, whose per-dimension
 frequencies do not depend on position. The angles always come from the model's own
-rotary module: no base or scaling is hard-coded here.
+rotary module: no base or scaling is hard-coded here. On CUDA with Triton installed the
+rotation runs as one kernel (``rope_kernels``) with the same float32 arithmetic.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+#: Whether Triton is installed (PyTorch's CUDA wheels carry it); read once at import.
+TRITON = importlib.util.find_spec("triton") is not None
+if TRITON:
+    try:
+        from samkv_integrations import rope_kernels
+    except ImportError:  # a Triton that does not import is no Triton: the eager path serves
+        TRITON = False
+
+#: Tokens each program of the fused rotation reads.
+_BLOCK_TOKENS = 32
+#: CUDA's limit on the grid's second axis (blocks of tokens).
+_MAX_TOKEN_BLOCKS = 65_535
+#: Key and output dtypes the kernel reads and writes.
+_ROTATED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def rotary_module(model: PreTrainedModel) -> nn.Module:
@@ -71,11 +89,68 @@ def shift_keys(
     return rotate(keys, *rotation(model, delta.to(keys.device)))
 
 
-def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(
+    keys: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """``keys`` ``[..., n, head_dim]`` rotated by ``rotation``'s ``[n, head_dim]`` cos and sin.
 
-    Computed in float32 and returned in the keys' dtype; callers that rotate many layers by
-    the same shifts compute ``rotation`` once and call this per layer.
+    Computed in float32 and returned in ``dtype`` (default: the keys' dtype); callers that
+    rotate many layers by the same shifts compute ``rotation`` once and call this per layer.
+    On a CUDA device with Triton, one fused kernel gives the same bits as the eager path.
     """
+    dtype = dtype or keys.dtype
+    if _fusable(keys, cos, sin, dtype):
+        return _rotate_fused(keys, cos, sin, dtype)
     k = keys.float()
-    return (k * cos + rotate_half(k) * sin).to(keys.dtype)
+    return (k * cos + rotate_half(k) * sin).to(dtype)
+
+
+def _fusable(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``rope_kernels.rotate`` takes these tensors (else the eager path serves).
+
+    Triton and CUDA, the keys on the current device with ``cos`` and ``sin``; float16,
+    bfloat16 or float32 keys and output; float32 ``cos`` and ``sin`` of exactly ``[n,
+    head_dim]`` (no broadcasting), with one stride and contiguous rows; an even head size;
+    some keys; at most ``65,535 × 32`` tokens (the grid's limit).
+    """
+    n_tokens, head_dim = keys.shape[-2:] if keys.dim() >= 2 else (0, 0)
+    return (
+        TRITON
+        and keys.is_cuda
+        # Triton launches on the current device, whatever device the tensors are on.
+        and keys.device.index == torch.cuda.current_device()
+        and cos.device == sin.device == keys.device
+        and keys.dtype in _ROTATED_DTYPES
+        and dtype in _ROTATED_DTYPES
+        and cos.dtype == sin.dtype == torch.float32
+        and cos.shape == sin.shape == (n_tokens, head_dim)
+        and cos.stride() == sin.stride()
+        and cos.stride(-1) == 1
+        and head_dim % 2 == 0
+        and keys.numel() > 0
+        and -(-n_tokens // _BLOCK_TOKENS) <= _MAX_TOKEN_BLOCKS
+    )
+
+
+def _rotate_fused(
+    keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    n_tokens, head_dim = keys.shape[-2:]
+    rows = keys.reshape(-1, n_tokens, head_dim)  # a view where the strides allow one
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(keys.shape, dtype=dtype, device=keys.device)
+    out_rows = out.view(-1, n_tokens, head_dim)
+    half = head_dim // 2
+    grid = (rows.shape[0], -(-n_tokens // _BLOCK_TOKENS))
+    rope_kernels.rotate[grid](
+        rows, cos, sin, out_rows,
+        rows.stride(0), rows.stride(1), out_rows.stride(0), out_rows.stride(1), cos.stride(0),
+        n_tokens,
+        HALF=half, BLOCK_HALF=1 << (half - 1).bit_length(), BLOCK_TOKENS=_BLOCK_TOKENS,
+        enable_fp_fusion=False,  # round each product and the sum, as the eager path does
+    )  # fmt: skip
+    return out

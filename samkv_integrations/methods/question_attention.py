@@ -147,8 +147,10 @@ def question_block_mass(
     cos, sin = rotation(model, token_shifts(model, documents, doc_starts, counts))
     masses = []
     for s, layer in enumerate(layers):
-        reused = torch.cat([d.keys[layer] for d in documents], dim=1).float()
-        keys = torch.cat([prefix.keys[layer][0].float(), rotate(reused, cos, sin)], dim=1)
+        reused = rotate(
+            torch.cat([d.keys[layer] for d in documents], dim=1), cos, sin, dtype=torch.float32
+        )
+        keys = torch.cat([prefix.keys[layer][0].float(), reused], dim=1)
         # [n_kv_heads, prefix + N, head_dim] at global positions
         scaling = _scaling(model, layer, keys.shape[-1])
         rotated = rotate_queries(model, layer, queries[s], positions)
