@@ -10,19 +10,15 @@ rotation runs as one kernel (``rope_kernels``) with the same float32 arithmetic.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-#: Whether Triton is installed (PyTorch's CUDA wheels carry it); read once at import.
-TRITON = importlib.util.find_spec("triton") is not None
-if TRITON:
-    try:
-        from samkv_integrations import rope_kernels
-    except ImportError:  # a Triton that does not import is no Triton: the eager path serves
-        TRITON = False
+from samkv_integrations.triton_kernels import import_kernels
+
+rope_kernels = import_kernels("samkv_integrations.rope_kernels")
+#: Whether the kernel imported (else the eager path serves).
+TRITON = rope_kernels is not None
 
 #: Tokens each program of the fused rotation reads.
 _BLOCK_TOKENS = 32

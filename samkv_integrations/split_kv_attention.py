@@ -24,10 +24,11 @@ Triton ships with PyTorch's CUDA wheels only; ``available`` says whether this pa
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
+
+from samkv_integrations.triton_kernels import import_kernels
 
 __all__ = ["available", "split_kv_attention", "supports"]
 
@@ -39,14 +40,10 @@ TARGET_BLOCKS = 256
 #: Splits the merge reads at a time (any split count takes the same compiled kernel).
 MERGE_BLOCK = 32
 
-#: Whether Triton is installed (PyTorch's CUDA wheels carry it); read once at import so that
-#: a compiled decode step finds a constant, not a lookup to trace.
-TRITON = importlib.util.find_spec("triton") is not None
-if TRITON:
-    try:
-        from samkv_integrations import split_kv_kernels
-    except ImportError:  # a Triton that does not import is no Triton: SDPA serves
-        TRITON = False
+split_kv_kernels = import_kernels("samkv_integrations.split_kv_kernels")
+#: Whether the kernels imported (else SDPA serves); read once at import so that a compiled
+#: decode step finds a constant, not a lookup to trace.
+TRITON = split_kv_kernels is not None
 
 
 def available() -> bool:
