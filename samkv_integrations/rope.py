@@ -127,8 +127,13 @@ def _fusable(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: to
         and cos.stride(-1) == 1
         and head_dim % 2 == 0
         and keys.numel() > 0
-        and -(-n_tokens // _BLOCK_TOKENS) <= _MAX_TOKEN_BLOCKS
+        and _token_blocks(n_tokens) <= _MAX_TOKEN_BLOCKS
     )
+
+
+def _token_blocks(n_tokens: int) -> int:
+    """Programs along the tokens: the fused rotation's grid, second axis."""
+    return -(-n_tokens // _BLOCK_TOKENS)
 
 
 def _rotate_fused(
@@ -141,7 +146,7 @@ def _rotate_fused(
     out = torch.empty(keys.shape, dtype=dtype, device=keys.device)
     out_rows = out.view(-1, n_tokens, head_dim)
     half = head_dim // 2
-    grid = (rows.shape[0], -(-n_tokens // _BLOCK_TOKENS))
+    grid = (rows.shape[0], _token_blocks(n_tokens))
     rope_kernels.rotate[grid](
         rows, cos, sin, out_rows,
         rows.stride(0), rows.stride(1), out_rows.stride(0), out_rows.stride(1), cos.stride(0),

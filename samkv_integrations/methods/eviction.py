@@ -21,6 +21,7 @@ keys, so they are the model's own attention probabilities, in float32. Before th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -357,7 +358,8 @@ def evict_after_question(
     with watch.phase("evict"):
         cache = evict(state.model, state.cache, first, last, index)
     kept = context[shared]
-    lengths = torch.tensor([*state.doc_starts, end]).diff().tolist()
+    bounds = [*state.doc_starts, end]
+    lengths = [later - earlier for earlier, later in itertools.pairwise(bounds)]
     details = {**state.details, **_agreement(index, shared, len(context), n_context)}
     return dataclasses.replace(
         state,
