@@ -22,6 +22,7 @@ from samkv_integrations.argument_checks import (
 from samkv_integrations.batch_decoders import decode_batchable, runs_plain_step, withdrawn_on_error
 from samkv_integrations.batching import DecodeBatcher
 from samkv_integrations.decode import Decoder, GenerationOptions, generate_deltas
+from samkv_integrations.device_tier import DeviceTier
 from samkv_integrations.encode import PrefixKV, encode_prefix, prefill
 from samkv_integrations.fair_lock import FairLock
 from samkv_integrations.framing import SYSTEM_PROMPT, PromptFramer, chat_ids
@@ -69,8 +70,11 @@ class SamKVEngine:
         decode_graphs: DecodeGraphs = "auto",
         batch_decoding: bool = True,
         max_batch: int = 64,
+        device_cache_bytes: int = 0,
     ) -> None:
         self.model = model
+        # Documents' KV kept on the device between answers, LRU (``device_tier``); 0: off.
+        self.device_tier = DeviceTier(device_cache_bytes) if device_cache_bytes else None
         # Whether the plain decoder replays CUDA graphs on a static cache (``static_decode``):
         # "auto" on CUDA where supported (True off CUDA: an error); "compiled" compiles lone steps.
         self.decode_graphs = decode_graphs_for(model.model, decode_graphs)
@@ -171,7 +175,11 @@ class SamKVEngine:
 
     def delete_caches(self, refs: Iterable[CacheRef | str]) -> int:
         """Delete the stored caches of ``refs`` (keys or refs); returns how many were there."""
-        return sum(self.store.delete(r.key if isinstance(r, CacheRef) else r) for r in refs)
+        keys = [r.key if isinstance(r, CacheRef) else r for r in refs]
+        if self.device_tier is not None:
+            for key in keys:
+                self.device_tier.discard(key)
+        return sum(self.store.delete(key) for key in keys)
 
     def index(self, texts: Sequence[str], *, progress: bool = True) -> list[CacheRef]:
         """Compute and store each text's KV cache, a batch at a time (see ``indexing``).
@@ -314,7 +322,7 @@ class SamKVEngine:
             watch = Stopwatch(model.device)
             with watch.phase("load"):
                 loader = RefLoader(self.model, self.store, self.fingerprint, self.prefix,
-                                   self.document_ids, self._known_ids)  # fmt: skip
+                                   self.document_ids, self._known_ids, self.device_tier)  # fmt: skip
                 docs, arrival, recomputed = loader.load(refs, method.reads_cache, on_foreign_cache)
             inputs = MethodInput(
                 model, self.prefix, docs, question_ids, arrival, prefill_question=True

@@ -37,6 +37,11 @@ class LayerArrival:
         self._device = device
         self._waited = 0
 
+    @property
+    def done(self) -> torch.cuda.Event | None:
+        """The event after the last layer's copies; None when nothing is being copied."""
+        return self._events[-1] if self._events else None
+
     def wait(self, n_layers: int | None = None) -> None:
         """Make the device's current stream wait for the first ``n_layers`` (all: ``None``).
 

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from samkv_integrations.cache_format import declared_extras
+from samkv_integrations.device_tier import DeviceTier
 from samkv_integrations.encode import PrefixKV, encode_documents
 from samkv_integrations.errors import (
     CacheCorruptedError,
@@ -80,6 +81,9 @@ class RefLoader:
         document_ids: The engine's ``document_ids(text, index=...)``: framed token ids.
         known_ids: Framed token ids of text-less refs, by key, as the engine indexed them:
             a method that does not read stored KV needs only these.
+        device_tier: Documents kept on the device by earlier requests (``None``: none);
+            a ref found there is not loaded again, and those read from the store here,
+            for a method that reads stored KV, are kept.
     """
 
     model: LoadedModel
@@ -88,6 +92,7 @@ class RefLoader:
     prefix: PrefixKV
     document_ids: Callable[..., list[int]]
     known_ids: Mapping[str, list[int]]
+    device_tier: DeviceTier | None = None
 
     def load(
         self, refs: list[CacheRef], reads_cache: bool, on_foreign_cache: OnForeignCache
@@ -106,10 +111,12 @@ class RefLoader:
         """
         docs: list[DocumentKV | None] = [None] * len(refs)
         to_encode: list[int] = []
+        held = self._held_on_device(refs) if reads_cache else {}
         wanted = [
             i
             for i, ref in enumerate(refs)
-            if reads_cache or (ref.text is None and ref.key not in self.known_ids)
+            if i not in held
+            and (reads_cache or (ref.text is None and ref.key not in self.known_ids))
         ]
         # File reads, checksums and parsing release the GIL: documents load in parallel.
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(wanted)))) as pool:
@@ -117,6 +124,9 @@ class RefLoader:
                 zip(wanted, pool.map(self._fetch, [refs[i] for i in wanted]), strict=True)
             )
         for i, ref in enumerate(refs):
+            if i in held:
+                docs[i] = held[i]
+                continue
             if i not in fetched:
                 empty = torch.empty(0, device=self.model.device)
                 doc_ids = (
@@ -161,8 +171,28 @@ class RefLoader:
                 except OSError as e:  # the answer needs no stored copy: warn, answer anyway
                     logger.warning("cannot store the re-encoded document %d: %s", i, e)
                 docs[i] = doc
-        placed = [doc for doc in docs if doc is not None]
-        return *to_device_by_layer(placed, self.model.device, self.model.dtype), len(to_encode)
+        placed, arrival = to_device_by_layer(
+            [doc for doc in docs if doc is not None], self.model.device, self.model.dtype
+        )
+        if self.device_tier is not None and reads_cache:
+            for i, result in fetched.items():  # read from the store under the ref's own key
+                if not isinstance(result, Exception):
+                    self.device_tier.put(refs[i].key, placed[i], arrival.done)
+        return placed, arrival, len(to_encode)
+
+    def _held_on_device(self, refs: list[CacheRef]) -> dict[int, DocumentKV]:
+        """The refs the device tier holds, by position; one deleted from the store is dropped."""
+        held: dict[int, DocumentKV] = {}
+        if self.device_tier is None:
+            return held
+        for i, ref in enumerate(refs):
+            if ref.model != self.fingerprint:  # the store's path names a foreign cache
+                continue
+            if ref.key in self.device_tier and not self.store.mark_used(ref.key):
+                self.device_tier.discard(ref.key)  # deleted from the store: a miss below
+            if (doc := self.device_tier.get(ref.key)) is not None:
+                held[i] = doc
+        return held
 
     def _fetch(
         self, ref: CacheRef

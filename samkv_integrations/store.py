@@ -258,6 +258,17 @@ class KVCacheStore:
         self._check_key(key)
         return key in self._memory or self._files.exists(key)
 
+    def mark_used(self, key: str) -> bool:
+        """``contains``, stamping a found entry's last use for ``gc`` as a ``get`` would.
+
+        For a caller that holds the entry's tensors elsewhere (``DeviceTier``) and reads
+        them instead of calling ``get``.
+        """
+        found = self.contains(key)
+        if found:
+            self._files.touch(key)
+        return found
+
     def delete(self, key: str) -> bool:
         """Remove an entry from storage and memory.
 

@@ -125,6 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pin-memory", action="store_true", help="the store returns pinned host tensors"
     )
     parser.add_argument(
+        "--device-cache-gib",
+        type=number_at_least(0),
+        default=0.0,
+        help="documents' KV kept on the device between answers (LRU), GiB: an answer finds "
+        "there the documents an earlier one loaded, if they fit (0: off; each result gives "
+        "the tier's hits and misses so far)",
+    )
+    parser.add_argument(
         "--profile",
         type=not_empty,
         default=None,

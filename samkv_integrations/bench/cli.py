@@ -155,6 +155,10 @@ def _bench_method(
             del state  # before the next measurement, so its baseline excludes this cache
     result = median_runs(runs)
     result["runs"] = runs
+    if (tier := engine.device_tier) is not None:  # counts so far, the warmup's included
+        documents, held = tier.usage()
+        counts = {"hits": tier.hits, "misses": tier.misses}
+        result["device_tier"] = {**counts, "documents": documents, "bytes": held}
     if args.decode_steps > 0:
         position = state.next_position
         model = engine.model.model
@@ -222,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     store = KVCacheStore(
         store_dir, memory_bytes=int(args.memory_gib * 2**30), pin_memory=args.pin_memory
     )
-    engine = SamKVEngine(loaded, store)
+    engine = SamKVEngine(loaded, store, device_cache_bytes=int(args.device_cache_gib * 2**30))
     device = loaded.device
     args.decode_path_list = decode_path_list(args.decode_paths, device)
     args.copy_bandwidth = copy_bandwidth(device) if args.decode_steps > 0 else None
