@@ -20,7 +20,7 @@ from samkv_integrations.bench.cli import main as bench_main
 from samkv_integrations.device_tier import DeviceTier
 from samkv_integrations.methods import METHODS
 from samkv_integrations.models import LoadedModel
-from samkv_integrations.records import DocumentKV
+from samkv_integrations.records import CacheRef, DocumentKV
 
 DOCS = [
     "The Eiffel Tower was completed in 1889 for the World's Fair in Paris.",
@@ -92,6 +92,15 @@ def engines(tiny_llama: LoadedModel, memory_store: KVCacheStore) -> tuple[SamKVE
     return tiered, SamKVEngine(tiny_llama, memory_store)
 
 
+@pytest.fixture
+def filled(engines: tuple[SamKVEngine, SamKVEngine]) -> tuple[SamKVEngine, list[CacheRef]]:
+    """The engine with the tier, ``DOCS`` indexed and held in its tier by one answer."""
+    tiered, _ = engines
+    refs = tiered.index(DOCS, progress=False)
+    tiered.answer(QUESTION, refs, method="reuse", max_new_tokens=1)
+    return tiered, refs
+
+
 def test_a_second_answer_reads_its_documents_from_the_tier_not_the_store(
     engines: tuple[SamKVEngine, SamKVEngine],
 ) -> None:
@@ -128,18 +137,18 @@ def test_answers_match_without_the_tier_and_no_method_writes_its_documents(
     with_tier = tiered.answer(QUESTION, refs, method=method, max_new_tokens=8)
     without = plain.answer(QUESTION, refs, method=method, max_new_tokens=8)
     assert with_tier.token_ids == without.token_ids
-    for doc, copy in zip(kept, before, strict=True):
-        assert doc is not None
-        assert torch.equal(doc.keys, copy.keys) and torch.equal(doc.values, copy.values)
-        assert all(torch.equal(doc.extras[k], copy.extras[k]) for k in copy.extras)
+    for ref, doc, copy in zip(refs, kept, before, strict=True):
+        stored = tiered.store.get(ref.key)  # a fresh read: the memory store keeps no tensors
+        for held in (copy, stored):
+            assert doc is not None
+            assert torch.equal(doc.keys, held.keys) and torch.equal(doc.values, held.values)
+            assert all(torch.equal(doc.extras[k], held.extras[k]) for k in held.extras)
 
 
 def test_a_document_deleted_from_the_store_is_not_answered_from_the_tier(
-    engines: tuple[SamKVEngine, SamKVEngine],
+    filled: tuple[SamKVEngine, list[CacheRef]],
 ) -> None:
-    tiered, _ = engines
-    refs = tiered.index(DOCS, progress=False)
-    tiered.answer(QUESTION, refs, method="reuse", max_new_tokens=1)
+    tiered, refs = filled
     tiered.store.delete(refs[0].key)
     textless = [dataclasses.replace(ref, text=None) for ref in refs]
     with pytest.raises(CacheMissError):
@@ -148,11 +157,9 @@ def test_a_document_deleted_from_the_store_is_not_answered_from_the_tier(
 
 
 def test_a_foreign_ref_is_not_served_from_the_tier(
-    engines: tuple[SamKVEngine, SamKVEngine],
+    filled: tuple[SamKVEngine, list[CacheRef]],
 ) -> None:
-    tiered, _ = engines
-    refs = tiered.index(DOCS, progress=False)
-    tiered.answer(QUESTION, refs, method="reuse", max_new_tokens=1)
+    tiered, refs = filled
     foreign = [dataclasses.replace(refs[0], model="f" * 64, text=None), refs[1]]
     with pytest.raises(CacheMismatchError, match="written by model ffffffffffff"):
         tiered.answer(QUESTION, foreign, method="reuse", max_new_tokens=1)
@@ -195,10 +202,8 @@ def test_full_on_refs_without_text_does_not_fill_the_tier(
     assert tiered.device_tier is not None and tiered.device_tier.usage() == (0, 0)
 
 
-def test_deleting_caches_frees_the_tier(engines: tuple[SamKVEngine, SamKVEngine]) -> None:
-    tiered, _ = engines
-    refs = tiered.index(DOCS, progress=False)
-    tiered.answer(QUESTION, refs, method="reuse", max_new_tokens=1)
+def test_deleting_caches_frees_the_tier(filled: tuple[SamKVEngine, list[CacheRef]]) -> None:
+    tiered, refs = filled
     assert tiered.delete_caches(refs[:1]) == 1
     assert tiered.device_tier is not None
     assert tiered.device_tier.usage()[0] == 1 and refs[0].key not in tiered.device_tier
