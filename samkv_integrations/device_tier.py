@@ -25,11 +25,11 @@ the engine runs every forward.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from samkv_integrations.byte_lru import ByteLRU
 from samkv_integrations.records import DocumentKV
 
 
@@ -60,49 +60,37 @@ class DeviceTier:
         self.capacity_bytes = capacity_bytes
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._used = 0
-        self._lock = threading.Lock()
+        self._entries: ByteLRU[_Entry] = ByteLRU(capacity_bytes, size=lambda e: e.doc.nbytes)
+        self._count_lock = threading.Lock()
 
     def __contains__(self, key: object) -> bool:
-        with self._lock:
-            return key in self._entries
+        return key in self._entries
 
     def get(self, key: str) -> DocumentKV | None:
         """The document kept under ``key`` (now the most recently used), or None.
 
         On CUDA the current stream first waits until the copy that brought it has finished.
         """
-        with self._lock:
-            entry = self._entries.get(key)
+        entry = self._entries.get(key)
+        with self._count_lock:
             if entry is None:
                 self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
+            else:
+                self.hits += 1
+        if entry is None:
+            return None
         if entry.ready is not None:
             torch.cuda.current_stream(entry.doc.keys.device).wait_event(entry.ready)
         return entry.doc
 
     def put(self, key: str, doc: DocumentKV, ready: torch.cuda.Event | None = None) -> None:
         """Keep ``doc``, which must not be written afterwards, complete once ``ready`` is."""
-        if doc.nbytes > self.capacity_bytes:
-            return
-        with self._lock:
-            old = self._entries.pop(key, None)
-            self._used += doc.nbytes - (old.doc.nbytes if old else 0)
-            self._entries[key] = _Entry(doc, ready)
-            while self._used > self.capacity_bytes:
-                self._used -= self._entries.popitem(last=False)[1].doc.nbytes
+        self._entries.put(key, _Entry(doc, ready))
 
     def discard(self, key: str) -> None:
         """Forget the document under ``key``, if one is kept."""
-        with self._lock:
-            entry = self._entries.pop(key, None)
-            if entry is not None:
-                self._used -= entry.doc.nbytes
+        self._entries.pop(key)
 
     def usage(self) -> tuple[int, int]:
         """How many documents are kept, and their tensor bytes."""
-        with self._lock:
-            return len(self._entries), self._used
+        return self._entries.usage()

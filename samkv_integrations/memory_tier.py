@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import torch
 
+from samkv_integrations.byte_lru import ByteLRU
 from samkv_integrations.records import DocumentKV
 
 
-class MemoryTier:
+class MemoryTier(ByteLRU[DocumentKV]):
     """Loaded document caches by key, the least recently used dropped past a byte cap.
 
     Thread-safe. The cached tensors are never handed out: :meth:`output` copies them.
@@ -21,23 +19,8 @@ class MemoryTier:
     """
 
     def __init__(self, capacity_bytes: int, pin_memory: bool) -> None:
-        self.capacity_bytes = capacity_bytes
+        super().__init__(capacity_bytes, size=lambda doc: doc.nbytes)
         self.pin_memory = pin_memory
-        self._lru: OrderedDict[str, DocumentKV] = OrderedDict()
-        self._used = 0
-        self._lock = threading.Lock()
-
-    def __contains__(self, key: object) -> bool:
-        with self._lock:
-            return key in self._lru
-
-    def get(self, key: str) -> DocumentKV | None:
-        """The cache kept under ``key`` (now the most recently used), or None."""
-        with self._lock:
-            doc = self._lru.get(key)
-            if doc is not None:
-                self._lru.move_to_end(key)
-            return doc
 
     def put(self, key: str, doc: DocumentKV) -> None:
         """Keep ``doc`` (it must not be changed afterwards), unless it exceeds the cap alone."""
@@ -46,25 +29,7 @@ class MemoryTier:
         if self.pin_memory and torch.cuda.is_available() and not doc.keys.is_pinned():
             # Pinned once on entry: every later hit copies to the GPU at full PCIe speed.
             doc = doc.map_tensors(torch.Tensor.pin_memory)
-        with self._lock:
-            old = self._lru.pop(key, None)
-            self._used += doc.nbytes - (old.nbytes if old else 0)
-            self._lru[key] = doc
-            while self._used > self.capacity_bytes:
-                self._used -= self._lru.popitem(last=False)[1].nbytes
-
-    def pop(self, key: str) -> bool:
-        """Forget the cache under ``key``; False if none was kept."""
-        with self._lock:
-            doc = self._lru.pop(key, None)
-            if doc is not None:
-                self._used -= doc.nbytes
-            return doc is not None
-
-    def usage(self) -> tuple[int, int]:
-        """How many caches are kept, and their tensor bytes."""
-        with self._lock:
-            return len(self._lru), self._used
+        super().put(key, doc)
 
     def output(
         self, doc: DocumentKV, *, copy: bool, device: torch.device | str | None = None
